@@ -1,0 +1,247 @@
+"""Configuration: the UTI config (tokenizers, token space, templates, dataset pipeline) as
+pydantic models read from YAML, and the environment settings of CONTRACT section 2.
+
+Errors name the file and the field (`tokenizers.audio.bandwidth: ...`).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lumo_core.errors import ConfigError
+
+DEFAULT_SPECIAL_TOKENS = [
+    "<|pad_mm|>",
+    "<|sot|>",
+    "<|eot|>",
+    "<|soi|>",
+    "<|eoi|>",
+    "<|soa|>",
+    "<|eoa|>",
+    "<|eos_mm|>",
+]
+
+TASKS = ("t2i", "t2a", "i2t", "a2t")
+SEGMENT_NAMES = ("text", "image", "audio")
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TextTokenizerConfig(StrictModel):
+    kind: Literal["hf", "dummy"] = "hf"
+    # A local folder, a hub name (online machines only) or `builtin:<name>` (built here from a
+    # fixed seed, see lumo_core.embedded).
+    path: str = "builtin:bpe-tiny"
+    vocab_size: int | None = Field(default=None, description="dummy adapter only")
+
+
+class ImageTokenizerConfig(StrictModel):
+    kind: Literal["vq", "seed", "dummy"] = "vq"
+    path: str = "builtin:vq-tiny"
+    # SEED only: where its model code lives (not on the package index) and the unCLIP decoder.
+    model_code_path: str | None = None
+    unclip_path: str | None = None
+    # SEED pins bicubic (AnyGPT's choice; SEED's offline tools used bilinear).
+    resample: Literal["bicubic", "bilinear"] = "bicubic"
+    # dummy adapter only
+    codebook_size: int | None = None
+    tokens_per_image: int | None = None
+    resolution: int | None = None
+
+
+class AudioTokenizerConfig(StrictModel):
+    kind: Literal["encodec", "dummy"] = "encodec"
+    path: str = "builtin:encodec-24khz-tiny"
+    bandwidth: float | None = Field(default=None, description="kbps; picks n_codebooks")
+    n_codebooks: int | None = None
+    # dummy adapter only
+    codebook_size: int | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    frame_rate: int | None = None
+
+    @model_validator(mode="after")
+    def _one_of_bandwidth_or_codebooks(self) -> AudioTokenizerConfig:
+        if self.kind == "encodec" and self.bandwidth is None and self.n_codebooks is None:
+            raise ValueError("set `bandwidth` (kbps) or `n_codebooks` for the encodec adapter")
+        return self
+
+
+class TokenizersConfig(StrictModel):
+    text: TextTokenizerConfig = TextTokenizerConfig()
+    image: ImageTokenizerConfig = ImageTokenizerConfig()
+    audio: AudioTokenizerConfig = AudioTokenizerConfig(bandwidth=6.0)
+
+
+class TaskTemplate(StrictModel):
+    """A sequence template: `prompt` items get label -100, `target` items are supervised.
+
+    Items are segment names (`text`, `image`, `audio`) or special token strings.
+    """
+
+    prompt: list[str]
+    target: list[str]
+
+
+def _default_templates() -> dict[str, TaskTemplate]:
+    text = ["<|sot|>", "text", "<|eot|>"]
+    image = ["<|soi|>", "image", "<|eoi|>"]
+    audio = ["<|soa|>", "audio", "<|eoa|>"]
+    end = ["<|eos_mm|>"]
+    return {
+        "t2i": TaskTemplate(prompt=text, target=image + end),
+        "t2a": TaskTemplate(prompt=text, target=audio + end),
+        "i2t": TaskTemplate(prompt=image, target=text + end),
+        "a2t": TaskTemplate(prompt=audio, target=text + end),
+    }
+
+
+class LimitsConfig(StrictModel):
+    # Pillow's own bomb guard fires at 89 Mpx; we refuse earlier and with our own error.
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+    max_audio_seconds: float = Field(default=30.0, gt=0)
+    max_text_tokens: int = Field(default=512, gt=0)
+
+
+class PipelineConfig(StrictModel):
+    device: str = "cpu"
+    image_batch_size: int = Field(default=16, gt=0)
+    audio_batch_size: int = Field(default=8, gt=0)
+    # Media decoding processes beside the model process.
+    num_workers: int = Field(default=1, ge=0)
+    torch_threads: int | None = Field(default=None, gt=0)
+
+
+class ShardsConfig(StrictModel):
+    max_samples_per_shard: int = Field(default=256, gt=0)
+    max_bytes_per_shard: int = Field(default=64 * 1024 * 1024, gt=0)
+
+
+class SplitConfig(StrictModel):
+    eval_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    salt: str = "lumo-split-v1"
+
+
+class AuditConfig(StrictModel):
+    decode_spot_checks: int = Field(default=4, ge=0)
+    retokenize_samples: int = Field(default=8, ge=0)
+    # Share of rejected manifest lines above which the reject-rate check warns.
+    reject_rate_warn: float = Field(default=0.05, ge=0.0, le=1.0)
+    seed: int = 0
+
+
+class UTIConfig(StrictModel):
+    tokenizers: TokenizersConfig = TokenizersConfig()
+    special_tokens: list[str] = Field(default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS))
+    templates: dict[str, TaskTemplate] = Field(default_factory=_default_templates)
+    limits: LimitsConfig = LimitsConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    shards: ShardsConfig = ShardsConfig()
+    split: SplitConfig = SplitConfig()
+    audit: AuditConfig = AuditConfig()
+    # Folders a manifest may point into besides its own folder.
+    data_roots: list[str] = Field(default_factory=list)
+    # Host path prefix -> container path prefix, so one manifest serves both sides.
+    path_prefix_map: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _specials_unique_and_complete(cls, value: list[str]) -> list[str]:
+        duplicates = sorted({t for t in value if value.count(t) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate special tokens: {duplicates}")
+        missing = [t for t in ("<|soi|>", "<|eoi|>", "<|soa|>", "<|eoa|>", "<|pad_mm|>") if t not in value]
+        if missing:
+            raise ValueError(f"required special tokens missing: {missing}")
+        return value
+
+    @model_validator(mode="after")
+    def _templates_well_formed(self) -> UTIConfig:
+        unknown_tasks = sorted(set(self.templates) - set(TASKS))
+        if unknown_tasks:
+            raise ValueError(f"templates: unknown tasks {unknown_tasks}; known: {list(TASKS)}")
+        missing_tasks = [t for t in TASKS if t not in self.templates]
+        if missing_tasks:
+            raise ValueError(f"templates: no template for tasks {missing_tasks}")
+        allowed = set(SEGMENT_NAMES) | set(self.special_tokens)
+        for task, template in self.templates.items():
+            for item in template.prompt + template.target:
+                if item not in allowed:
+                    raise ValueError(
+                        f"templates.{task}: unknown item {item!r} "
+                        "(not a segment name and not in special_tokens)"
+                    )
+        return self
+
+
+def _format_validation_error(source: str, error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "<root>"
+        parts.append(f"{field}: {item['msg']}")
+    return f"{source}: invalid config: " + "; ".join(parts)
+
+
+def embedded_path(name: str) -> Path:
+    """Path of a file shipped inside lumo_core/data."""
+    return Path(str(resources.files("lumo_core") / "data" / name))
+
+
+DEFAULT_UTI_CONFIG = "uti_default.yaml"
+
+
+def load_uti_config(path: str | os.PathLike | None = None) -> UTIConfig:
+    """Read and validate a UTI config YAML; `None` means the embedded default."""
+    source = Path(path) if path is not None else embedded_path(DEFAULT_UTI_CONFIG)
+    return _load_model(UTIConfig, source)
+
+
+def _load_model(model: type[BaseModel], source: Path) -> BaseModel:
+    if not source.is_file():
+        raise ConfigError(f"{source}: config file not found")
+    try:
+        data = yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(str(source), exc)) from exc
+
+
+class Settings(StrictModel):
+    """The environment settings of CONTRACT section 2, resolved once."""
+
+    output_dir: Path
+    manifest: Path
+    uti_config: Path | None
+    train_config: Path | None
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        env = os.environ
+        values: dict[str, object] = {
+            "output_dir": Path(env.get("LUMO_OUTPUT_DIR", "outputs")),
+            "manifest": Path(env["LUMO_MANIFEST"]) if env.get("LUMO_MANIFEST") else None,
+            "uti_config": Path(env["LUMO_UTI_CONFIG"]) if env.get("LUMO_UTI_CONFIG") else None,
+            "train_config": Path(env["LUMO_TRAIN_CONFIG"]) if env.get("LUMO_TRAIN_CONFIG") else None,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["manifest"] is None:
+            from lumo_core.sample_data import ensure_sample_manifest
+
+            values["manifest"] = ensure_sample_manifest()
+        return cls.model_validate(values)
+
+    def step_dir(self, step: str) -> Path:
+        return self.output_dir / step
