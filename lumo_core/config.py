@@ -118,6 +118,8 @@ class PipelineConfig(StrictModel):
     # Media decoding processes beside the model process.
     num_workers: int = Field(default=1, ge=0)
     torch_threads: int | None = Field(default=None, gt=0)
+    # Tokenized rows are committed to the crash-safe spool in groups of this many.
+    commit_every_rows: int = Field(default=256, gt=0)
 
 
 class ShardsConfig(StrictModel):
@@ -151,6 +153,14 @@ class UTIConfig(StrictModel):
     data_roots: list[str] = Field(default_factory=list)
     # Host path prefix -> container path prefix, so one manifest serves both sides.
     path_prefix_map: dict[str, str] = Field(default_factory=dict)
+
+    def map_path(self, path: str) -> str:
+        """Apply `path_prefix_map`: the longest matching host prefix becomes its container prefix."""
+        matches = [prefix for prefix in self.path_prefix_map if path == prefix or path.startswith(prefix.rstrip("/") + "/")]
+        if not matches:
+            return path
+        prefix = max(matches, key=len)
+        return self.path_prefix_map[prefix].rstrip("/") + path[len(prefix.rstrip("/")):]
 
     @field_validator("special_tokens")
     @classmethod

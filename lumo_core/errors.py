@@ -60,3 +60,11 @@ class ImageTooLargeError(MediaError):
 
 class PathOutsideRootsError(MediaError):
     reason = "path_outside_data_roots"
+
+
+class ManifestError(LumoError):
+    """The manifest file itself cannot be read (bad rows are rejects, not errors)."""
+
+
+class TextTooLongError(MediaError):
+    reason = "text_too_long"

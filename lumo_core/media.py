@@ -108,9 +108,24 @@ def load_audio(path: str | os.PathLike, max_seconds: float) -> tuple[np.ndarray,
         raise UnreadableMediaError(path, f"audio data cannot be decoded ({exc})") from exc
     if data.shape[0] < info.frames:
         raise TruncatedMediaError(path, f"header says {info.frames} samples, decoded {data.shape[0]}")
+    declared = _declared_wav_frames(path)
+    # libsndfile quietly reports the shorter length of a cut-off WAV: compare with its header.
+    if declared is not None and data.shape[0] < declared:
+        raise TruncatedMediaError(path, f"WAV header declares {declared} samples, file holds {data.shape[0]}")
     if data.shape[0] == 0:
         raise EmptyAudioError(path, "audio has no samples")
     return np.ascontiguousarray(data.T), int(sample_rate)
+
+
+def _declared_wav_frames(path: Path) -> int | None:
+    """Sample frames a PCM WAV header declares; None for other formats."""
+    import wave
+
+    try:
+        with wave.open(str(path), "rb") as wav:
+            return wav.getnframes()
+    except (wave.Error, EOFError):
+        return None
 
 
 def convert_channels(waveform: np.ndarray, channels: int) -> np.ndarray:

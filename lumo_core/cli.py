@@ -1,0 +1,156 @@
+"""The `lumo` command: the same work as the Dagster assets, without Dagster.
+
+Each subcommand reads the settings of CONTRACT section 2 (flags override them), prints a JSON
+summary on the last line of stdout, and exits 0 when its work completed (rejected rows are data,
+not failures). When the run cannot proceed it exits 2 with a one-line reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lumo_core.config import Settings
+from lumo_core.errors import LumoError
+from lumo_core.reporting import Reporter
+
+
+def cmd_token_space(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
+    from lumo_core.config import load_uti_config
+    from lumo_core.unified import UnifiedTokenizer
+
+    tokenizer = UnifiedTokenizer(load_uti_config(settings.uti_config))
+    space = tokenizer.token_space
+    path = space.write(settings.step_dir("token_space"))
+    summary = {
+        "path": str(path),
+        "sha256": space.sha256,
+        "vocab_size_total": space.vocab_size_total,
+        "ranges": [{"name": r.name, "start": r.start, "size": r.size} for r in space.ranges],
+        "special_tokens": space.special_tokens,
+        "runtime_sizes": tokenizer.runtime_sizes(),
+    }
+    reporter.report_materialization({k: summary[k] for k in ("path", "sha256", "vocab_size_total", "ranges", "special_tokens")}, data_version=space.sha256)
+    return summary
+
+
+def cmd_audit_manifest(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
+    from lumo_core.config import load_uti_config
+    from lumo_core.manifest import audit_manifest
+
+    config = load_uti_config(settings.uti_config)
+    if not Path(settings.manifest).is_file():
+        raise LumoError(f"{settings.manifest}: manifest file not found")
+    return audit_manifest(Path(settings.manifest), config, settings.step_dir("manifest_audit"), map_path=config.map_path)
+
+
+def cmd_tokenize(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
+    from lumo_core.tokenization import tokenize
+
+    summary = tokenize(settings, reporter)
+    reporter.report_materialization(summary, data_version=summary["index_sha256"])
+    return summary
+
+
+def cmd_audit_shards(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
+    from lumo_core.audits import audit_shards
+
+    return audit_shards(settings, reporter)
+
+
+def cmd_audit_uti(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
+    from lumo_core.audits import audit_uti
+
+    return audit_uti(settings, reporter)
+
+
+def cmd_train(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
+    from lumo_core.training import run_train
+
+    return run_train(settings, reporter, overrides=_overrides(args))
+
+
+def cmd_eval(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
+    from lumo_core.lm_eval import run_eval
+
+    return run_eval(settings, reporter, overrides=_overrides(args))
+
+
+def cmd_bench_tokenize(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
+    from lumo_core.bench_tokenize import run_bench_tokenize
+
+    return run_bench_tokenize(settings, reporter, samples=args.samples, preset=args.preset, memory_rows=args.memory_rows)
+
+
+def cmd_bench_train(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
+    from lumo_core.bench_train import run_bench_train
+
+    return run_bench_train(settings, reporter, args=_overrides(args))
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """`--set key=value` pairs (values parsed as YAML scalars)."""
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for item in getattr(args, "set", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LumoError(f"--set {item!r}: expected key=value")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lumo", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--output-dir", type=Path, help="overrides LUMO_OUTPUT_DIR")
+    common.add_argument("--manifest", type=Path, help="overrides LUMO_MANIFEST")
+    common.add_argument("--uti-config", type=Path, help="overrides LUMO_UTI_CONFIG")
+    common.add_argument("--train-config", type=Path, help="overrides LUMO_TRAIN_CONFIG")
+    sub = parser.add_subparsers(dest="command", required=True)
+    simple = {
+        "token-space": (cmd_token_space, "build token_space.json from the tokenizer config"),
+        "audit-manifest": (cmd_audit_manifest, "audit the manifest: schema, ids, files, media headers"),
+        "tokenize": (cmd_tokenize, "tokenize the manifest into train/eval WebDataset shards"),
+        "audit-shards": (cmd_audit_shards, "audit the shards: hashes, id ranges, decode spot-checks, retokenize"),
+        "audit-uti": (cmd_audit_uti, "audit the tokenizers: determinism, sizes, encode/decode smoke test"),
+    }
+    for name, (handler, help_text) in simple.items():
+        sub.add_parser(name, parents=[common], help=help_text).set_defaults(handler=handler)
+    for name, handler, help_text in (("train", cmd_train, "train the token LM on the shards"), ("eval", cmd_eval, "evaluate the token LM on the eval split")):
+        p = sub.add_parser(name, parents=[common], help=help_text)
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training config field")
+        p.set_defaults(handler=handler)
+    bench = sub.add_parser("bench", help="benchmarks (print a JSON report on the last line)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bt = bench_sub.add_parser("tokenize", parents=[common], help="tokenizer pipeline throughput on the full-size preset")
+    bt.add_argument("--samples", type=int, default=256, help="rows in the synthetic manifest")
+    bt.add_argument("--preset", default="bench_full", help="embedded config name under lumo_core/data/configs, or a YAML path")
+    bt.add_argument("--memory-rows", type=int, default=64, help="peak memory is measured at this many rows and at 10x as many")
+    bt.set_defaults(handler=cmd_bench_tokenize)
+    btr = bench_sub.add_parser("train", parents=[common], help="training tokens/s against the HF Trainer")
+    btr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a benchmark setting")
+    btr.set_defaults(handler=cmd_bench_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    name = args.command if args.command != "bench" else f"bench {args.bench}"
+    try:
+        settings = Settings.from_env(output_dir=args.output_dir, manifest=args.manifest, uti_config=args.uti_config, train_config=args.train_config)
+        with Reporter(name) as reporter:
+            summary = args.handler(settings, reporter, args)
+    except LumoError as exc:
+        print(f"lumo {name}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
