@@ -96,8 +96,8 @@ def _one_at_a_time(manifest: Path, config: Any, tokenizer: Any) -> float:
             continue
         prepared = prepare_row(row)
         if not isinstance(prepared, Reject):
-            codes = encoder.encode_media(prepared.modality, [prepared.media])[0]
-            encoder.build_sample(prepared, codes)
+            codes, codec_meta = encoder.encode_media(prepared.modality, [prepared.media])[0]
+            encoder.build_sample(prepared, codes, codec_meta)
     return time.perf_counter() - started
 
 

@@ -51,10 +51,12 @@ class ImageTokenizerConfig(StrictModel):
     unclip_path: str | None = None
     # SEED pins bicubic (AnyGPT's choice; SEED's offline tools used bilinear).
     resample: Literal["bicubic", "bilinear"] = "bicubic"
+    # Input resolution: overrides a VQ model's `sample_size` (aMUSEd's VQ config leaves it at a
+    # default); SEED accepts only 224; the dummy adapter needs it.
+    resolution: int | None = None
     # dummy adapter only
     codebook_size: int | None = None
     tokens_per_image: int | None = None
-    resolution: int | None = None
 
 
 class AudioTokenizerConfig(StrictModel):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from lumo_core.config import Settings, UTIConfig, load_uti_config
-from lumo_core.errors import LumoError, MediaError, MissingUpstreamError, UnreadableMediaError
+from lumo_core.errors import LumoError, MediaError, MissingUpstreamError, TextTooLongError, UnreadableMediaError
 from lumo_core.sequences import SequenceBuilder, sample_key, split_of, token_sha256
 from lumo_core.shards import (
     SPLITS,
@@ -145,29 +145,31 @@ class SampleEncoder:
             self.timings.image_batches += 1
         else:
             self.timings.audio_batches += 1
-        return [self.build_sample(p, c) for p, c in zip(batch, codes)]
+        return [self.build_sample(p, c, meta) for p, (c, meta) in zip(batch, codes)]
 
-    def encode_media(self, modality: str, media: list[np.ndarray]) -> list[np.ndarray]:
+    def encode_media(self, modality: str, media: list[np.ndarray]) -> list[tuple[np.ndarray, dict[str, Any]]]:
+        """Codes and what the codec reports beside them (audio chunk scales), per item."""
         if modality == "image":
-            return list(self.tokenizer.image.encode_batch(np.stack(media)))
-        return self.tokenizer.audio.encode_batch(media)
+            return [(codes, {}) for codes in self.tokenizer.image.encode_batch(np.stack(media))]
+        return self.tokenizer.audio.encode_batch_with_meta(media)
 
-    def build_sample(self, prepared: PreparedRow, media_codes: np.ndarray) -> SpooledSample | Any:
+    def build_sample(self, prepared: PreparedRow, media_codes: np.ndarray, codec_meta: dict[str, Any]) -> SpooledSample | Any:
         from lumo_core.manifest import Reject
 
         row = prepared.row
         text_ids = self.tokenizer.text.encode(row.text)
         if text_ids.size > self.config.limits.max_text_tokens:
-            return Reject(line=row.line, id=row.id, reason=f"text_too_long: {text_ids.size} tokens exceeds the limit of {self.config.limits.max_text_tokens}")
+            error = TextTooLongError(f"line {row.line}", f"{text_ids.size} tokens exceeds the limit of {self.config.limits.max_text_tokens}")
+            return Reject(line=row.line, id=row.id, reason=str(error))
         if prepared.modality == "image":
             media_ids = self.space.image_to_global(media_codes)
             media_meta = {**prepared.media_meta, "tokens": int(media_codes.size)}
         else:
+            audio = self.tokenizer.audio
             media_ids = self.space.audio_to_global(media_codes)
             n_samples = int(prepared.media.shape[-1])
-            frames = int(media_codes.shape[1])
-            media_meta = {**prepared.media_meta, "sample_rate": int(self.tokenizer.audio.sample_rate), "frames": frames,
-                          "padding_samples": int(frames * self.tokenizer.audio.sample_rate / self.tokenizer.audio.frame_rate) - n_samples}
+            media_meta = {**prepared.media_meta, **codec_meta, "sample_rate": int(audio.sample_rate), "frames": int(media_codes.shape[1]),
+                          "padding_samples": int(audio.padding_samples(n_samples))}
         sequence = self.builder.build(row.task, {"text": self.space.text_to_global(text_ids), prepared.modality: media_ids})
         split = split_of(row.id, self.config.split.salt, self.config.split.eval_fraction)
         info = {
