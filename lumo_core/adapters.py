@@ -120,6 +120,10 @@ class AudioAdapter(ABC):
         """Frames the codec emits for `n_samples` at its own rate."""
         return -(-n_samples * int(round(self.frame_rate)) // self.sample_rate)
 
+    def batch_key(self, n_samples: int) -> int:
+        """Inputs with equal keys batch together without changing each other's codes."""
+        return 0
+
     def covered_samples(self, frames: int) -> int:
         """Samples that `frames` frames decode to."""
         return frames * self.sample_rate // int(round(self.frame_rate))
@@ -131,6 +135,20 @@ class AudioAdapter(ABC):
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """Includes `codec`, `sample_rate`, `channels`, `frame_rate`, `n_codebooks`, `codebook_size`."""
+
+
+def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` with zero rows appended up to `rows`.
+
+    Why: on CPU the float results of a convolution or matmul change in the last bits with the
+    batch size (the library picks other kernels and blockings), enough to flip a nearest code
+    now and then. A model that always sees one batch shape gives every input the same codes
+    whatever its batch partners are, so a retokenized row or a reordered manifest matches.
+    """
+    if array.shape[0] == rows:
+        return array
+    padding = np.zeros((rows - array.shape[0], *array.shape[1:]), dtype=array.dtype)
+    return np.concatenate([array, padding])
 
 
 def _resize_to_unit_range(image: Any, size: tuple[int, int]) -> np.ndarray:
@@ -389,11 +407,12 @@ class EncodecAdapter(AudioAdapter):
     # convolutions off their short-input reflect padding, which would see the batch's padding.
     BUCKET_FRAMES = 25
 
-    def __init__(self, path: str, name: str, bandwidth: float | None, n_codebooks: int | None, device: str) -> None:
+    def __init__(self, path: str, name: str, bandwidth: float | None, n_codebooks: int | None, device: str, batch_size: int = 8) -> None:
         from transformers import EncodecModel
 
         self.name = name
         self.device = device
+        self.batch_size = batch_size
         self.model = _from_pretrained(EncodecModel, path, "audio codec").to(device).eval()
         config = self.model.config
         self.sample_rate = int(config.sampling_rate)
@@ -408,6 +427,10 @@ class EncodecAdapter(AudioAdapter):
         self.bandwidth_table = encodec_bandwidth_table(list(config.target_bandwidths), self.frame_rate, self.codebook_size)
         self.bandwidth, self.n_codebooks = choose_encodec_bandwidth(self.bandwidth_table, bandwidth, n_codebooks, name)
         self._padding_is_invisible = self.causal and not self.normalize and self.chunk_length is None
+        # Every model call sees `_batch_rows` inputs of one padded length (see `pad_rows`). Codecs
+        # that see their padding can only batch equal lengths, which real data rarely has, so
+        # they encode one input per call rather than pay for empty rows.
+        self._batch_rows = batch_size if self._padding_is_invisible else 1
 
     def preprocessor(self) -> Callable[[np.ndarray, int], np.ndarray]:
         return partial(to_codec_format, channels=self.channels, target_rate=self.sample_rate)
@@ -438,12 +461,16 @@ class EncodecAdapter(AudioAdapter):
         bucket = self.BUCKET_FRAMES * self.hop_length
         return -(-n_samples // bucket) * bucket
 
+    def batch_key(self, n_samples: int) -> int:
+        return self._padded_length(n_samples)
+
     def _batches(self, lengths: list[int]) -> list[list[int]]:
-        """Indices grouped by padded length, in order of that length."""
+        """Indices grouped by padded length (in order of that length), at most `_batch_rows` a group."""
         groups: dict[int, list[int]] = {}
         for index, length in enumerate(lengths):
             groups.setdefault(self._padded_length(length), []).append(index)
-        return [groups[width] for width in sorted(groups)]
+        rows = self._batch_rows
+        return [groups[width][start : start + rows] for width in sorted(groups) for start in range(0, len(groups[width]), rows)]
 
     def encode_batch(self, waveforms: list[np.ndarray]) -> list[np.ndarray]:
         return [codes for codes, _ in self.encode_batch_with_meta(waveforms)]
@@ -458,8 +485,8 @@ class EncodecAdapter(AudioAdapter):
         results: dict[int, tuple[np.ndarray, dict[str, Any]]] = {}
         for members in self._batches([w.shape[1] for w in waves]):
             width = self._padded_length(waves[members[0]].shape[1])
-            batch = np.zeros((len(members), self.channels, width), dtype=np.float32)
-            mask = np.zeros((len(members), self.channels, width), dtype=bool)
+            batch = np.zeros((self._batch_rows, self.channels, width), dtype=np.float32)
+            mask = np.zeros((self._batch_rows, self.channels, width), dtype=bool)
             for row, index in enumerate(members):
                 batch[row, :, : waves[index].shape[1]] = waves[index]
                 mask[row, :, : waves[index].shape[1]] = True
@@ -543,11 +570,12 @@ class VQImageAdapter(ImageAdapter):
     """A diffusers `VQModel` (aMUSEd / latent-diffusion VQ-GAN layout). Codes are the
     quantizer's nearest-code indices over the latent grid in row-major order."""
 
-    def __init__(self, path: str, name: str, device: str, resolution: int | None = None) -> None:
+    def __init__(self, path: str, name: str, device: str, resolution: int | None = None, batch_size: int = 16) -> None:
         from diffusers import VQModel
 
         self.name = name
         self.device = device
+        self.batch_size = batch_size
         self.model = _from_pretrained(VQModel, path, "VQ image tokenizer").to(device).eval()
         config = self.model.config
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
@@ -572,10 +600,14 @@ class VQImageAdapter(ImageAdapter):
         expected = (3, *self.resolution)
         if pixels.ndim != 4 or pixels.shape[1:] != expected:
             raise ValueError(f"pixels must be shaped [batch, {', '.join(map(str, expected))}] (run the preprocessor), got {list(pixels.shape)}")
-        with torch.inference_mode():
-            latents = self.model.encode(torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)).latents
-            _, _, (_, _, indices) = self.model.quantize(latents)
-        return indices.reshape(pixels.shape[0], -1).to("cpu").numpy().astype(np.int64)
+        codes = []
+        for start in range(0, pixels.shape[0], self.batch_size):
+            chunk = pixels[start : start + self.batch_size]
+            with torch.inference_mode():
+                latents = self.model.encode(torch.from_numpy(np.ascontiguousarray(pad_rows(chunk, self.batch_size))).to(self.device)).latents
+                _, _, (_, _, indices) = self.model.quantize(latents)
+            codes.append(indices.reshape(self.batch_size, -1)[: chunk.shape[0]].to("cpu").numpy().astype(np.int64))
+        return np.concatenate(codes)
 
     def decode_batch(self, codes: np.ndarray) -> list[Any]:
         import torch
@@ -734,7 +766,7 @@ def build_text_adapter(config: TextTokenizerConfig) -> TextAdapter:
     return HFTextAdapter(resolve_model_path(config.path), model_identity(config.path))
 
 
-def build_image_adapter(config: ImageTokenizerConfig, device: str) -> ImageAdapter:
+def build_image_adapter(config: ImageTokenizerConfig, device: str, batch_size: int = 16) -> ImageAdapter:
     from lumo_core.embedded import model_identity, resolve_model_path
 
     if config.kind == "dummy":
@@ -744,16 +776,16 @@ def build_image_adapter(config: ImageTokenizerConfig, device: str) -> ImageAdapt
         if config.resolution not in (None, SeedImageAdapter.resolution[0]):
             raise ConfigError(f"tokenizers.image.resolution: SEED takes {SeedImageAdapter.resolution[0]} px, got {config.resolution}")
         return SeedImageAdapter(config.path, model_identity(config.path), device, config.model_code_path, config.unclip_path, config.resample)
-    return VQImageAdapter(resolve_model_path(config.path), model_identity(config.path), device, config.resolution)
+    return VQImageAdapter(resolve_model_path(config.path), model_identity(config.path), device, config.resolution, batch_size)
 
 
-def build_audio_adapter(config: AudioTokenizerConfig, device: str) -> AudioAdapter:
+def build_audio_adapter(config: AudioTokenizerConfig, device: str, batch_size: int = 8) -> AudioAdapter:
     from lumo_core.embedded import model_identity, resolve_model_path
 
     if config.kind == "dummy":
         keys = ("codebook_size", "n_codebooks", "sample_rate", "channels", "frame_rate")
         return DummyAudioAdapter(**{k: getattr(config, k) for k in keys if getattr(config, k) is not None})
-    return EncodecAdapter(resolve_model_path(config.path), model_identity(config.path), config.bandwidth, config.n_codebooks, device)
+    return EncodecAdapter(resolve_model_path(config.path), model_identity(config.path), config.bandwidth, config.n_codebooks, device, batch_size)
 
 
 def check_device(device: str) -> None:
@@ -766,7 +798,12 @@ def check_device(device: str) -> None:
         raise ConfigError(f"pipeline.device: {device!r} was asked for but torch sees no CUDA device here")
 
 
-def build_adapters(config: TokenizersConfig, device: str) -> tuple[TextAdapter, ImageAdapter, AudioAdapter]:
-    """The three adapters a `tokenizers` config section describes, models on `device`."""
+def build_adapters(config: TokenizersConfig, device: str, image_batch_size: int = 16, audio_batch_size: int = 8) -> tuple[TextAdapter, ImageAdapter, AudioAdapter]:
+    """The three adapters a `tokenizers` config section describes, models on `device`, each
+    model call shaped by its batch size (codes depend on device and batch size: see pad_rows)."""
     check_device(device)
-    return build_text_adapter(config.text), build_image_adapter(config.image, device), build_audio_adapter(config.audio, device)
+    return (
+        build_text_adapter(config.text),
+        build_image_adapter(config.image, device, image_batch_size),
+        build_audio_adapter(config.audio, device, audio_batch_size),
+    )

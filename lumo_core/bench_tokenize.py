@@ -71,18 +71,15 @@ def _decoded_rows(manifest: Path, config: Any, tokenizer: Any) -> list[Any]:
 
 
 def _models_alone(prepared: list[Any], config: Any, tokenizer: Any) -> float:
-    """The models on the same batches the pipeline forms (per modality, in manifest order)."""
+    """The models alone on the batches the pipeline forms from the same pre-decoded rows."""
     from lumo_core.tokenization import PipelineTimings, SampleEncoder
 
-    encoder = SampleEncoder(tokenizer, config, PipelineTimings())
-    elapsed = 0.0
-    for modality, size in (("image", config.pipeline.image_batch_size), ("audio", config.pipeline.audio_batch_size)):
-        media = [p.media for p in prepared if p.modality == modality]
-        for start in range(0, len(media), size):
-            began = time.perf_counter()
-            encoder.encode_media(modality, media[start : start + size])
-            elapsed += time.perf_counter() - began
-    return elapsed
+    timings = PipelineTimings()
+    encoder = SampleEncoder(tokenizer, config, timings)
+    for row in prepared:
+        encoder.add(row)
+    encoder.flush_all()
+    return timings.model_s
 
 
 def _one_at_a_time(manifest: Path, config: Any, tokenizer: Any) -> float:

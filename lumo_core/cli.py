@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -141,14 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = args.command if args.command != "bench" else f"bench {args.bench}"
+    # Under torchrun every rank runs this; only rank 0 reports to Dagster and prints the summary.
+    is_main_process = os.environ.get("RANK", "0") == "0"
     try:
         settings = Settings.from_env(output_dir=args.output_dir, manifest=args.manifest, uti_config=args.uti_config, train_config=args.train_config)
-        with Reporter(name) as reporter:
+        with Reporter(name, open_pipes=is_main_process) as reporter:
             summary = args.handler(settings, reporter, args)
     except LumoError as exc:
         print(f"lumo {name}: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, sort_keys=True, default=str))
+    if is_main_process:
+        print(json.dumps(summary, sort_keys=True, default=str))
     return 0
 
 

@@ -22,8 +22,9 @@ def running_under_pipes() -> bool:
 class Reporter(AbstractContextManager):
     """Use as `with Reporter("tokenize") as reporter: ...`."""
 
-    def __init__(self, step: str, progress_interval_s: float = 5.0) -> None:
+    def __init__(self, step: str, progress_interval_s: float = 5.0, open_pipes: bool = True) -> None:
         self.step = step
+        self.open_pipes = open_pipes
         self.progress_interval_s = progress_interval_s
         self._pipes = None
         self._pipes_cm = None
@@ -31,7 +32,7 @@ class Reporter(AbstractContextManager):
         self._last_progress = 0.0
 
     def __enter__(self) -> Reporter:
-        if running_under_pipes():
+        if self.open_pipes and running_under_pipes():
             from dagster_pipes import open_dagster_pipes
 
             self._pipes_cm = open_dagster_pipes()

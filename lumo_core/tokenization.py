@@ -112,7 +112,15 @@ def _bounded_map(executor: Executor | None, items: Iterable[Any], window: int) -
 
 # --------------------------------------------------------------------- model side
 class SampleEncoder:
-    """Batches prepared rows per modality through the models and builds shard samples."""
+    """Batches prepared rows through the models and builds shard samples.
+
+    Rows wait in one queue per batch key (modality plus, for audio, the codec's padded length),
+    so every model call is a full batch of one shape; a queue is flushed when full, or early
+    when too many rows wait in all (memory stays bounded), and at the end.
+    """
+
+    # Rows that may wait in all queues, in batches.
+    MAX_WAITING_BATCHES = 8
 
     def __init__(self, tokenizer: Any, config: UTIConfig, timings: PipelineTimings) -> None:
         self.tokenizer = tokenizer
@@ -121,23 +129,28 @@ class SampleEncoder:
         self.space_sha = self.space.sha256
         self.builder = SequenceBuilder(self.space, config.templates)
         self.timings = timings
-        self.queues: dict[str, list[PreparedRow]] = {"image": [], "audio": []}
+        self.queues: dict[tuple[str, int], list[PreparedRow]] = {}
         self.batch_size = {"image": config.pipeline.image_batch_size, "audio": config.pipeline.audio_batch_size}
+        self.max_waiting = self.MAX_WAITING_BATCHES * max(self.batch_size.values())
 
     def add(self, prepared: PreparedRow) -> list[SpooledSample | Any]:
-        queue = self.queues[prepared.modality]
+        key = (prepared.modality, self.tokenizer.audio.batch_key(prepared.media.shape[-1]) if prepared.modality == "audio" else 0)
+        queue = self.queues.setdefault(key, [])
         queue.append(prepared)
         if len(queue) >= self.batch_size[prepared.modality]:
-            return self.flush(prepared.modality)
+            return self.flush(key)
+        if sum(len(q) for q in self.queues.values()) > self.max_waiting:
+            return self.flush(max(self.queues, key=lambda k: len(self.queues[k])))
         return []
 
     def flush_all(self) -> list[SpooledSample | Any]:
-        return self.flush("image") + self.flush("audio")
+        return [sample for key in sorted(self.queues) for sample in self.flush(key)]
 
-    def flush(self, modality: str) -> list[SpooledSample | Any]:
-        batch, self.queues[modality] = self.queues[modality], []
+    def flush(self, key: tuple[str, int]) -> list[SpooledSample | Any]:
+        batch = self.queues.pop(key, [])
         if not batch:
             return []
+        modality = key[0]
         started = time.perf_counter()
         codes = self.encode_media(modality, [p.media for p in batch])
         self.timings.model_s += time.perf_counter() - started
@@ -207,8 +220,11 @@ def count_lines(path: Path) -> int:
 
 
 def run_key_for(manifest_sha: str, config: UTIConfig, token_space_sha: str) -> str:
+    # Device and batch sizes shape the model calls, and so the last bits of the codes: they are
+    # part of the recipe. Worker counts and commit cadence are not.
+    model_calls = config.pipeline.model_dump(include={"device", "image_batch_size", "audio_batch_size"})
     recipe = {"pipeline_version": PIPELINE_VERSION, "manifest_sha256": manifest_sha, "token_space_sha256": token_space_sha,
-              "config": config.model_dump(mode="json", exclude={"pipeline", "audit"})}
+              "model_calls": model_calls, "config": config.model_dump(mode="json", exclude={"pipeline", "audit"})}
     return sha256_hex(canonical_json_bytes(recipe))
 
 

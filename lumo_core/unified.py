@@ -130,7 +130,9 @@ class UnifiedTokenizer:
             import torch
 
             torch.set_num_threads(config.pipeline.torch_threads)
-        self.text, self.image, self.audio = build_adapters(config.tokenizers, self.device)
+        self.text, self.image, self.audio = build_adapters(
+            config.tokenizers, self.device, config.pipeline.image_batch_size, config.pipeline.audio_batch_size
+        )
         self._descriptions = {"text": self.text.describe(), "image": self.image.describe(), "audio": self.audio.describe()}
         self.token_space = TokenSpace.build(
             text=self._descriptions["text"],

@@ -1,0 +1,82 @@
+"""The `lumo` console script end to end, in real subprocesses, on the embedded defaults."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lumo_core.token_space import TokenSpace
+from tests.manifests import write_hostile_manifest
+
+LUMO = str(Path(sys.executable).with_name("lumo"))
+
+
+def lumo(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([LUMO, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+
+
+def last_json(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_token_space_is_byte_identical_across_processes(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    summary = last_json(lumo("token-space", env={"LUMO_OUTPUT_DIR": str(first)}))
+    last_json(lumo("token-space", env={"LUMO_OUTPUT_DIR": str(second)}))
+    a = (first / "token_space" / "token_space.json").read_bytes()
+    assert a == (second / "token_space" / "token_space.json").read_bytes()
+    space = TokenSpace.read(first / "token_space")
+    assert space.sha256 == summary["sha256"] == (first / "token_space" / "token_space.sha256").read_text().strip()
+    assert space.vocab_size_total == summary["vocab_size_total"]
+
+
+@pytest.mark.slow
+def test_demo_chain_through_the_cli(tmp_path):
+    """token-space -> audit-manifest -> tokenize -> audit-shards -> audit-uti on the sample."""
+    env = {"LUMO_OUTPUT_DIR": str(tmp_path)}
+    last_json(lumo("token-space", env=env))
+    audit = last_json(lumo("audit-manifest", env=env))
+    assert audit["n_rejected"] == 0 and audit["n_ok"] >= 64
+    shards = last_json(lumo("tokenize", env=env))
+    assert shards["n_samples"] == audit["n_ok"]
+    report = last_json(lumo("audit-shards", env=env))
+    assert report["passed"] is True, report
+    assert report["spot_checks"] > 0
+    spot_files = list((tmp_path / "tokenized_audit" / "spot_checks").iterdir())
+    assert {p.suffix for p in spot_files} <= {".png", ".wav"} and spot_files
+    uti = last_json(lumo("audit-uti", env=env))
+    assert uti["deterministic"] == {"text": True, "image": True, "audio": True}
+    assert uti["runtime_sizes_match"] is True
+    for name in ("report.json", "recon.png", "recon.wav"):
+        assert (tmp_path / "uti_audit" / name).stat().st_size > 0
+
+
+def test_missing_upstream_exits_2_with_one_line(tmp_path):
+    result = lumo("tokenize", env={"LUMO_OUTPUT_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "token_space" in lines[0] and "lumo token-space" in lines[0]
+
+
+def test_bad_config_names_the_field(tmp_path):
+    config = tmp_path / "uti.yaml"
+    config.write_text("tokenizers:\n  audio:\n    kind: encodec\n    path: builtin:encodec-24khz-tiny\n")
+    result = lumo("token-space", "--uti-config", str(config), env={"LUMO_OUTPUT_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "tokenizers.audio" in result.stderr and "bandwidth" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_hostile_manifest_audit_exits_0_with_reasons(tmp_path):
+    manifest, expected = write_hostile_manifest(tmp_path / "data")
+    report = last_json(lumo("audit-manifest", "--manifest", str(manifest), env={"LUMO_OUTPUT_DIR": str(tmp_path / "out")}))
+    assert report["n_rejected"] == len(expected)
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "manifest_audit" / "rejects.jsonl").read_text().splitlines()]
+    assert {r["line"] for r in rejects} == set(expected)
