@@ -27,7 +27,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
-bench: setup
+bench: demo
 	$(BIN)/lumo bench tokenize
 	$(BIN)/lumo bench train
 

@@ -320,6 +320,10 @@ def _from_pretrained(loader: Any, path: str, what: str, **kwargs: Any) -> Any:
     looks_local = path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
     if looks_local and not Path(path).expanduser().is_dir():
         raise AdapterLoadError(f"cannot load the {what}: {path} is not a folder")
+    from transformers.utils import logging as transformers_logging
+
+    # Per-tensor progress bars would drown the step's own progress lines in the run log.
+    transformers_logging.disable_progress_bar()
     try:
         return loader.from_pretrained(str(Path(path).expanduser()) if looks_local else path, **kwargs)
     except (OSError, ValueError) as exc:

@@ -19,8 +19,16 @@ import numpy as np
 
 from lumo_core.config import Settings, UTIConfig, load_uti_config
 from lumo_core.errors import MissingUpstreamError
-from lumo_core.shards import SPLITS, atomic_write_bytes, file_sha256, iter_shard_samples, npy_load, read_index
-from lumo_core.token_space import AUDIO, IMAGE, TEXT, TokenSpace, canonical_json_bytes, sha256_hex
+from lumo_core.fileio import atomic_write_bytes, file_sha256
+from lumo_core.shards import SPLITS, iter_shard_samples, npy_load, read_index
+from lumo_core.token_space import (
+    AUDIO,
+    IMAGE,
+    TEXT,
+    TokenSpace,
+    canonical_json_bytes,
+    sha256_hex,
+)
 
 # How many failures a check lists in its metadata (the count is always exact).
 MAX_LISTED = 20
@@ -211,7 +219,12 @@ def _pick(keys: list[str], n: int, seed: int) -> list[str]:
 def check_retokenize(shards_dir: Path, config: UTIConfig, n: int, tokenizer: Any = None) -> CheckOutcome:
     """Tokenize a sample of rows again from the manifest and compare token_sha256."""
     from lumo_core.manifest import Reject, iter_manifest
-    from lumo_core.tokenization import PipelineTimings, SampleEncoder, _init_worker, prepare_row
+    from lumo_core.tokenization import (
+        PipelineTimings,
+        SampleEncoder,
+        _init_worker,
+        prepare_row,
+    )
     from lumo_core.unified import UnifiedTokenizer
 
     shards_dir = Path(shards_dir)

@@ -82,7 +82,13 @@ def _our_loop(config: TrainConfig, settings: Settings, reporter: Reporter, work:
 def _hf_trainer(config: TrainConfig, settings: Settings, work: Path, skip: int) -> dict[str, Any]:
     import torch
     from torch.utils.data import IterableDataset
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from transformers import (
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     from lumo_core.lm_data import BatchPlan, iter_micro_batches, open_split
     from lumo_core.lm_model import build_model

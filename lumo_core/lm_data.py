@@ -46,6 +46,7 @@ from lumo_core.errors import LumoError, MissingUpstreamError, TokenSpaceError
 from lumo_core.sequences import IGNORE_INDEX
 from lumo_core.train_config import StageConfig, TrainConfig
 
+
 @dataclass(frozen=True)
 class TokenSample:
     id: str

@@ -27,7 +27,15 @@ import numpy as np
 from lumo_core.config import TASKS, Settings
 from lumo_core.errors import LumoError, MissingUpstreamError, TokenSpaceError
 from lumo_core.reporting import Reporter, markdown
-from lumo_core.token_space import AUDIO, IMAGE, MODALITIES, TEXT, TokenSpace, canonical_json_bytes, sha256_hex
+from lumo_core.token_space import (
+    AUDIO,
+    IMAGE,
+    MODALITIES,
+    TEXT,
+    TokenSpace,
+    canonical_json_bytes,
+    sha256_hex,
+)
 from lumo_core.train_config import SamplingConfig, load_train_config
 
 SPAN_OPENERS = ("<|soi|>", "<|soa|>", "<|sot|>")

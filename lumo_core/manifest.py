@@ -23,7 +23,13 @@ import numpy as np
 
 from lumo_core import media
 from lumo_core.config import TASKS, UTIConfig
-from lumo_core.errors import ManifestError, MediaError, PathOutsideRootsError, UnreadableMediaError
+from lumo_core.errors import (
+    ManifestError,
+    MediaError,
+    PathOutsideRootsError,
+    UnreadableMediaError,
+)
+from lumo_core.fileio import atomic_write_bytes, file_sha256
 from lumo_core.token_space import canonical_json_bytes
 
 REPORT_FORMAT_VERSION = 1
@@ -241,7 +247,7 @@ def check_media(row: ManifestRow, config: UTIConfig) -> dict[str, Any]:
 
 
 def manifest_sha256(path: str | os.PathLike) -> str:
-    return media.file_sha256(path)
+    return file_sha256(path)
 
 
 # --------------------------------------------------------------------------------- audit
@@ -318,7 +324,7 @@ def audit_manifest(
         },
         **stats.summary(),
     }
-    _atomic_write(out_dir / "report.json", canonical_json_bytes(report))
+    atomic_write_bytes(out_dir / "report.json", canonical_json_bytes(report))
     return report
 
 
@@ -426,12 +432,3 @@ def _number(value: np.generic, integral: bool) -> int | float:
 
 def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = _temp_name(path)
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

@@ -149,13 +149,3 @@ def resample(waveform: np.ndarray, source_rate: int, target_rate: int) -> np.nda
     g = gcd(source_rate, target_rate)
     out = resample_poly(waveform, target_rate // g, source_rate // g, axis=-1)
     return out.astype(np.float32)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

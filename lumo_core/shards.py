@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from lumo_core.fileio import atomic_write_bytes, file_sha256
 from lumo_core.token_space import canonical_json_bytes, sha256_hex
 
 # Tar headers carry an mtime; a fixed one makes shards byte-reproducible.
@@ -136,12 +137,6 @@ def plan_shards(sizes: Iterator[tuple[str, int]], max_samples: int, max_bytes: i
     return shards
 
 
-def file_sha256(path: Path) -> str:
-    from lumo_core.media import file_sha256 as _file_sha256
-
-    return _file_sha256(path)
-
-
 def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     """Write one shard to `<path>.tmp`, fsync, then rename to `path`."""
     import webdataset
@@ -196,15 +191,6 @@ def write_index(out_dir: Path, index: dict[str, Any]) -> str:
     payload = canonical_json_bytes(index)
     atomic_write_bytes(out_dir / "index.json", payload)
     return sha256_hex(payload)
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def clear_outputs(out_dir: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from lumo_core.errors import TokenSpaceError
+from lumo_core.fileio import atomic_write_bytes
 
 FORMAT_VERSION = 1
 TEXT, SPECIAL, IMAGE, AUDIO = "text", "special", "image", "audio"
@@ -190,8 +191,8 @@ class TokenSpace:
         directory.mkdir(parents=True, exist_ok=True)
         payload = self.to_json_bytes()
         json_path = directory / "token_space.json"
-        _atomic_write(json_path, payload)
-        _atomic_write(directory / "token_space.sha256", (sha256_hex(payload) + "\n").encode())
+        atomic_write_bytes(json_path, payload)
+        atomic_write_bytes(directory / "token_space.sha256", (sha256_hex(payload) + "\n").encode())
         return json_path
 
     @classmethod
@@ -343,12 +344,3 @@ class TokenSpace:
             if lo < 0 or hi >= self.vocab_size_total:
                 raise TokenSpaceError(f"id out of range: min {lo}, max {hi}, allowed [0, {self.vocab_size_total})")
         return ids
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

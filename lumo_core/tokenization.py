@@ -21,13 +21,19 @@ from typing import Any
 import numpy as np
 
 from lumo_core.config import Settings, UTIConfig, load_uti_config
-from lumo_core.errors import LumoError, MediaError, MissingUpstreamError, TextTooLongError, UnreadableMediaError
+from lumo_core.errors import (
+    LumoError,
+    MediaError,
+    MissingUpstreamError,
+    TextTooLongError,
+    UnreadableMediaError,
+)
+from lumo_core.fileio import atomic_write_bytes
 from lumo_core.sequences import SequenceBuilder, sample_key, split_of, token_sha256
 from lumo_core.shards import (
     SPLITS,
     Spool,
     SpooledSample,
-    atomic_write_bytes,
     clear_outputs,
     npy_bytes,
     npy_load,
@@ -69,8 +75,9 @@ def _init_worker(image_preprocessor: Callable, audio_preprocessor: Callable, max
 
 def prepare_row(row: Any) -> PreparedRow | Any:
     """Decode and preprocess a row's media in a worker; media problems become a Reject."""
+    from lumo_core.fileio import file_sha256
     from lumo_core.manifest import Reject
-    from lumo_core.media import file_sha256, load_audio, load_image
+    from lumo_core.media import load_audio, load_image
 
     modality = MEDIA_TASK_SEGMENT[row.task]
     path = row.image if modality == "image" else row.audio

@@ -13,7 +13,13 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from lumo_core.config import TASKS, StrictModel, _format_validation_error, _load_model, embedded_path
+from lumo_core.config import (
+    TASKS,
+    StrictModel,
+    _format_validation_error,
+    _load_model,
+    embedded_path,
+)
 from lumo_core.errors import ConfigError
 from lumo_core.token_space import canonical_json_bytes, sha256_hex
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from lumo_core.config import Settings
 from lumo_core.errors import LumoError, MissingUpstreamError
+from lumo_core.fileio import atomic_write_bytes
 from lumo_core.reporting import Reporter
 from lumo_core.token_space import TokenSpace, canonical_json_bytes, sha256_hex
 from lumo_core.train_config import TrainConfig, load_train_config
@@ -154,20 +155,11 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return path if (path / TRAINER_STATE).is_file() else None
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop the lines a resumed run will write again."""
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        _atomic_write(path, "".join(line + "\n" for line in kept).encode())
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
 def _clear_run(out_dir: Path) -> None:
@@ -285,7 +277,11 @@ class TrainingRun:
         from transformers import get_scheduler
 
         from lumo_core.lm_data import BatchPlan, TrainStream, make_loader, open_split
-        from lumo_core.lm_model import parameter_counts, trainable_digest, trainable_parameters
+        from lumo_core.lm_model import (
+            parameter_counts,
+            trainable_digest,
+            trainable_parameters,
+        )
 
         config, dist = self.config, self.dist
         if config.train.torch_threads:
@@ -485,7 +481,7 @@ class TrainingRun:
             target = self.out_dir / name
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
-            _atomic_write(self.out_dir / LATEST, (name + "\n").encode())
+            atomic_write_bytes(self.out_dir / LATEST, (name + "\n").encode())
             for old in checkpoint_dirs(self.out_dir)[: -self.config.train.keep_checkpoints]:
                 shutil.rmtree(old)
         self.dist.barrier()
@@ -524,8 +520,8 @@ def run_train(settings: Settings, reporter: Reporter, overrides: dict[str, Any] 
     `vocab_matches_token_space` check."""
     from transformers.utils import logging as hf_logging
 
+    from lumo_core.fileio import file_sha256
     from lumo_core.lm_model import check_vocab, load_lm
-    from lumo_core.media import file_sha256
 
     hf_logging.disable_progress_bar()
     config = load_train_config(settings.train_config, overrides)

@@ -28,7 +28,8 @@ from lumo_core.errors import (
     TokenSpaceError,
     UnreadableMediaError,
 )
-from lumo_core.media import file_sha256, load_audio, load_image
+from lumo_core.fileio import file_sha256
+from lumo_core.media import load_audio, load_image
 from lumo_core.token_space import TokenSpace
 
 ARRAY_SOURCE = "<array>"

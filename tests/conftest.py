@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# The token-LM fixtures (tokenized sample shards, output folders) for every test module.
+pytest_plugins = ["tests.lm_fixtures"]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def lumo_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

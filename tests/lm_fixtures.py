@@ -1,7 +1,7 @@
 """Test helper for the token LM: the embedded sample tokenized with the dummy tokenizers, and a
 tiny training config.
 
-    from tests.lm_fixtures import lm_outputs, tokenized_sample  # noqa: F401 (a fixture)
+    from tests.lm_fixtures import lm_outputs  # the fixtures come through tests/conftest.py
 
     def test_x(tmp_path, tokenized_sample):
         settings = lm_outputs(tmp_path, tokenized_sample, {"train": {"max_steps": 4}})

@@ -6,18 +6,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings as hypothesis_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from lumo_core.adapters import DummyAudioAdapter, DummyImageAdapter, DummyTextAdapter
 from lumo_core.config import DEFAULT_SPECIAL_TOKENS
 from lumo_core.errors import LumoError, TokenSpaceError
-from lumo_core.generation import ModalitySpanConstraint, SpanGrammar, closed_spans, generate
+from lumo_core.generation import (
+    ModalitySpanConstraint,
+    SpanGrammar,
+    closed_spans,
+    generate,
+)
 from lumo_core.lm_data import iter_split, open_split
 from lumo_core.lm_eval import sample_prompt
 from lumo_core.lm_model import build_model
 from lumo_core.token_space import TokenSpace
 from lumo_core.train_config import SamplingConfig, load_train_config
-from tests.lm_fixtures import lm_outputs, one_torch_thread, tokenized_sample  # noqa: F401 (fixtures)
+from tests.lm_fixtures import lm_outputs
 
 SPACES = {
     "2 codebooks, 16 codes an image": TokenSpace.build(

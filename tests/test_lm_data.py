@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings as hypothesis_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from lumo_core.config import TASKS
 from lumo_core.errors import LumoError, MissingUpstreamError, TokenSpaceError
@@ -34,7 +36,7 @@ from lumo_core.lm_data import (
 from lumo_core.sequences import IGNORE_INDEX
 from lumo_core.token_space import TokenSpace
 from lumo_core.train_config import load_train_config
-from tests.lm_fixtures import lm_outputs, tokenized_sample  # noqa: F401 (a fixture)
+from tests.lm_fixtures import lm_outputs
 
 
 def make_plan(settings, overrides: dict | None = None) -> BatchPlan:

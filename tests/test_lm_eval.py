@@ -14,7 +14,7 @@ from lumo_core.errors import MissingUpstreamError, TokenSpaceError
 from lumo_core.lm_eval import run_eval
 from lumo_core.token_space import TokenSpace
 from lumo_core.training import run_train
-from tests.lm_fixtures import RecordingReporter, lm_outputs, one_torch_thread, tokenized_sample  # noqa: F401 (fixtures)
+from tests.lm_fixtures import RecordingReporter, lm_outputs
 
 
 def test_eval_reports_losses_accuracy_curve_and_decoded_samples(tmp_path, tokenized_sample, one_torch_thread):

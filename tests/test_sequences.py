@@ -6,7 +6,13 @@ from hypothesis import strategies as st
 
 from lumo_core.adapters import DummyAudioAdapter, DummyImageAdapter, DummyTextAdapter
 from lumo_core.config import DEFAULT_SPECIAL_TOKENS, UTIConfig
-from lumo_core.sequences import IGNORE_INDEX, SequenceBuilder, find_spans, sample_key, split_of
+from lumo_core.sequences import (
+    IGNORE_INDEX,
+    SequenceBuilder,
+    find_spans,
+    sample_key,
+    split_of,
+)
 from lumo_core.token_space import TokenSpace
 
 

@@ -14,7 +14,15 @@ from hypothesis import strategies as st
 
 from lumo_core.config import DEFAULT_SPECIAL_TOKENS
 from lumo_core.errors import TokenSpaceError
-from lumo_core.token_space import AUDIO, IMAGE, MODALITY_CODE, SPECIAL, TEXT, Range, TokenSpace
+from lumo_core.token_space import (
+    AUDIO,
+    IMAGE,
+    MODALITY_CODE,
+    SPECIAL,
+    TEXT,
+    Range,
+    TokenSpace,
+)
 
 # sha256 of the canonical bytes of `small_space()`. It changes only when the layout or the JSON
 # form changes, which must be a deliberate, versioned decision (every shard records this sha).

@@ -17,7 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lumo_core.audits import check_ids_in_range, check_rows_accounted, check_shards_match_index, check_splits_disjoint
+from lumo_core.audits import (
+    check_ids_in_range,
+    check_rows_accounted,
+    check_shards_match_index,
+    check_splits_disjoint,
+)
 from lumo_core.config import Settings, load_uti_config
 from lumo_core.reporting import Reporter
 from lumo_core.sample_data import ensure_sample_manifest

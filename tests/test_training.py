@@ -14,12 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lumo_core.errors import ConfigError, LumoError, MissingUpstreamError, TokenSpaceError
+from lumo_core.errors import (
+    ConfigError,
+    LumoError,
+    MissingUpstreamError,
+    TokenSpaceError,
+)
 from lumo_core.lm_model import apply_lora, build_model, new_token_ids
 from lumo_core.token_space import TokenSpace
 from lumo_core.train_config import load_train_config
 from lumo_core.training import run_train
-from tests.lm_fixtures import RecordingReporter, lm_outputs, tokenized_sample  # noqa: F401 (a fixture)
+from tests.lm_fixtures import RecordingReporter, lm_outputs
 
 
 def train_log(settings) -> list[dict]:

@@ -29,7 +29,7 @@ from lumo_core.errors import (
     TruncatedMediaError,
     UnreadableMediaError,
 )
-from lumo_core.media import file_sha256
+from lumo_core.fileio import file_sha256
 from lumo_core.token_space import AUDIO, IMAGE, TEXT, TokenSpace
 from lumo_core.unified import UnifiedTokenizer
 
