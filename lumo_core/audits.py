@@ -304,6 +304,36 @@ def check_tokenizers_deterministic(uti_audit_dir: Path) -> CheckOutcome:
     )
 
 
+# ------------------------------------------------------------- checks by name
+def _load_space(settings: Settings) -> TokenSpace:
+    path = settings.step_dir("token_space") / "token_space.json"
+    if not path.is_file():
+        raise MissingUpstreamError(f"{path} not found: build the token space first (`lumo token-space`)")
+    return TokenSpace.read(path)
+
+
+# CONTRACT section 7: check name -> (the asset it checks, how to compute it from the settings).
+CHECKS: dict[str, tuple[str, Any]] = {
+    "runtime_size_match": ("token_space", lambda s, c: check_runtime_sizes(s.step_dir("token_space"), c)),
+    "tokenizers_deterministic": ("uti_audit", lambda s, c: check_tokenizers_deterministic(s.step_dir("uti_audit"))),
+    "ids_in_range": ("tokenized_shards", lambda s, c: check_ids_in_range(s.step_dir("tokenized_shards"), _load_space(s))),
+    "rows_accounted": ("tokenized_shards", lambda s, c: check_rows_accounted(s.step_dir("tokenized_shards"))),
+    "splits_disjoint": ("tokenized_shards", lambda s, c: check_splits_disjoint(s.step_dir("tokenized_shards"))),
+    "shards_match_index": ("tokenized_shards", lambda s, c: check_shards_match_index(s.step_dir("tokenized_shards"))),
+    "retokenize_matches": ("tokenized_shards", lambda s, c: check_retokenize(s.step_dir("tokenized_shards"), c, c.audit.retokenize_samples)),
+    "reject_rate": ("tokenized_shards", lambda s, c: check_reject_rate(s.step_dir("tokenized_shards"), c.audit.reject_rate_warn)),
+}
+
+
+def run_check(name: str, settings: Settings, reporter: Any) -> dict[str, Any]:
+    """Compute one named check and report it (to Dagster when run through Pipes)."""
+    asset, compute = CHECKS[name]
+    outcome: CheckOutcome = compute(settings, load_uti_config(settings.uti_config))
+    severity = "WARN" if name == "reject_rate" else "ERROR"
+    reporter.report_check(name, outcome.passed, {**outcome.metadata, "description": outcome.description}, severity=severity, asset_key=asset)
+    return {"check": name, "asset": asset, **outcome.to_json()}
+
+
 # --------------------------------------------------------------- whole audits
 def _decode_spot_checks(shards_dir: Path, out_dir: Path, tokenizer: Any, n: int, seed: int) -> list[dict[str, Any]]:
     """Decode a few samples' image and audio spans back to files."""

@@ -17,6 +17,7 @@ from typing import Any
 from lumo_core.config import Settings
 from lumo_core.errors import LumoError
 from lumo_core.reporting import Reporter
+from lumo_core.token_space import sha256_hex
 
 
 def cmd_token_space(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
@@ -45,7 +46,16 @@ def cmd_audit_manifest(settings: Settings, reporter: Reporter, args: argparse.Na
     config = load_uti_config(settings.uti_config)
     if not Path(settings.manifest).is_file():
         raise LumoError(f"{settings.manifest}: manifest file not found")
-    return audit_manifest(Path(settings.manifest), config, settings.step_dir("manifest_audit"), map_path=config.map_path)
+    report = audit_manifest(Path(settings.manifest), config, settings.step_dir("manifest_audit"), map_path=config.map_path)
+    report_sha = sha256_hex((settings.step_dir("manifest_audit") / "report.json").read_bytes())
+    reporter.report_materialization({**report, "report_sha256": report_sha}, data_version=report_sha)
+    return report
+
+
+def cmd_check(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
+    from lumo_core.audits import run_check
+
+    return run_check(args.check_name, settings, reporter)
 
 
 def cmd_tokenize(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
@@ -126,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help_text)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training config field")
         p.set_defaults(handler=handler)
+    from lumo_core.audits import CHECKS
+
+    check = sub.add_parser("check", parents=[common], help="run one asset check of CONTRACT section 7 and print its outcome")
+    check.add_argument("check_name", choices=sorted(CHECKS))
+    check.set_defaults(handler=cmd_check)
     bench = sub.add_parser("bench", help="benchmarks (print a JSON report on the last line)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     bt = bench_sub.add_parser("tokenize", parents=[common], help="tokenizer pipeline throughput on the full-size preset")
