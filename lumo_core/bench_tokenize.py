@@ -82,10 +82,16 @@ def _models_alone(prepared: list[Any], config: Any, tokenizer: Any) -> float:
     return timings.model_s
 
 
-def _one_at_a_time(manifest: Path, config: Any, tokenizer: Any) -> float:
+def _one_at_a_time(manifest: Path, config: Any) -> float:
+    """A plain loop: models called on one sample at a time (batch shape 1), no workers."""
     from lumo_core.manifest import Reject, iter_manifest
-    from lumo_core.tokenization import PipelineTimings, SampleEncoder, prepare_row
+    from lumo_core.tokenization import PipelineTimings, SampleEncoder, _init_worker, prepare_row
+    from lumo_core.unified import UnifiedTokenizer
 
+    single = config.pipeline.model_copy(update={"image_batch_size": 1, "audio_batch_size": 1})
+    config = config.model_copy(update={"pipeline": single})
+    tokenizer = UnifiedTokenizer(config)
+    _init_worker(tokenizer.image.preprocessor(), tokenizer.audio.preprocessor(), config.limits.max_image_pixels, config.limits.max_audio_seconds)
     encoder = SampleEncoder(tokenizer, config, PipelineTimings())
     started = time.perf_counter()
     for row in iter_manifest(manifest, config, map_path=tokenizer.map_path):
@@ -131,7 +137,7 @@ def run_bench_tokenize(settings: Settings, reporter: Any, samples: int, preset: 
     prepared = _decoded_rows(manifest, config, tokenizer)
     models_s = _models_alone(prepared, config, tokenizer)
     reporter.log(f"pipeline {pipeline_s:.1f} s, models alone {models_s:.1f} s")
-    loop_s = _one_at_a_time(manifest, config, tokenizer)
+    loop_s = _one_at_a_time(manifest, config)
     reporter.log(f"one-at-a-time loop {loop_s:.1f} s")
     audio_seconds = float(sum(p.media.shape[-1] / tokenizer.audio.sample_rate for p in prepared if p.modality == "audio"))
     n_images = sum(1 for p in prepared if p.modality == "image")

@@ -80,3 +80,16 @@ def test_hostile_manifest_audit_exits_0_with_reasons(tmp_path):
     assert report["n_rejected"] == len(expected)
     rejects = [json.loads(line) for line in (tmp_path / "out" / "manifest_audit" / "rejects.jsonl").read_text().splitlines()]
     assert {r["line"] for r in rejects} == set(expected)
+
+
+@pytest.mark.slow
+def test_bench_tokenize_prints_its_report_as_the_last_line(tmp_path):
+    """A small run on the embedded default config (the full-size preset is for real measurements)."""
+    from lumo_core.config import embedded_path
+
+    result = lumo("bench", "tokenize", "--preset", str(embedded_path("uti_default.yaml")), "--samples", "12", "--memory-rows", "4",
+                  env={"LUMO_OUTPUT_DIR": str(tmp_path)})
+    report = last_json(result)
+    for key in ("samples_per_s", "efficiency", "speedup_vs_per_sample", "audio_seconds_per_s", "images_per_s", "peak_memory_ratio"):
+        assert report[key] > 0, key
+    assert report["samples"] == 12 and report["peak_memory_mb"]["rows"] == [4, 40]
