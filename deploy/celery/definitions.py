@@ -1,0 +1,26 @@
+"""Lumo's code location on Celery: lumo_pipeline's definitions, each step a Celery task.
+
+The `lumo_code` service of deploy/celery/compose.yaml loads this file. Only the executor differs
+from `lumo_pipeline.definitions`: dagster-celery's `celery_executor`, configured by executor.yaml
+beside this file (broker and backend from the environment).
+"""
+
+from pathlib import Path
+
+import yaml
+from dagster import Definitions
+from dagster_celery import celery_executor
+
+from lumo_pipeline.definitions import defs as lumo_defs
+
+EXECUTOR_CONFIG = yaml.safe_load(Path(__file__).with_name("executor.yaml").read_text())["execution"]["config"]
+
+defs = Definitions(
+    assets=lumo_defs.assets,
+    asset_checks=lumo_defs.asset_checks,
+    jobs=lumo_defs.jobs,
+    schedules=lumo_defs.schedules,
+    sensors=lumo_defs.sensors,
+    resources=lumo_defs.resources,
+    executor=celery_executor.configured(EXECUTOR_CONFIG, name="lumo_celery_executor"),
+)

@@ -1,0 +1,166 @@
+"""The step runner: runs a `lumo` subcommand under Dagster Pipes, locally or in a container.
+
+Local mode starts `python -m lumo_core.cli <subcommand>` with the interpreter running Dagster
+(same environment, no PATH lookup) through `PipesSubprocessClient`. Docker mode runs the same
+subcommand in the image through `dagster_docker.PipesDockerClient`: GPUs requested, the output
+folder mounted read-write, the manifest's and configs' folders read-only, the LUMO_* variables
+pointed at the container paths. Which mode runs is resource configuration, not code: run config
+`resources: {runner: {config: {mode: docker, image: ...}}}` (see run_configs/docker.yaml).
+
+`build_launch` returns the Pipes client together with everything it will be called with, so
+the container arguments can be checked without a Docker engine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from dagster import ConfigurableResource, PipesClientCompletedInvocation, PipesSubprocessClient
+from pydantic import Field
+
+from lumo_core.config import Settings
+
+# Where the steps that hold a GPU go in the scaled-out deployments: the `gpu` concurrency pool
+# (docker/dagster.yaml, deploy/k8s) and the Celery `gpu` queue (deploy/celery).
+GPU_POOL = "gpu"
+GPU_OP_TAGS = {"dagster-celery/queue": "gpu"}
+
+# Label put on every container a launch creates, so that it can be found and removed afterwards:
+# PipesDockerClient stops its container but leaves it behind.
+LAUNCH_LABEL = "lumo.launch"
+
+
+class LumoRunner(ConfigurableResource):
+    """How the `lumo` steps run: `local` (a subprocess in this environment) or `docker`."""
+
+    mode: Literal["local", "docker"] = Field(default="local", description="local subprocess or docker container")
+    image: str = Field(default="lumo-gpu:latest", description="docker mode: the image holding lumo (docker/Dockerfile.gpu)")
+    container_root: str = Field(default="/lumo", description="docker mode: where the host folders are mounted in the container")
+    gpus: int = Field(default=-1, ge=-1, description="docker mode: GPUs given to the GPU steps; -1 means all")
+    shm_size: str = Field(default="8g", description="docker mode: /dev/shm size (data-loader workers share batches through it)")
+    extra_mounts: dict[str, str] = Field(
+        default_factory=dict,
+        description="docker mode: host folder -> container folder, read-only (model weights, data roots named in the config)",
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="docker mode: host folder mounted read-write as the container's LUMO_CACHE_DIR, so the builtin models are built once, not in every container",
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for every step")
+    run_as_host_user: bool = Field(default=True, description="docker mode: run as the host uid:gid so outputs stay owned by the user")
+
+    def run(self, context: Any, subcommand: Sequence[str], settings: Settings, gpu: bool) -> PipesClientCompletedInvocation:
+        return build_launch(self, settings, subcommand, gpu=gpu).run(context)
+
+
+@dataclass(frozen=True)
+class LocalLaunch:
+    client: PipesSubprocessClient
+    command: list[str]
+    env: dict[str, str]
+
+    def run(self, context: Any) -> PipesClientCompletedInvocation:
+        return self.client.run(context=context, command=self.command, env=self.env)
+
+
+@dataclass(frozen=True)
+class DockerLaunch:
+    client: Any  # dagster_docker.PipesDockerClient, imported only when docker mode is used
+    image: str
+    command: list[str]
+    env: dict[str, str]
+    container_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def launch_id(self) -> str:
+        return self.container_kwargs["labels"][LAUNCH_LABEL]
+
+    def run(self, context: Any) -> PipesClientCompletedInvocation:
+        try:
+            return self.client.run(context=context, image=self.image, command=self.command, env=self.env, container_kwargs=self.container_kwargs)
+        finally:
+            remove_launched_containers(self.launch_id)
+
+
+def build_launch(runner: LumoRunner, settings: Settings, subcommand: Sequence[str], gpu: bool) -> LocalLaunch | DockerLaunch:
+    """The Pipes client and the exact arguments it will be run with."""
+    if runner.mode == "local":
+        return LocalLaunch(
+            client=PipesSubprocessClient(),
+            command=[sys.executable, "-m", "lumo_core.cli", *subcommand],
+            env={**settings_env(settings), **runner.env},
+        )
+    return build_docker_launch(runner, settings, subcommand, gpu)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The LUMO_* variables that make a `lumo` process see exactly these settings."""
+    env = {"LUMO_OUTPUT_DIR": str(settings.output_dir), "LUMO_MANIFEST": str(settings.manifest)}
+    if settings.uti_config is not None:
+        env["LUMO_UTI_CONFIG"] = str(settings.uti_config)
+    if settings.train_config is not None:
+        env["LUMO_TRAIN_CONFIG"] = str(settings.train_config)
+    return env
+
+
+def build_docker_launch(runner: LumoRunner, settings: Settings, subcommand: Sequence[str], gpu: bool) -> DockerLaunch:
+    import docker.types
+    from dagster_docker import PipesDockerClient
+
+    root = PurePosixPath(runner.container_root)
+    # Mount objects, not docker-py's `volumes` dict: that dict is keyed by host folder and so
+    # cannot bind one folder (say, the one holding both configs) at two container paths.
+    mounts: list[docker.types.Mount] = []
+
+    def mount(host_dir: Path, container_dir: PurePosixPath, read_only: bool) -> None:
+        mounts.append(docker.types.Mount(target=str(container_dir), source=str(host_dir), type="bind", read_only=read_only))
+
+    mount(settings.output_dir, root / "outputs", read_only=False)
+    env = {"LUMO_OUTPUT_DIR": str(root / "outputs")}
+    # Folders, not files: relative media paths resolve against the manifest's folder.
+    for variable, host_file, container_dir in (
+        ("LUMO_MANIFEST", settings.manifest, root / "manifest"),
+        ("LUMO_UTI_CONFIG", settings.uti_config, root / "uti_config"),
+        ("LUMO_TRAIN_CONFIG", settings.train_config, root / "train_config"),
+    ):
+        if host_file is None:
+            continue
+        mount(host_file.parent, container_dir, read_only=True)
+        env[variable] = str(container_dir / host_file.name)
+    if runner.cache_dir:
+        mount(Path(runner.cache_dir), root / "cache", read_only=False)
+        env["LUMO_CACHE_DIR"] = str(root / "cache")
+    for host_dir, container_dir in sorted(runner.extra_mounts.items()):
+        mount(Path(host_dir), PurePosixPath(container_dir), read_only=True)
+
+    container_kwargs: dict[str, Any] = {
+        "mounts": mounts,
+        "shm_size": runner.shm_size,
+        "labels": {LAUNCH_LABEL: uuid.uuid4().hex},
+    }
+    if gpu and runner.gpus != 0:
+        container_kwargs["device_requests"] = [docker.types.DeviceRequest(count=runner.gpus, capabilities=[["gpu"]])]
+    if runner.run_as_host_user:
+        container_kwargs["user"] = f"{os.getuid()}:{os.getgid()}"
+    return DockerLaunch(
+        client=PipesDockerClient(),
+        image=runner.image,
+        command=["lumo", *subcommand],
+        env={**env, **runner.env},
+        container_kwargs=container_kwargs,
+    )
+
+
+def remove_launched_containers(launch_id: str) -> None:
+    """Remove the (stopped) containers of one launch."""
+    import docker
+
+    client = docker.from_env()
+    for container in client.containers.list(all=True, filters={"label": f"{LAUNCH_LABEL}={launch_id}"}):
+        container.remove(force=True)

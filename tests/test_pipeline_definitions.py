@@ -1,0 +1,107 @@
+"""The code location's shape: light to load, the contract's names, the real lineage, code
+versions, which checks block, and what the re-audit job selects."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dagster import AssetCheckKey, AssetKey, Definitions
+
+from lumo_pipeline.checks import LUMO_CHECKS
+from lumo_pipeline.definitions import defs
+from lumo_pipeline.jobs import reaudit_job, tokenization_job
+
+ASSETS = {"token_space", "manifest_audit", "tokenized_shards", "tokenized_audit", "uti_audit", "lm_checkpoint", "lm_eval"}
+CHECKS = {
+    ("token_space", "runtime_size_match"),
+    ("uti_audit", "tokenizers_deterministic"),
+    ("tokenized_shards", "ids_in_range"),
+    ("tokenized_shards", "rows_accounted"),
+    ("tokenized_shards", "splits_disjoint"),
+    ("tokenized_shards", "shards_match_index"),
+    ("tokenized_shards", "retokenize_matches"),
+    ("tokenized_shards", "reject_rate"),
+    ("lm_checkpoint", "vocab_matches_token_space"),
+}
+BLOCKING = {"ids_in_range", "rows_accounted", "shards_match_index", "retokenize_matches"}
+
+
+def test_loading_definitions_imports_no_heavy_library():
+    probe = (
+        "import json, sys\n"
+        "import lumo_pipeline.definitions\n"
+        "import lumo_pipeline\n"
+        "assert lumo_pipeline.defs is lumo_pipeline.definitions.defs\n"
+        "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'diffusers', 'matplotlib', 'docker') if m in sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_definitions_are_loadable_with_the_contract_names():
+    Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == ASSETS
+    assert {(key.asset_key.to_user_string(), key.name) for key in graph.asset_check_keys} == CHECKS
+
+
+def test_lineage_is_declared():
+    graph = defs.resolve_asset_graph()
+
+    def parents(name: str) -> set[str]:
+        return {key.to_user_string() for key in graph.get(AssetKey(name)).parent_keys}
+
+    assert parents("tokenized_shards") == {"token_space", "manifest_audit"}
+    assert "tokenized_shards" in parents("tokenized_audit")
+    assert parents("uti_audit") == {"token_space"}
+    assert parents("lm_checkpoint") == {"tokenized_shards", "token_space"}
+    assert parents("lm_eval") == {"lm_checkpoint", "tokenized_shards"}
+    assert parents("token_space") == set() and parents("manifest_audit") == set()
+
+
+def test_every_asset_has_a_code_version():
+    graph = defs.resolve_asset_graph()
+    versions = {name: graph.get(AssetKey(name)).code_version for name in ASSETS}
+    assert all(versions.values()), versions
+
+
+def test_the_shard_integrity_checks_block_and_the_others_do_not():
+    for check in LUMO_CHECKS:
+        for spec in check.check_specs:
+            assert spec.blocking == (spec.name in BLOCKING), spec.name
+
+
+def test_reaudit_job_runs_audits_and_every_check_but_never_tokenizes():
+    graph = defs.resolve_asset_graph()
+    assert {key.to_user_string() for key in reaudit_job.selection.resolve(graph)} == {"tokenized_audit", "uti_audit"}
+    assert {(key.asset_key.to_user_string(), key.name) for key in reaudit_job.selection.resolve_checks(graph)} == CHECKS
+
+
+def test_sensor_job_is_the_tokenization_chain():
+    graph = defs.resolve_asset_graph()
+    assert {key.to_user_string() for key in tokenization_job.selection.resolve(graph)} == {"manifest_audit", "tokenized_shards", "tokenized_audit"}
+    selected_checks = tokenization_job.selection.resolve_checks(graph)
+    assert BLOCKING <= {key.name for key in selected_checks}
+    assert AssetCheckKey(AssetKey("lm_checkpoint"), "vocab_matches_token_space") not in selected_checks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "target",
+    [["-m", "lumo_pipeline"], ["-w", "workspace.yaml"], []],
+    ids=["module", "workspace.yaml", "pyproject-tool-dagster"],
+)
+def test_dagster_cli_finds_the_code_location(target):
+    repo_root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    completed = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", *target],
+        cwd=repo_root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "All code locations passed validation" in completed.stderr + completed.stdout
