@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 # CPU machines pin the local CPU build of torch; a CUDA machine sets CONSTRAINTS= and brings its own.
 CONSTRAINTS ?= constraints/cpu.txt
 PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
-export DAGSTER_HOME ?= $(CURDIR)/.dagster
-export LUMO_OUTPUT_DIR ?= $(CURDIR)/outputs
+# The demo keeps its instance and outputs in the project folder; the tests make their own.
+DEMO_ENV := DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.dagster} LUMO_OUTPUT_DIR=$${LUMO_OUTPUT_DIR:-$(CURDIR)/outputs}
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test bench clean
@@ -20,16 +20,17 @@ $(BIN)/lumo: pyproject.toml $(CONSTRAINTS)
 setup: $(BIN)/lumo
 
 demo: setup
-	mkdir -p $(DAGSTER_HOME)
-	$(BIN)/dagster asset materialize -m lumo_pipeline --select +tokenized_shards
-	@echo "Outputs in $(LUMO_OUTPUT_DIR); run history in $(DAGSTER_HOME). See them with: DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster dev"
+	$(DEMO_ENV) sh -c 'mkdir -p "$$DAGSTER_HOME" && $(BIN)/dagster asset materialize -m lumo_pipeline --select +tokenized_shards && \
+	  echo "Outputs in $$LUMO_OUTPUT_DIR; run history in $$DAGSTER_HOME. Browse them with: DAGSTER_HOME=$$DAGSTER_HOME $(BIN)/dagster dev"'
 
+# Tests build their own instances and output folders: settings of the caller's shell must not leak in.
 test: setup
-	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+	env -u DAGSTER_HOME -u LUMO_OUTPUT_DIR -u LUMO_MANIFEST -u LUMO_UTI_CONFIG -u LUMO_TRAIN_CONFIG \
+	  $(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 bench: demo
-	$(BIN)/lumo bench tokenize
-	$(BIN)/lumo bench train
+	$(DEMO_ENV) $(BIN)/lumo bench tokenize
+	$(DEMO_ENV) $(BIN)/lumo bench train
 
 clean:
-	rm -rf $(LUMO_OUTPUT_DIR) $(DAGSTER_HOME)
+	rm -rf outputs .dagster

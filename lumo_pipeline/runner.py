@@ -82,10 +82,14 @@ class DockerLaunch:
         return self.container_kwargs["labels"][LAUNCH_LABEL]
 
     def run(self, context: Any) -> PipesClientCompletedInvocation:
+        # A bind mount needs its host folder to exist; the read-write ones are ours to create.
+        for mount in self.container_kwargs["mounts"]:
+            if not mount["ReadOnly"]:
+                Path(mount["Source"]).mkdir(parents=True, exist_ok=True)
         try:
             return self.client.run(context=context, image=self.image, command=self.command, env=self.env, container_kwargs=self.container_kwargs)
         finally:
-            remove_launched_containers(self.launch_id)
+            remove_launched_containers(context, self.launch_id)
 
 
 def build_launch(runner: LumoRunner, settings: Settings, subcommand: Sequence[str], gpu: bool) -> LocalLaunch | DockerLaunch:
@@ -157,10 +161,15 @@ def build_docker_launch(runner: LumoRunner, settings: Settings, subcommand: Sequ
     )
 
 
-def remove_launched_containers(launch_id: str) -> None:
-    """Remove the (stopped) containers of one launch."""
+def remove_launched_containers(context: Any, launch_id: str) -> None:
+    """Remove the (stopped) containers of one launch. Runs after success and failure alike, so a
+    failure to reach the engine is logged, not raised over the step's own error."""
     import docker
+    import docker.errors
 
-    client = docker.from_env()
-    for container in client.containers.list(all=True, filters={"label": f"{LAUNCH_LABEL}={launch_id}"}):
-        container.remove(force=True)
+    try:
+        client = docker.from_env()
+        for container in client.containers.list(all=True, filters={"label": f"{LAUNCH_LABEL}={launch_id}"}):
+            container.remove(force=True)
+    except docker.errors.DockerException as exc:
+        context.log.warning(f"could not remove the containers labelled {LAUNCH_LABEL}={launch_id}: {exc}")

@@ -48,7 +48,7 @@ run_coordinator:
   class: DefaultRunCoordinator
 """
 SERVER_START_TIMEOUT_S = 120
-RUN_TIMEOUT_S = 240
+RUN_TIMEOUT_S = 600
 UI_TIMEOUT_MS = 60_000
 
 pytestmark = pytest.mark.slow
