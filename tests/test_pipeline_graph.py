@@ -28,8 +28,7 @@ from lumo_pipeline.definitions import build_definitions
 from lumo_pipeline.resources import LumoSettings
 from lumo_pipeline.runner import LumoRunner
 
-# One worker builds the graph once for every test here (with `pytest -n 2 --dist loadgroup`).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline_graph")]
+pytestmark = pytest.mark.slow
 
 ASSET_NAMES = set(STEPS)
 
@@ -50,8 +49,9 @@ def materialized(result: ExecuteInProcessResult) -> dict[str, object]:
     return {e.asset_key.to_user_string(): e.event_specific_data.materialization for e in result.get_asset_materialization_events()}
 
 
-# Session scope: a module fixture is torn down whenever the worker runs another module's test
-# in between, and this one takes minutes to build.
+# Built once per worker: session scope, because a module fixture is torn down whenever the worker
+# runs another module's test in between, and this one takes minutes to build. With
+# `pytest -n 2 --dist loadfile` every test here runs on one worker and it is built once.
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[DagsterInstance, Path, ExecuteInProcessResult]:
     """Every asset and every check, once, on one instance kept for the tests below."""

@@ -12,7 +12,7 @@ import yaml
 from dagster import EnvVar, PipesSubprocessClient, validate_run_config
 
 import lumo_pipeline
-from lumo_pipeline.definitions import defs
+from lumo_pipeline.definitions import build_definitions
 from lumo_pipeline.resources import SETTINGS_ENV_VARS, LumoSettings
 from lumo_pipeline.runner import (
     LAUNCH_LABEL,
@@ -146,6 +146,7 @@ def test_docker_launch_of_a_cpu_step_with_embedded_configs(clean_env, tmp_path):
 
 def test_docker_mode_is_run_configuration(clean_env):
     run_config = yaml.safe_load((Path(lumo_pipeline.__file__).parent / "run_configs" / "docker.yaml").read_text())
-    job = defs.resolve_implicit_global_asset_job_def()
+    # Definitions built after clean_env: the module-level `defs` bound whatever the shell had set.
+    job = build_definitions(LumoSettings.from_environment(), LumoRunner()).resolve_implicit_global_asset_job_def()
     validated = validate_run_config(job, run_config)
     assert validated["resources"]["runner"]["config"]["mode"] == "docker"
