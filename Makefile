@@ -26,7 +26,7 @@ demo: setup
 # Tests build their own instances and output folders: settings of the caller's shell must not leak in.
 test: setup
 	env -u DAGSTER_HOME -u LUMO_OUTPUT_DIR -u LUMO_MANIFEST -u LUMO_UTI_CONFIG -u LUMO_TRAIN_CONFIG \
-	  $(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	  $(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 bench: demo
 	$(DEMO_ENV) $(BIN)/lumo bench tokenize

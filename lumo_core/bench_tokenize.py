@@ -116,7 +116,9 @@ def peak_memory_mb(n_rows: int, config_path: Path | None) -> float:
         "tokenizer = UnifiedTokenizer(load_uti_config(config_path))\n"
         "with tempfile.TemporaryDirectory() as tmp:\n"
         "    _pipeline(Path(tmp), write_scaled_manifest(int(sys.argv[1])), config_path, tokenizer)\n"
-        "own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        # VmHWM, not RUSAGE_SELF: on Linux ru_maxrss survives exec, so a child started by a big
+        # parent would report the parent's size. The spawned media workers add their own peak.
+        "own = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
         "children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
         "print(json.dumps({'peak_kb': own + children}))\n"
     )
