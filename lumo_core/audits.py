@@ -64,8 +64,8 @@ def check_shards_match_index(shards_dir: Path) -> CheckOutcome:
     index = read_index(shards_dir)
     problems = []
     listed = set()
-    for split, entry, path in _shard_paths(shards_dir, index):
-        listed.add(path.name if path.parent.name == split else entry["name"])
+    for _, entry, path in _shard_paths(shards_dir, index):
+        listed.add(entry["name"])
         if not path.is_file():
             problems.append({"shard": entry["name"], "problem": "missing", "expected_sha256": entry["sha256"], "found_sha256": None})
             continue
@@ -74,7 +74,7 @@ def check_shards_match_index(shards_dir: Path) -> CheckOutcome:
             problems.append({"shard": entry["name"], "problem": "sha256 differs", "expected_sha256": entry["sha256"], "found_sha256": found})
     for split in SPLITS:
         for path in sorted((shards_dir / split).glob("*.tar")):
-            if path.name not in listed:
+            if f"{split}/{path.name}" not in listed:
                 problems.append({"shard": f"{split}/{path.name}", "problem": "not listed in index.json", "expected_sha256": None, "found_sha256": file_sha256(path)})
     n_shards = sum(len(index["splits"][s]["shards"]) for s in SPLITS)
     return CheckOutcome(

@@ -85,7 +85,12 @@ def _models_alone(prepared: list[Any], config: Any, tokenizer: Any) -> float:
 def _one_at_a_time(manifest: Path, config: Any) -> float:
     """A plain loop: models called on one sample at a time (batch shape 1), no workers."""
     from lumo_core.manifest import Reject, iter_manifest
-    from lumo_core.tokenization import PipelineTimings, SampleEncoder, _init_worker, prepare_row
+    from lumo_core.tokenization import (
+        PipelineTimings,
+        SampleEncoder,
+        _init_worker,
+        prepare_row,
+    )
     from lumo_core.unified import UnifiedTokenizer
 
     single = config.pipeline.model_copy(update={"image_batch_size": 1, "audio_batch_size": 1})

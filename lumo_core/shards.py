@@ -101,11 +101,15 @@ class Spool:
             )
             self._db.executemany("INSERT INTO rejects VALUES (?, ?, ?)", rejects)
 
+    def iter_sizes(self, split: str) -> Iterator[tuple[str, int]]:
+        """(key, payload bytes) in key order, without reading the payloads."""
+        yield from self._db.execute("SELECT key, size FROM samples WHERE split = ? ORDER BY key", (split,))
+
     def iter_split(self, split: str) -> Iterator[tuple[str, int, dict[str, bytes]]]:
-        """(key, size, members) in key order."""
-        cursor = self._db.execute("SELECT key, size, payload FROM samples WHERE split = ? ORDER BY key", (split,))
-        for key, size, payload in cursor:
-            yield key, size, pickle.loads(payload)
+        """(key, n_tokens, members) in key order."""
+        cursor = self._db.execute("SELECT key, n_tokens, payload FROM samples WHERE split = ? ORDER BY key", (split,))
+        for key, n_tokens, payload in cursor:
+            yield key, n_tokens, pickle.loads(payload)
 
     def iter_rejects(self) -> Iterator[tuple[int, str | None, str]]:
         yield from self._db.execute("SELECT line, id, reason FROM rejects ORDER BY line")
@@ -156,7 +160,7 @@ def write_split_shards(spool: Spool, out_dir: Path, split: str, max_samples: int
     """Write (or reuse, when already complete under its final name) every shard of a split."""
     split_dir = out_dir / split
     split_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan_shards(((k, size) for k, size, _ in spool.iter_split(split)), max_samples, max_bytes)
+    plan = plan_shards(spool.iter_sizes(split), max_samples, max_bytes)
     samples_iter = spool.iter_split(split)
     entries = []
     reused = 0
@@ -164,7 +168,7 @@ def write_split_shards(spool: Spool, out_dir: Path, split: str, max_samples: int
         name = f"{split}/shard-{number:06d}.tar"
         path = out_dir / name
         batch = [next(samples_iter) for _ in keys]
-        n_tokens = int(sum(npy_load(m["input_ids.npy"]).size for _, _, m in batch))
+        n_tokens = int(sum(tokens for _, tokens, _ in batch))
         already_complete = path.is_file()
         if already_complete:
             reused += 1

@@ -9,6 +9,7 @@ spool into shards in key order (see lumo_core.shards).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -283,8 +284,6 @@ def tokenize(settings: Settings, reporter: Any, tokenizer: Any = None) -> dict[s
     spool = Spool(work_dir / "spool.sqlite")
     if spool.get_meta("run_key") not in (None, run_key):
         spool.close()
-        import shutil
-
         shutil.rmtree(work_dir)
         spool = Spool(work_dir / "spool.sqlite")
     if spool.get_meta("run_key") is None:
@@ -346,8 +345,6 @@ def tokenize(settings: Settings, reporter: Any, tokenizer: Any = None) -> dict[s
                                                         "uti_config": str(settings.uti_config) if settings.uti_config else None}))
     write_index(out_dir, index)
     spool.close()
-    import shutil
-
     shutil.rmtree(work_dir, ignore_errors=True)
     reporter.log(f"{n_samples} samples in {sum(s['n_shards'] for s in split_summaries.values())} shards, {n_rejected} rejects, "
                  f"{n_lines / max(timings.total_s, 1e-9):.1f} lines/s, models {timings.model_s:.1f} s of {timings.total_s:.1f} s")

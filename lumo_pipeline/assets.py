@@ -9,7 +9,15 @@ marks downstream assets stale when an upstream really changed, and not otherwise
 
 from dataclasses import dataclass
 
-from dagster import AssetExecutionContext, AssetKey, DataVersion, Failure, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    DataVersion,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 from dagster_pipes import DagsterPipesError
 
 import lumo_core

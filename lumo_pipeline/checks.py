@@ -15,7 +15,13 @@ same run when they fail; a high reject rate only warns.
 import json
 from collections.abc import Callable
 
-from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_check
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    MetadataValue,
+    asset_check,
+)
 from dagster_pipes import DagsterPipesError
 
 from lumo_core.audits import CHECKS, CheckOutcome

@@ -11,16 +11,22 @@ through Pipes. Measured on the 2-core development machine, `--select token_space
 
 from __future__ import annotations
 
-from dagster import Definitions, in_process_executor
+from dagster import Definitions, ExecutorDefinition, in_process_executor
 
 from lumo_pipeline.assets import LUMO_ASSETS
 from lumo_pipeline.checks import LUMO_CHECKS
-from lumo_pipeline.jobs import manifest_changed, nightly_reaudit, reaudit_job, tokenization_job
+from lumo_pipeline.jobs import (
+    manifest_changed,
+    nightly_reaudit,
+    reaudit_job,
+    tokenization_job,
+)
 from lumo_pipeline.resources import LumoSettings
 from lumo_pipeline.runner import LumoRunner
 
 
-def build_definitions(lumo: LumoSettings, runner: LumoRunner) -> Definitions:
+def build_definitions(lumo: LumoSettings, runner: LumoRunner, executor: ExecutorDefinition = in_process_executor) -> Definitions:
+    """The code location; deployments swap the runner's mode or the executor (deploy/)."""
     return Definitions(
         assets=LUMO_ASSETS,
         asset_checks=LUMO_CHECKS,
@@ -28,7 +34,7 @@ def build_definitions(lumo: LumoSettings, runner: LumoRunner) -> Definitions:
         schedules=[nightly_reaudit],
         sensors=[manifest_changed],
         resources={"lumo": lumo, "runner": runner},
-        executor=in_process_executor,
+        executor=executor,
     )
 
 

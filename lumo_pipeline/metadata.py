@@ -14,7 +14,12 @@ from typing import Any
 
 from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
 
-from lumo_pipeline.plots import codebook_usage_png, image_file_markdown, png_markdown, token_length_histogram_png
+from lumo_pipeline.plots import (
+    codebook_usage_png,
+    image_file_markdown,
+    png_markdown,
+    token_length_histogram_png,
+)
 
 LENGTH_STAT_COLUMNS = ("count", "min", "mean", "p50", "p95", "max")
 

@@ -21,7 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from dagster import ConfigurableResource, PipesClientCompletedInvocation, PipesSubprocessClient
+from dagster import (
+    ConfigurableResource,
+    PipesClientCompletedInvocation,
+    PipesSubprocessClient,
+)
 from pydantic import Field
 
 from lumo_core.config import Settings
@@ -164,8 +168,9 @@ def build_docker_launch(runner: LumoRunner, settings: Settings, subcommand: Sequ
 def remove_launched_containers(context: Any, launch_id: str) -> None:
     """Remove the (stopped) containers of one launch. Runs after success and failure alike, so a
     failure to reach the engine is logged, not raised over the step's own error."""
-    import docker
     import docker.errors
+
+    import docker
 
     try:
         client = docker.from_env()

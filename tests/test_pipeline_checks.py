@@ -17,7 +17,11 @@ from lumo_core.lm_model import TOKEN_SPACE_ATTR
 from lumo_core.token_space import TokenSpace
 from lumo_pipeline.checks import check_vocab_matches_token_space, evaluate
 from lumo_pipeline.metadata import as_dagster_metadata
-from lumo_pipeline.plots import codebook_usage_png, png_markdown, token_length_histogram_png
+from lumo_pipeline.plots import (
+    codebook_usage_png,
+    png_markdown,
+    token_length_histogram_png,
+)
 from lumo_pipeline.resources import LumoSettings
 
 

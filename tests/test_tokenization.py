@@ -134,11 +134,8 @@ def test_shards_read_back_with_plain_webdataset(tmp_path, sample_manifest, dummy
         input_ids, labels = sample["input_ids.npy"], sample["labels.npy"]
         assert input_ids.dtype == np.int32 and labels.dtype == np.int32 and input_ids.shape == labels.shape
         template = config.templates[info["task"]]
-        prompt_length = sum(
-            (span["end"] - span["start"]) if item in ("text", "image", "audio") else 1
-            for item in template.prompt
-            for span in ([s for s in info["spans"] if s["modality"] == item][:1] if item in ("text", "image", "audio") else [None])
-        )
+        span_length = {s["modality"]: s["end"] - s["start"] for s in info["spans"]}
+        prompt_length = sum(span_length.get(item, 1) for item in template.prompt)
         assert np.all(labels[:prompt_length] == IGNORE_INDEX)
         assert np.array_equal(labels[prompt_length:], input_ids[prompt_length:])
         if "audio.npy" in sample:

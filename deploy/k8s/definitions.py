@@ -8,19 +8,16 @@ configured by executor.yaml beside this file (per-step resources, GPU steps on G
 from pathlib import Path
 
 import yaml
-from dagster import Definitions
 from dagster_k8s import k8s_job_executor
 
-from lumo_pipeline.definitions import defs as lumo_defs
+from lumo_pipeline.definitions import build_definitions
+from lumo_pipeline.resources import LumoSettings
+from lumo_pipeline.runner import LumoRunner
 
 EXECUTOR_CONFIG = yaml.safe_load(Path(__file__).with_name("executor.yaml").read_text())["execution"]["config"]
 
-defs = Definitions(
-    assets=lumo_defs.assets,
-    asset_checks=lumo_defs.asset_checks,
-    jobs=lumo_defs.jobs,
-    schedules=lumo_defs.schedules,
-    sensors=lumo_defs.sensors,
-    resources=lumo_defs.resources,
+defs = build_definitions(
+    LumoSettings.from_environment(),
+    LumoRunner(),
     executor=k8s_job_executor.configured(EXECUTOR_CONFIG, name="lumo_k8s_job_executor"),
 )
