@@ -63,9 +63,9 @@ def _pipeline(output_dir: Path, manifest: Path, config_path: Path, tokenizer: An
 
 def _decoded_rows(manifest: Path, config: Any, tokenizer: Any) -> list[Any]:
     from lumo_core.manifest import Reject, iter_manifest
-    from lumo_core.tokenization import _init_worker, prepare_row
+    from lumo_core.tokenization import init_media_decoding, prepare_row
 
-    _init_worker(tokenizer.image.preprocessor(), tokenizer.audio.preprocessor(), config.limits.max_image_pixels, config.limits.max_audio_seconds)
+    init_media_decoding(tokenizer, config)
     prepared = [prepare_row(row) for row in iter_manifest(manifest, config, map_path=tokenizer.map_path) if not isinstance(row, Reject)]
     return [p for p in prepared if not isinstance(p, Reject)]
 
@@ -88,7 +88,7 @@ def _one_at_a_time(manifest: Path, config: Any) -> float:
     from lumo_core.tokenization import (
         PipelineTimings,
         SampleEncoder,
-        _init_worker,
+        init_media_decoding,
         prepare_row,
     )
     from lumo_core.unified import UnifiedTokenizer
@@ -96,7 +96,7 @@ def _one_at_a_time(manifest: Path, config: Any) -> float:
     single = config.pipeline.model_copy(update={"image_batch_size": 1, "audio_batch_size": 1})
     config = config.model_copy(update={"pipeline": single})
     tokenizer = UnifiedTokenizer(config)
-    _init_worker(tokenizer.image.preprocessor(), tokenizer.audio.preprocessor(), config.limits.max_image_pixels, config.limits.max_audio_seconds)
+    init_media_decoding(tokenizer, config)
     encoder = SampleEncoder(tokenizer, config, PipelineTimings())
     started = time.perf_counter()
     for row in iter_manifest(manifest, config, map_path=tokenizer.map_path):

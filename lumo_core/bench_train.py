@@ -67,7 +67,9 @@ def _rate(tokens: list[float], ends: list[float], skip: int) -> float:
 
 
 def _our_loop(config: TrainConfig, settings: Settings, reporter: Reporter, work: Path, skip: int) -> dict[str, Any]:
-    from lumo_core.training import TRAIN_LOG, Distributed, TrainingRun, train_inputs
+    from lumo_core.checkpoints import TRAIN_LOG
+    from lumo_core.distributed import Distributed
+    from lumo_core.training import TrainingRun, train_inputs
 
     token_space, shards_dir = train_inputs(settings)
     summary = TrainingRun(config, token_space, shards_dir, work, reporter, Distributed()).run()
@@ -90,9 +92,10 @@ def _hf_trainer(config: TrainConfig, settings: Settings, work: Path, skip: int) 
         default_data_collator,
     )
 
+    from lumo_core.distributed import resolve_device
     from lumo_core.lm_data import BatchPlan, iter_micro_batches, open_split
     from lumo_core.lm_model import build_model
-    from lumo_core.training import resolve_device, train_inputs
+    from lumo_core.training import train_inputs
 
     token_space, shards_dir = train_inputs(settings)
     split = open_split(shards_dir, "train", token_space.sha256)

@@ -42,18 +42,20 @@ def cmd_token_space(settings: Settings, reporter: Reporter, args: argparse.Names
 def cmd_audit_manifest(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
     from lumo_core.config import load_uti_config
     from lumo_core.manifest import audit_manifest
+    from lumo_core.sample_data import manifest_for
 
     config = load_uti_config(settings.uti_config)
-    if not Path(settings.manifest).is_file():
-        raise LumoError(f"{settings.manifest}: manifest file not found")
-    report = audit_manifest(Path(settings.manifest), config, settings.step_dir("manifest_audit"), map_path=config.map_path)
+    manifest = manifest_for(settings)
+    if not manifest.is_file():
+        raise LumoError(f"{manifest}: manifest file not found")
+    report = audit_manifest(manifest, config, settings.step_dir("manifest_audit"), map_path=config.map_path)
     report_sha = sha256_hex((settings.step_dir("manifest_audit") / "report.json").read_bytes())
     reporter.report_materialization({**report, "report_sha256": report_sha}, data_version=report_sha)
     return report
 
 
 def cmd_check(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
-    from lumo_core.audits import run_check
+    from lumo_core.check_registry import run_check
 
     return run_check(args.check_name, settings, reporter)
 
@@ -136,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help_text)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training config field")
         p.set_defaults(handler=handler)
-    from lumo_core.audits import CHECKS
+    from lumo_core.check_registry import CHECKS
 
     check = sub.add_parser("check", parents=[common], help="run one asset check of CONTRACT section 7 and print its outcome")
     check.add_argument("check_name", choices=sorted(CHECKS))

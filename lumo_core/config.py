@@ -1,5 +1,6 @@
 """Configuration: the UTI config (tokenizers, token space, templates, dataset pipeline) as
-pydantic models read from YAML, and the environment settings of CONTRACT section 2.
+pydantic models read from YAML, and the environment settings of CONTRACT section 2
+(pydantic-settings).
 
 Errors name the file and the field (`tokenizers.audio.bandwidth: ...`).
 """
@@ -20,6 +21,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lumo_core.errors import ConfigError
 
@@ -238,29 +240,33 @@ def _load_model(model: type[BaseModel], source: Path) -> BaseModel:
         raise ConfigError(_format_validation_error(str(source), exc)) from exc
 
 
-class Settings(StrictModel):
-    """The environment settings of CONTRACT section 2, resolved once."""
+class Settings(BaseSettings):
+    """The environment settings of CONTRACT section 2: `LUMO_<FIELD>` variables, read by
+    pydantic-settings (an empty variable counts as unset). Reading them has no side effects:
+    `manifest` stays None for the embedded sample, which the commands that read the manifest
+    write when they need it (lumo_core.sample_data.manifest_for)."""
 
-    output_dir: Path
-    manifest: Path
-    uti_config: Path | None
-    train_config: Path | None
+    model_config = SettingsConfigDict(env_prefix="LUMO_", env_ignore_empty=True, frozen=True, extra="forbid")
+
+    output_dir: Path = Path("outputs")
+    manifest: Path | None = None
+    uti_config: Path | None = None
+    train_config: Path | None = None
+    # Built stand-in models and the sample data set (lumo_core.embedded, lumo_core.sample_data).
+    cache_dir: Path = Path.home() / ".cache" / "lumo"
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
-        env = os.environ
-        values: dict[str, object] = {
-            "output_dir": Path(env.get("LUMO_OUTPUT_DIR", "outputs")),
-            "manifest": Path(env["LUMO_MANIFEST"]) if env.get("LUMO_MANIFEST") else None,
-            "uti_config": Path(env["LUMO_UTI_CONFIG"]) if env.get("LUMO_UTI_CONFIG") else None,
-            "train_config": Path(env["LUMO_TRAIN_CONFIG"]) if env.get("LUMO_TRAIN_CONFIG") else None,
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if values["manifest"] is None:
-            from lumo_core.sample_data import ensure_sample_manifest
-
-            values["manifest"] = ensure_sample_manifest()
-        return cls.model_validate(values)
+        """The environment, with the overrides that were given (flags; None means not given)."""
+        try:
+            return cls(**{name: value for name, value in overrides.items() if value is not None})
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error("settings (LUMO_* variables and flags)", exc)) from exc
 
     def step_dir(self, step: str) -> Path:
         return self.output_dir / step
+
+
+def cache_root() -> Path:
+    """Where built stand-in models and the sample data live (LUMO_CACHE_DIR)."""
+    return Settings.from_env().cache_dir

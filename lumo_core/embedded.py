@@ -4,8 +4,8 @@ A config path `builtin:<name>` resolves to a local folder that is built once, fr
 under `$LUMO_CACHE_DIR/builtin/<name>-v<revision>` (default `~/.cache/lumo/...`). Each builder
 writes with the library's own `save_pretrained`, and the adapters load the folder back through the
 same `from_pretrained` call a real checkpoint goes through, so the loading code is exercised for
-real. Builds happen under a temporary name, then an atomic rename, under an exclusive file lock:
-any number of processes (pytest-xdist workers, media workers) may ask for the same model at once.
+real. Builds happen under a temporary name, then an atomic rename, under an exclusive file lock
+(lumo_core.fileio.build_folder_once): any number of processes may ask for the same model at once.
 
 Random weights would leave the codebooks useless (EnCodec initialises them to zeros, diffusers to
 a tiny uniform range, so every input maps to one or two codes), so the builders calibrate each
@@ -15,18 +15,17 @@ rounded to two significant digits so that float noise between machines cannot ch
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from lumo_core.config import embedded_path
+from lumo_core.config import cache_root, embedded_path
 from lumo_core.errors import ConfigError
+from lumo_core.fileio import build_folder_once
 
 BUILTIN_PREFIX = "builtin:"
 SEED = 1234
@@ -44,8 +43,7 @@ class Builtin:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("LUMO_CACHE_DIR") or Path.home() / ".cache" / "lumo"
-    return Path(root) / "builtin"
+    return cache_root() / "builtin"
 
 
 def is_builtin(path: str) -> bool:
@@ -87,25 +85,7 @@ def build_builtin(name: str, target: str | os.PathLike) -> None:
 
 
 def _ensure_built(name: str, spec: Builtin) -> Path:
-    root = cache_dir()
-    final = root / f"{name}-v{spec.revision}"
-    if final.is_dir():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if final.is_dir():
-            return final
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=root))
-        try:
-            spec.build(spec.model_config(), staging)
-            # mkdtemp makes the folder private; the cache may be shared (a container image).
-            os.chmod(staging, 0o755)
-            os.rename(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return final
+    return build_folder_once(cache_dir() / f"{name}-v{spec.revision}", lambda staging: spec.build(spec.model_config(), staging))
 
 
 def _round_2sig(values: Any) -> Any:

@@ -205,9 +205,11 @@ def run_eval(settings: Settings, reporter: Reporter, overrides: dict[str, Any] |
     """Evaluate lm_checkpoint/final on the eval split; writes lm_eval/ (see module doc)."""
     from transformers.utils import logging as hf_logging
 
+    from lumo_core.checkpoints import FINAL, TRAIN_LOG
+    from lumo_core.distributed import resolve_device
     from lumo_core.lm_data import open_split
     from lumo_core.lm_model import TOKEN_SPACE_ATTR, load_lm
-    from lumo_core.training import FINAL, TRAIN_LOG, resolve_device, train_inputs
+    from lumo_core.training import train_inputs
 
     hf_logging.disable_progress_bar()
     config = load_train_config(settings.train_config, overrides)

@@ -15,9 +15,10 @@ import json
 import os
 from array import array
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -248,6 +249,16 @@ def check_media(row: ManifestRow, config: UTIConfig) -> dict[str, Any]:
 
 def manifest_sha256(path: str | os.PathLike) -> str:
     return file_sha256(path)
+
+
+def count_lines(path: Path) -> int:
+    """Lines as the manifest reader numbers them (a last line without a newline counts)."""
+    count, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (0 if last == b"\n" else 1)
 
 
 # --------------------------------------------------------------------------------- audit

@@ -39,7 +39,7 @@ class Reporter(AbstractContextManager):
             self._pipes = self._pipes_cm.__enter__()
         return self
 
-    def __exit__(self, *exc_info: Any) -> bool | None:
+    def __exit__(self, *exc_info: object) -> bool | None:
         if self._pipes_cm is not None:
             return self._pipes_cm.__exit__(*exc_info)
         return None
@@ -67,7 +67,7 @@ class Reporter(AbstractContextManager):
 
     def report_materialization(self, metadata: dict[str, Any], data_version: str | None = None, asset_key: str | None = None) -> None:
         if self._pipes is not None:
-            self._pipes.report_asset_materialization(metadata=_pipes_metadata(metadata), data_version=data_version, asset_key=asset_key)
+            self._pipes.report_asset_materialization(metadata=typed_metadata(metadata), data_version=data_version, asset_key=asset_key)
 
     def report_check(self, check_name: str, passed: bool, metadata: dict[str, Any] | None = None, severity: str = "ERROR", asset_key: str | None = None) -> None:
         self.log(f"check {check_name}: {'passed' if passed else 'FAILED'}")
@@ -76,7 +76,7 @@ class Reporter(AbstractContextManager):
                 check_name=check_name,
                 passed=passed,
                 severity=severity,
-                metadata=_pipes_metadata(metadata or {}),
+                metadata=typed_metadata(metadata or {}),
                 asset_key=asset_key,
             )
 
@@ -86,14 +86,33 @@ def markdown(text: str) -> dict[str, Any]:
     return {"raw_value": text, "type": "md"}
 
 
-def _pipes_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Plain values pass as they are (Pipes infers the type); dicts and lists become JSON."""
-    out: dict[str, Any] = {}
+def typed_metadata(metadata: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Plain values -> Dagster Pipes' typed form `{"raw_value": v, "type": t}`: dicts and lists
+    become JSON, values already typed (see `markdown`) pass as they are. The Dagster layer turns
+    the same form into MetadataValues (lumo_pipeline.metadata.as_dagster_metadata)."""
+    typed = {}
     for key, value in metadata.items():
-        if isinstance(value, dict) and set(value) == {"raw_value", "type"}:
-            out[key] = value
-        elif isinstance(value, (dict, list)):
-            out[key] = {"raw_value": value, "type": "json"}
+        if _is_typed(value):
+            typed[key] = value
         else:
-            out[key] = value
-    return out
+            kind = _metadata_type(value)
+            typed[key] = {"raw_value": str(value) if kind == "text" else value, "type": kind}
+    return typed
+
+
+def _is_typed(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"raw_value", "type"}
+
+
+def _metadata_type(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return "json"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if value is None:
+        return "null"
+    return "text"

@@ -11,19 +11,17 @@ The set is generated once per cache folder; generation is byte-identical across 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lumo_core.config import TASKS
+from lumo_core.config import TASKS, Settings, cache_root
+from lumo_core.fileio import build_folder_once
 
 SAMPLE_VERSION = "v1"
 SOURCE = f"lumo-sample-{SAMPLE_VERSION}"
@@ -78,44 +76,26 @@ FADE_SECONDS = 0.01
 
 
 def default_sample_dir() -> Path:
-    cache = os.environ.get("LUMO_CACHE_DIR") or str(Path.home() / ".cache" / "lumo")
-    return Path(cache) / "sample_data" / SAMPLE_VERSION
+    return cache_root() / "sample_data" / SAMPLE_VERSION
 
 
 def ensure_sample_manifest(directory: Path | None = None) -> Path:
     """Path of the sample manifest in `directory` (default: the cache), generating it if absent.
 
-    Safe when several processes call it at once: one builds under a file lock, the others wait
-    and reuse its result. The manifest is renamed into place last, so its presence means the
-    whole set is there.
+    Safe when several processes call it at once (lumo_core.fileio.build_folder_once): one builds,
+    the others wait and reuse its result, and the folder appears under its name only when whole.
+    A folder without the manifest is the leftover of a killed build: it is replaced.
     """
     directory = Path(directory) if directory is not None else default_sample_dir()
-    manifest = directory / MANIFEST_NAME
-    if manifest.is_file():
-        return manifest
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "ab") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not manifest.is_file():
-            _build_into(directory)
-    return manifest
+    return build_folder_once(directory, write_sample_data, marker=MANIFEST_NAME) / MANIFEST_NAME
 
 
-def _build_into(directory: Path) -> None:
-    # Staging folders left by a killed build are safe to drop: we hold the lock.
-    for stale in directory.glob(".staging-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
-    try:
-        write_sample_data(staging)
-        for folder in ("images", "audio"):
-            target = directory / folder
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(staging / folder, target)
-        os.replace(staging / MANIFEST_NAME, directory / MANIFEST_NAME)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def manifest_for(settings: Settings) -> Path:
+    """The manifest a run reads: LUMO_MANIFEST, or the embedded sample (written here if absent).
+
+    Reading the settings never writes anything; the commands that read the manifest call this.
+    """
+    return settings.manifest if settings.manifest is not None else ensure_sample_manifest()
 
 
 def write_sample_data(directory: Path) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lumo_core.errors import TokenSpaceError
+from lumo_core.errors import MissingUpstreamError, TokenSpaceError
 from lumo_core.fileio import atomic_write_bytes
 
 FORMAT_VERSION = 1
@@ -217,6 +217,14 @@ class TokenSpace:
         if space.to_json_bytes() != payload:
             raise TokenSpaceError(f"{path}: not in canonical form (rewrite it with `lumo token-space`)")
         return space
+
+    @classmethod
+    def read_output(cls, token_space_dir: str | os.PathLike) -> TokenSpace:
+        """The `token_space` step's output, or a MissingUpstreamError that says how to build it."""
+        path = Path(token_space_dir) / "token_space.json"
+        if not path.is_file():
+            raise MissingUpstreamError(f"{path} not found: build the token space first (`lumo token-space`, or the `token_space` asset)")
+        return cls.read(path)
 
     # ------------------------------------------------------------------ queries
     def range(self, name: str) -> Range:

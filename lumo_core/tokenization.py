@@ -25,7 +25,6 @@ from lumo_core.config import Settings, UTIConfig, load_uti_config
 from lumo_core.errors import (
     LumoError,
     MediaError,
-    MissingUpstreamError,
     TextTooLongError,
     UnreadableMediaError,
 )
@@ -217,16 +216,6 @@ class SampleEncoder:
 
 
 # ------------------------------------------------------------------------ driver
-def count_lines(path: Path) -> int:
-    """Lines as the manifest reader numbers them (a last line without a newline counts)."""
-    count, last = 0, b"\n"
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            count += block.count(b"\n")
-            last = block[-1:]
-    return count + (0 if last == b"\n" else 1)
-
-
 def run_key_for(manifest_sha: str, config: UTIConfig, token_space_sha: str) -> str:
     # Device and batch sizes shape the model calls, and so the last bits of the codes: they are
     # part of the recipe. Worker counts and commit cadence are not.
@@ -236,34 +225,51 @@ def run_key_for(manifest_sha: str, config: UTIConfig, token_space_sha: str) -> s
     return sha256_hex(canonical_json_bytes(recipe))
 
 
-def load_token_space_output(settings: Settings) -> TokenSpace:
-    path = settings.step_dir("token_space") / "token_space.json"
-    if not path.is_file():
-        raise MissingUpstreamError(f"{path} not found: build the token space first (`lumo token-space`, or the `token_space` asset)")
-    return TokenSpace.read(path)
+def _worker_state(tokenizer: Any, config: UTIConfig) -> tuple[Callable, Callable, int, float]:
+    return tokenizer.image.preprocessor(), tokenizer.audio.preprocessor(), config.limits.max_image_pixels, config.limits.max_audio_seconds
+
+
+def init_media_decoding(tokenizer: Any, config: UTIConfig) -> None:
+    """Let this process decode media itself (prepare_row), as the workers do."""
+    _init_worker(*_worker_state(tokenizer, config))
 
 
 def make_executor(tokenizer: Any, config: UTIConfig) -> ProcessPoolExecutor | None:
     if config.pipeline.num_workers == 0:
-        _init_worker(tokenizer.image.preprocessor(), tokenizer.audio.preprocessor(), config.limits.max_image_pixels, config.limits.max_audio_seconds)
+        init_media_decoding(tokenizer, config)
         return None
     # spawn, not fork: the parent holds torch thread pools that a forked child would inherit.
     return ProcessPoolExecutor(
         max_workers=config.pipeline.num_workers,
         mp_context=get_context("spawn"),
         initializer=_init_worker,
-        initargs=(tokenizer.image.preprocessor(), tokenizer.audio.preprocessor(), config.limits.max_image_pixels, config.limits.max_audio_seconds),
+        initargs=_worker_state(tokenizer, config),
     )
+
+
+def encode_rows(rows: Iterable[Any], tokenizer: Any, config: UTIConfig) -> list[SpooledSample | Any]:
+    """Tokenize manifest rows in this process, exactly as a run does (same batch shapes): one
+    SpooledSample or Reject per row. For audits that tokenize a few rows again."""
+    from lumo_core.manifest import Reject
+
+    init_media_decoding(tokenizer, config)
+    encoder = SampleEncoder(tokenizer, config, PipelineTimings())
+    results: list[SpooledSample | Any] = []
+    for row in rows:
+        prepared = prepare_row(row)
+        results += [prepared] if isinstance(prepared, Reject) else encoder.add(prepared)
+    return results + encoder.flush_all()
 
 
 def tokenize(settings: Settings, reporter: Any, tokenizer: Any = None) -> dict[str, Any]:
     """Tokenize settings.manifest into settings.output_dir/tokenized_shards. Resumable."""
-    from lumo_core.manifest import Reject, iter_manifest, manifest_sha256
+    from lumo_core.manifest import Reject, count_lines, iter_manifest, manifest_sha256
+    from lumo_core.sample_data import manifest_for
     from lumo_core.unified import UnifiedTokenizer
 
     config = load_uti_config(settings.uti_config)
-    recorded_space = load_token_space_output(settings)
-    manifest = Path(settings.manifest)
+    recorded_space = TokenSpace.read_output(settings.step_dir("token_space"))
+    manifest = manifest_for(settings)
     if not manifest.is_file():
         raise LumoError(f"{manifest}: manifest file not found")
     tokenizer = tokenizer or UnifiedTokenizer(config)
@@ -407,7 +413,7 @@ def compute_stats(spool: Spool, space: TokenSpace) -> dict[str, Any]:
                 for k in range(codes.shape[0]):
                     audio_counts[k] += np.bincount(codes[k], minlength=audio_counts.shape[1])
     return {
-        "n_samples": int(len(lengths)),
+        "n_samples": len(lengths),
         "token_lengths": token_lengths,
         "length_histogram": histograms,
         "codebook_usage": {

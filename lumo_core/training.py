@@ -4,121 +4,33 @@ A step takes `grad_accum_steps` micro-batches; the loss is the mean over every s
 of the step on every rank (sums, then one division by the global count), so accumulation and
 DDP do not reweight tokens. Warm-up then cosine decay, gradient clipping, bf16 autocast on CUDA.
 
-Outputs under lm_checkpoint/:
-    checkpoint-<step>/   the model (save_pretrained, safetensors; LoRA: the adapter), optimizer.pt,
-                         scheduler.pt, trainer_state.json, token_space.json, and per rank
-                         rank-<r>.pt (data stream position, RNG states)
-    latest               name of the newest complete checkpoint (written after it is complete)
-    base/                LoRA only: the base model the adapters belong to
-    final/               the trained model as a plain transformers model (LoRA merged in)
-    train_log.jsonl      one line per logged step
+Outputs go under lm_checkpoint/ in the layout of lumo_core.checkpoints (checkpoint-<step>/,
+`latest`, base/, final/, train_log.jsonl), which also writes and reads them.
 A run resumes from `latest` when the trajectory settings, the token space and the shards are
 the ones it was started with; otherwise it starts over.
 
-Run several processes with `torchrun --nproc-per-node N -m lumo_core.training` (gloo on CPU,
-nccl on CUDA); every rank reads a disjoint part of the data (see lumo_core.lm_data).
+Run several processes with `torchrun --nproc-per-node N -m lumo_core.torchrun_train` (gloo on
+CPU, nccl on CUDA; see lumo_core.distributed); every rank reads a disjoint part of the data (see
+lumo_core.lm_data).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lumo_core import checkpoints
+from lumo_core.checkpoints import BASE, FINAL, TRAIN_LOG
 from lumo_core.config import Settings
+from lumo_core.distributed import Distributed, resolve_device
 from lumo_core.errors import LumoError, MissingUpstreamError
-from lumo_core.fileio import atomic_write_bytes
 from lumo_core.reporting import Reporter
 from lumo_core.token_space import TokenSpace, canonical_json_bytes, sha256_hex
 from lumo_core.train_config import TrainConfig, load_train_config
-
-CHECKPOINT_PREFIX = "checkpoint-"
-LATEST = "latest"
-FINAL = "final"
-BASE = "base"
-TRAIN_LOG = "train_log.jsonl"
-TRAINER_STATE = "trainer_state.json"
-SUMMARY = "training_summary.json"
-STATE_FORMAT_VERSION = 1
-
-
-@dataclass
-class Distributed:
-    """This process's place in a torchrun launch (a single process when WORLD_SIZE is unset)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def start(cls, device_setting: str) -> Distributed:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size <= 1:
-            return cls()
-        import torch
-        import torch.distributed as dist
-
-        owns = False
-        if not dist.is_initialized():
-            uses_cuda = device_setting != "cpu" and torch.cuda.is_available()
-            dist.init_process_group(backend="nccl" if uses_cuda else "gloo")
-            owns = True
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def sum(self, values: list[float], device: Any) -> list[float]:
-        if self.world_size == 1:
-            return [float(v) for v in values]
-        import torch
-        import torch.distributed as dist
-
-        tensor = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
-
-    def gather(self, value: Any) -> list[Any]:
-        if self.world_size == 1:
-            return [value]
-        import torch.distributed as dist
-
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, value)
-        return gathered
-
-    def stop(self) -> None:
-        if self.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def resolve_device(setting: str, local_rank: int) -> Any:
-    import torch
-
-    if setting == "auto":
-        setting = "cuda" if torch.cuda.is_available() else "cpu"
-    if setting.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LumoError(f"train.device is {setting!r} but CUDA is not available here")
-        return torch.device(setting if ":" in setting else f"cuda:{local_rank}")
-    return torch.device("cpu")
 
 
 def token_loss_sum(logits: Any, labels: Any) -> Any:
@@ -142,64 +54,6 @@ def run_identity(config: TrainConfig, token_space: TokenSpace, shards_dir: Path)
     return sha256_hex(canonical_json_bytes(recipe))
 
 
-def checkpoint_dirs(out_dir: Path) -> list[Path]:
-    found = [p for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    pointer = out_dir / LATEST
-    if not pointer.is_file():
-        return None
-    path = out_dir / pointer.read_text().strip()
-    return path if (path / TRAINER_STATE).is_file() else None
-
-
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop the lines a resumed run will write again."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
-
-
-def _clear_run(out_dir: Path) -> None:
-    for path in checkpoint_dirs(out_dir) + [out_dir / FINAL, out_dir / BASE, out_dir / "sample_ids"]:
-        shutil.rmtree(path, ignore_errors=True)
-    for name in (LATEST, TRAIN_LOG):
-        (out_dir / name).unlink(missing_ok=True)
-
-
-def _rng_state() -> dict[str, Any]:
-    import random
-
-    import numpy as np
-    import torch
-
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_pretrained(model: Any, directory: Path) -> None:
-    model.save_pretrained(directory, safe_serialization=True)
-
-
 class TrainingRun:
     """One training run of `config` on the shards, writing into `out_dir` (see module doc)."""
 
@@ -221,8 +75,7 @@ class TrainingRun:
     def _resume_point(self) -> tuple[Path | None, dict[str, Any] | None]:
         """The checkpoint to resume from, clearing a previous run's outputs when they belong to
         another configuration, token space or shard set."""
-        checkpoint = latest_checkpoint(self.out_dir)
-        state = json.loads((checkpoint / TRAINER_STATE).read_text()) if checkpoint else None
+        checkpoint, state = checkpoints.latest_state(self.out_dir)
         # Every rank has read the pointer before rank 0 may clear the folder.
         self.dist.barrier()
         if state is not None and state["run_identity"] == self.identity:
@@ -236,7 +89,7 @@ class TrainingRun:
         if self.dist.is_main and leftovers:
             reason = "its settings, token space or shards differ from this run's" if state else "it holds no complete checkpoint"
             self.reporter.log(f"starting over in {self.out_dir}: {reason}")
-            _clear_run(self.out_dir)
+            checkpoints.clear_run(self.out_dir)
         self.dist.barrier()
         return None, None
 
@@ -255,19 +108,12 @@ class TrainingRun:
         if checkpoint is None:
             base = build_model(self.config, self.token_space)
             if self.dist.is_main:
-                tmp = self.out_dir / f".{BASE}.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                _save_pretrained(base, tmp)
-                shutil.rmtree(base_dir, ignore_errors=True)
-                os.replace(tmp, base_dir)
+                checkpoints.save_base(self.out_dir, base)
             self.dist.barrier()
             model = apply_lora(base, self.config, self.token_space)
         else:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
             model = apply_lora(load_lm(base_dir), self.config, self.token_space)
-            set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+            checkpoints.load_adapters(model, checkpoint)
         model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
         return model
 
@@ -293,20 +139,20 @@ class TrainingRun:
         split = open_split(self.shards_dir, "train", self.token_space.sha256)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint, state = self._resume_point()
-        if state is not None and state["step"] >= config.train.max_steps and (self.out_dir / FINAL / SUMMARY).is_file():
-            summary = json.loads((self.out_dir / FINAL / SUMMARY).read_text())
-            if summary.get("run_identity") == self.identity:
-                self._log(f"{self.out_dir / FINAL} is already trained with these settings: nothing to do")
-                return {**summary, "reused": True}
+        finished = state is not None and state["step"] >= config.train.max_steps
+        summary = checkpoints.final_summary(self.out_dir) if finished else None
+        if summary is not None and summary.get("run_identity") == self.identity:
+            self._log(f"{self.out_dir / FINAL} is already trained with these settings: nothing to do")
+            return {**summary, "reused": True}
         start_step = state["step"] if state else 0
         if checkpoint is not None:
             self._log(f"resuming from {checkpoint} (step {start_step})")
         if dist.is_main:
-            _truncate_jsonl(self.out_dir / TRAIN_LOG, start_step)
-        ids_log = self.out_dir / "sample_ids" / f"rank-{dist.rank:05d}.jsonl"
+            checkpoints.truncate_jsonl(self.out_dir / TRAIN_LOG, start_step)
+        ids_log = checkpoints.sample_ids_log(self.out_dir, dist.rank)
         if config.train.record_sample_ids:
             ids_log.parent.mkdir(parents=True, exist_ok=True)
-            _truncate_jsonl(ids_log, start_step)
+            checkpoints.truncate_jsonl(ids_log, start_step)
 
         model = self._build(checkpoint).to(device)
         model.train()
@@ -321,11 +167,7 @@ class TrainingRun:
         )
         rank_state: dict[str, Any] = {"slot_states": {}, "tokens": 0, "pad_tokens": 0}
         if checkpoint is not None:
-            optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
-            scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-            # Our own file: stream states hold numpy arrays, so it is not weights-only.
-            rank_state = torch.load(checkpoint / f"rank-{dist.rank:05d}.pt", weights_only=False)
-            _set_rng_state(rank_state["rng"])
+            rank_state = checkpoints.load_training_state(checkpoint, dist.rank, optimizer, scheduler, device)
         else:
             torch.manual_seed(config.seed + dist.rank)
 
@@ -445,58 +287,24 @@ class TrainingRun:
             "reused": False,
         }
         if dist.is_main:
-            self._save_final(model, summary)
+            checkpoints.save_final(self.out_dir, model, self.token_space, summary)
         dist.barrier()
         return summary
 
     # ------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, step: int, model: Any, optimizer: Any, scheduler: Any, rank_state: dict[str, Any]) -> None:
-        import torch
-
-        name = f"{CHECKPOINT_PREFIX}{step}"
-        tmp = self.out_dir / f".{name}.tmp"
-        if self.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.dist.barrier()
-        if self.dist.is_main:
-            _save_pretrained(model, tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "token_space.json").write_bytes(self.token_space.to_json_bytes())
-            trainer_state = {
-                "format_version": STATE_FORMAT_VERSION,
-                "step": step,
-                "max_steps": self.config.train.max_steps,
-                "run_identity": self.identity,
-                "world_size": self.dist.world_size,
-                "num_workers": self.config.data.num_workers,
-                "method": self.config.finetune.method,
-                "token_space_sha256": self.token_space.sha256,
-            }
-            (tmp / TRAINER_STATE).write_bytes(canonical_json_bytes(trainer_state))
-        torch.save({**rank_state, "rng": _rng_state()}, tmp / f"rank-{self.dist.rank:05d}.pt")
-        self.dist.barrier()
-        if self.dist.is_main:
-            target = self.out_dir / name
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-            atomic_write_bytes(self.out_dir / LATEST, (name + "\n").encode())
-            for old in checkpoint_dirs(self.out_dir)[: -self.config.train.keep_checkpoints]:
-                shutil.rmtree(old)
-        self.dist.barrier()
-
-    def _save_final(self, model: Any, summary: dict[str, Any]) -> None:
-        from lumo_core.lm_model import full_model
-
-        tmp = self.out_dir / f".{FINAL}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        _save_pretrained(full_model(model), tmp)
-        (tmp / "token_space.json").write_bytes(self.token_space.to_json_bytes())
-        (tmp / SUMMARY).write_bytes(canonical_json_bytes(summary))
-        target = self.out_dir / FINAL
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        run_state = {
+            "max_steps": self.config.train.max_steps,
+            "run_identity": self.identity,
+            "world_size": self.dist.world_size,
+            "num_workers": self.config.data.num_workers,
+            "method": self.config.finetune.method,
+            "token_space_sha256": self.token_space.sha256,
+        }
+        checkpoints.save_checkpoint(
+            self.out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, rank_state=rank_state,
+            token_space=self.token_space, run_state=run_state, dist=self.dist, keep=self.config.train.keep_checkpoints,
+        )
 
 
 def train_inputs(settings: Settings) -> tuple[TokenSpace, Path]:
@@ -556,32 +364,3 @@ def run_train(settings: Settings, reporter: Reporter, overrides: dict[str, Any] 
     summary["vocab_matches_token_space"] = bool(vocab["passed"])
     return summary
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m lumo_core.training [--set key=value ...]`, also under torchrun."""
-    import argparse
-
-    from lumo_core.cli import _overrides
-
-    parser = argparse.ArgumentParser(prog="python -m lumo_core.training", description="Train the token LM (works under torchrun).")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training config field")
-    args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        settings = Settings.from_env()
-        if rank == 0:
-            with Reporter("train") as reporter:
-                summary = run_train(settings, reporter, _overrides(args))
-        else:
-            # Only rank 0 talks to Dagster Pipes: an un-entered Reporter logs to stderr alone.
-            summary = run_train(settings, Reporter(f"train rank {rank}"), _overrides(args))
-    except LumoError as exc:
-        print(f"lumo train: error: {exc}", file=sys.stderr)
-        return 2
-    if rank == 0:
-        print(json.dumps(summary, sort_keys=True, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

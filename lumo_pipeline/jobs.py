@@ -22,6 +22,7 @@ from dagster import (
 )
 
 from lumo_core.manifest import manifest_sha256
+from lumo_core.sample_data import manifest_for
 from lumo_pipeline.resources import LumoSettings
 
 REAUDIT_ASSETS = ("tokenized_audit", "uti_audit")
@@ -68,7 +69,7 @@ def last_tokenized_manifest_sha(context: SensorEvaluationContext) -> str | None:
     description="Requests the tokenization chain when the manifest's content (sha256) changes.",
 )
 def manifest_changed(context: SensorEvaluationContext, lumo: LumoSettings) -> SensorResult | SkipReason:
-    manifest = lumo.resolve().manifest
+    manifest = manifest_for(lumo.resolve())
     if not manifest.is_file():
         return SkipReason(f"manifest {manifest} does not exist")
     current = manifest_sha256(manifest)

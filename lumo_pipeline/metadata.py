@@ -14,6 +14,7 @@ from typing import Any
 
 from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
 
+from lumo_core.reporting import typed_metadata
 from lumo_pipeline.plots import (
     codebook_usage_png,
     image_file_markdown,
@@ -24,25 +25,23 @@ from lumo_pipeline.plots import (
 LENGTH_STAT_COLUMNS = ("count", "min", "mean", "p50", "p95", "max")
 
 
+# Dagster Pipes' metadata types (as lumo_core.reporting.typed_metadata writes them) -> values.
+_FROM_TYPED: dict[str, Callable[[Any], MetadataValue]] = {
+    "json": MetadataValue.json,
+    "bool": MetadataValue.bool,
+    "int": MetadataValue.int,
+    "float": MetadataValue.float,
+    "null": lambda _: MetadataValue.null(),
+    "md": MetadataValue.md,
+    "text": MetadataValue.text,
+}
+
+
 def as_dagster_metadata(values: Mapping[str, Any]) -> dict[str, MetadataValue]:
     """Plain JSON values (as lumo_core reports them) -> Dagster metadata values."""
-    converted: dict[str, MetadataValue] = {}
-    for key, value in values.items():
-        if isinstance(value, MetadataValue):
-            converted[key] = value
-        elif isinstance(value, (dict, list)):
-            converted[key] = MetadataValue.json(value)
-        elif isinstance(value, bool):
-            converted[key] = MetadataValue.bool(value)
-        elif isinstance(value, int):
-            converted[key] = MetadataValue.int(value)
-        elif isinstance(value, float):
-            converted[key] = MetadataValue.float(value)
-        elif value is None:
-            converted[key] = MetadataValue.null()
-        else:
-            converted[key] = MetadataValue.text(str(value))
-    return converted
+    plain = {key: value for key, value in values.items() if not isinstance(value, MetadataValue)}
+    typed = typed_metadata(plain)
+    return {key: value if isinstance(value, MetadataValue) else _FROM_TYPED[typed[key]["type"]](typed[key]["raw_value"]) for key, value in values.items()}
 
 
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> MetadataValue:

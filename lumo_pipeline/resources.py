@@ -2,27 +2,23 @@
 
 Every field is optional. A field bound to an environment variable uses `EnvVar`, so the UI shows
 where the value comes from; an unset variable is simply not bound (Dagster errors on an `EnvVar`
-whose variable is unset), and `lumo_core.config.Settings.from_env` then supplies the contract
-default. The defaults therefore live in one place, lumo_core, for the CLI and Dagster alike.
+whose variable is unset), and `lumo_core.config.Settings` (pydantic-settings) then supplies the
+contract default. The defaults and the variable names therefore live in one place, lumo_core, for
+the CLI and Dagster alike.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
 from lumo_core.config import Settings
 
-# Resource field -> environment variable (CONTRACT section 2).
-SETTINGS_ENV_VARS = {
-    "output_dir": "LUMO_OUTPUT_DIR",
-    "manifest": "LUMO_MANIFEST",
-    "uti_config": "LUMO_UTI_CONFIG",
-    "train_config": "LUMO_TRAIN_CONFIG",
-}
+SETTINGS_FIELDS = ("output_dir", "manifest", "uti_config", "train_config")
+# Resource field -> environment variable (CONTRACT section 2), as lumo_core's Settings names them.
+SETTINGS_ENV_VARS = {field: f"{Settings.model_config['env_prefix']}{field.upper()}" for field in SETTINGS_FIELDS}
 
 
 class LumoSettings(ConfigurableResource):
@@ -39,18 +35,7 @@ class LumoSettings(ConfigurableResource):
 
     def resolve(self) -> Settings:
         """The settings with every default filled in; paths made absolute, since the steps run
-        in other processes (and containers) whose working directory may differ."""
-        overrides = {name: Path(value) for name, value in self._explicit_values().items()}
-        settings = Settings.from_env(**overrides)
-        return settings.model_copy(
-            update={
-                "output_dir": settings.output_dir.absolute(),
-                "manifest": settings.manifest.absolute(),
-                "uti_config": settings.uti_config.absolute() if settings.uti_config else None,
-                "train_config": settings.train_config.absolute() if settings.train_config else None,
-            }
-        )
-
-    def _explicit_values(self) -> dict[str, str]:
-        values = {"output_dir": self.output_dir, "manifest": self.manifest, "uti_config": self.uti_config, "train_config": self.train_config}
-        return {name: value for name, value in values.items() if value}
+        in other processes (and containers) whose working directory may differ. A manifest left
+        unset stays None: the embedded sample, which the step that reads it writes."""
+        settings = Settings.from_env(**{name: getattr(self, name) or None for name in SETTINGS_FIELDS})
+        return settings.model_copy(update={name: getattr(settings, name).absolute() for name in SETTINGS_FIELDS if getattr(settings, name) is not None})

@@ -109,11 +109,10 @@ def build_launch(runner: LumoRunner, settings: Settings, subcommand: Sequence[st
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The LUMO_* variables that make a `lumo` process see exactly these settings."""
-    env = {"LUMO_OUTPUT_DIR": str(settings.output_dir), "LUMO_MANIFEST": str(settings.manifest)}
-    if settings.uti_config is not None:
-        env["LUMO_UTI_CONFIG"] = str(settings.uti_config)
-    if settings.train_config is not None:
-        env["LUMO_TRAIN_CONFIG"] = str(settings.train_config)
+    env = {"LUMO_OUTPUT_DIR": str(settings.output_dir)}
+    for variable, value in (("LUMO_MANIFEST", settings.manifest), ("LUMO_UTI_CONFIG", settings.uti_config), ("LUMO_TRAIN_CONFIG", settings.train_config)):
+        if value is not None:
+            env[variable] = str(value)
     return env
 
 

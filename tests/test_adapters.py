@@ -6,6 +6,8 @@ import hashlib
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -13,25 +15,27 @@ import numpy as np
 import pytest
 
 from lumo_core import embedded
-from lumo_core.adapters import (
-    CLIP_MEAN,
-    CLIP_STD,
-    DummyAudioAdapter,
-    DummyImageAdapter,
-    DummyTextAdapter,
+from lumo_core.adapters.base import CLIP_MEAN, CLIP_STD, squash_clip_normalise
+from lumo_core.adapters.encodec import (
     EncodecAdapter,
-    HFTextAdapter,
-    SeedImageAdapter,
-    VQImageAdapter,
+    choose_encodec_bandwidth,
+    encodec_bandwidth_table,
+)
+from lumo_core.adapters.factory import (
     build_adapters,
     build_audio_adapter,
     build_image_adapter,
     build_text_adapter,
     check_device,
-    choose_encodec_bandwidth,
-    encodec_bandwidth_table,
-    squash_clip_normalise,
 )
+from lumo_core.adapters.seed import SeedImageAdapter
+from lumo_core.adapters.testing import (
+    DummyAudioAdapter,
+    DummyImageAdapter,
+    DummyTextAdapter,
+)
+from lumo_core.adapters.text import HFTextAdapter
+from lumo_core.adapters.vq import VQImageAdapter
 from lumo_core.config import (
     AudioTokenizerConfig,
     ImageTokenizerConfig,
@@ -387,3 +391,25 @@ def test_example_configs_validate(name: str) -> None:
     for section in (config.tokenizers.text, config.tokenizers.image, config.tokenizers.audio):
         if embedded.is_builtin(section.path):
             embedded.builtin_spec(section.path)
+
+
+# ---------------------------------------------------------------------- package layout
+@pytest.mark.parametrize("module", ["base", "text", "encodec", "vq", "seed", "testing", "factory"])
+def test_each_adapter_module_imports_alone_without_heavy_libraries(module: str) -> None:
+    code = (
+        "import importlib, sys\n"
+        f"importlib.import_module('lumo_core.adapters.{module}')\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_package_re_exports_its_public_names() -> None:
+    import lumo_core.adapters as package
+    from lumo_core.adapters import base, factory, testing
+
+    assert package.build_adapters is factory.build_adapters and package.pad_rows is base.pad_rows
+    assert (package.TextAdapter, package.ImageAdapter, package.AudioAdapter) == (base.TextAdapter, base.ImageAdapter, base.AudioAdapter)
+    assert package.DummyTextAdapter is testing.DummyTextAdapter is DummyTextAdapter
+    assert all(hasattr(package, name) for name in package.__all__)

@@ -158,10 +158,10 @@ def test_training_job_is_valid_and_torchrun_spans_all_its_nodes() -> None:
     assert args.master_addr == f"{job.metadata.name}-0.{service.metadata.name}"
     assert int(args.master_port) == service.spec.ports[0].port
     assert [env.name for env in container.env if env.value_from is not None] == ["NODE_RANK"]
-    assert args.module and args.training_script == "lumo_core.training"
-    import lumo_core.training
+    assert args.module and args.training_script == "lumo_core.torchrun_train"
+    import lumo_core.torchrun_train
 
-    assert callable(lumo_core.training.main)
+    assert callable(lumo_core.torchrun_train.main)
 
 
 def test_gpu_steps_hold_a_slot_of_the_gpu_pool() -> None:

@@ -10,7 +10,11 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from lumo_core.adapters import DummyAudioAdapter, DummyImageAdapter, DummyTextAdapter
+from lumo_core.adapters.testing import (
+    DummyAudioAdapter,
+    DummyImageAdapter,
+    DummyTextAdapter,
+)
 from lumo_core.config import DEFAULT_SPECIAL_TOKENS
 from lumo_core.errors import LumoError, TokenSpaceError
 from lumo_core.generation import (

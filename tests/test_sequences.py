@@ -4,7 +4,11 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lumo_core.adapters import DummyAudioAdapter, DummyImageAdapter, DummyTextAdapter
+from lumo_core.adapters.testing import (
+    DummyAudioAdapter,
+    DummyImageAdapter,
+    DummyTextAdapter,
+)
 from lumo_core.config import DEFAULT_SPECIAL_TOKENS, UTIConfig
 from lumo_core.sequences import (
     IGNORE_INDEX,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lumo_core.audits import (
+from lumo_core.shard_checks import (
     check_ids_in_range,
     check_rows_accounted,
     check_shards_match_index,
@@ -98,7 +98,7 @@ def test_two_runs_and_a_shuffled_manifest_give_identical_shards(tmp_path, sample
 @pytest.mark.slow
 def test_real_models_give_identical_shards_for_a_shuffled_manifest(tmp_path, sample_manifest):
     """With the embedded EnCodec and VQ models, batch partners change with the order: the
-    codes must not (see adapters.pad_rows)."""
+    codes must not (see adapters.base.pad_rows)."""
     lines = sample_manifest.read_text().splitlines()
     random.Random(3).shuffle(lines)
     shuffled = sample_manifest.parent / "shuffled-real.jsonl"

@@ -193,8 +193,8 @@ def test_two_processes_under_torchrun_train_on_disjoint_data_and_end_in_sync(tmp
         "LUMO_MANIFEST": str(settings.manifest),
         "OMP_NUM_THREADS": "1",
     }
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lumo_core.training"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lumo_core.torchrun_train"]
+    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["world_size"] == 2 and summary["weights_in_sync"] is True

@@ -1,0 +1,129 @@
+"""The checkpoint layout (lumo_core.checkpoints) without a training run, and the torchrun entry
+point: only rank 0 opens Pipes and prints the summary."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from lumo_core import checkpoints
+from lumo_core.checkpoints import (
+    FINAL,
+    LATEST,
+    STATE_FORMAT_VERSION,
+    TRAIN_LOG,
+    TRAINER_STATE,
+)
+from lumo_core.distributed import Distributed
+
+
+class FakeModel:
+    """Writes what save_pretrained would, so a checkpoint can be saved without transformers."""
+
+    def __init__(self) -> None:
+        self.layer = torch.nn.Linear(2, 2)
+
+    def save_pretrained(self, directory, safe_serialization: bool) -> None:
+        assert safe_serialization
+        (directory / "model.safetensors").write_bytes(b"weights")
+
+
+class FakeTokenSpace:
+    sha256 = "ab" * 32
+
+    def to_json_bytes(self) -> bytes:
+        return b'{"token": "space"}\n'
+
+
+def save(out_dir, step, keep=2, rank_state=None):
+    model = FakeModel()
+    optimizer = torch.optim.SGD(model.layer.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    checkpoints.save_checkpoint(
+        out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, rank_state=rank_state or {"tokens": step},
+        token_space=FakeTokenSpace(), run_state={"run_identity": "run-1", "world_size": 1}, dist=Distributed(), keep=keep,
+    )
+    return optimizer, scheduler
+
+
+def test_checkpoints_are_written_whole_pointed_at_by_latest_and_pruned(tmp_path):
+    for step in (2, 4, 6):
+        save(tmp_path, step)
+    assert (tmp_path / LATEST).read_text() == "checkpoint-6\n"
+    assert [p.name for p in checkpoints.checkpoint_dirs(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
+    assert not list(tmp_path.glob(".*"))
+    latest = checkpoints.latest_checkpoint(tmp_path)
+    assert latest == tmp_path / "checkpoint-6"
+    assert {p.name for p in latest.iterdir()} == {"model.safetensors", "optimizer.pt", "scheduler.pt", "token_space.json", TRAINER_STATE, "rank-00000.pt"}
+    checkpoint, state = checkpoints.latest_state(tmp_path)
+    assert checkpoint == latest
+    assert state == {"format_version": STATE_FORMAT_VERSION, "step": 6, "run_identity": "run-1", "world_size": 1}
+    assert (latest / TRAINER_STATE).read_text() == json.dumps(state, sort_keys=True, indent=2) + "\n"
+
+    # A pointer to a folder without trainer_state.json is no resume point.
+    (latest / TRAINER_STATE).unlink()
+    assert checkpoints.latest_state(tmp_path) == (None, None)
+    assert checkpoints.latest_state(tmp_path / "nothing-here") == (None, None)
+
+
+def test_resume_state_restores_optimizer_scheduler_and_rng(tmp_path):
+    random.seed(3)
+    torch.manual_seed(3)
+    save(tmp_path, 1, rank_state={"tokens": 11, "slot_states": {}})
+    expected = (random.random(), torch.rand(3))
+
+    model = FakeModel()
+    optimizer = torch.optim.SGD(model.layer.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    rank_state = checkpoints.load_training_state(tmp_path / "checkpoint-1", 0, optimizer, scheduler, torch.device("cpu"))
+    assert rank_state["tokens"] == 11 and rank_state["slot_states"] == {} and "rng" in rank_state
+    assert optimizer.param_groups[0]["lr"] == 0.1
+    again = (random.random(), torch.rand(3))
+    assert again[0] == expected[0] and torch.equal(again[1], expected[1])
+
+
+def test_truncate_clear_and_final_summary(tmp_path):
+    log = tmp_path / TRAIN_LOG
+    log.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4)))
+    checkpoints.truncate_jsonl(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+    checkpoints.truncate_jsonl(tmp_path / "absent.jsonl", 2)
+    assert not (tmp_path / "absent.jsonl").exists()
+
+    assert checkpoints.final_summary(tmp_path) is None
+    save(tmp_path, 2)
+    checkpoints.sample_ids_log(tmp_path, 1).parent.mkdir()
+    checkpoints.sample_ids_log(tmp_path, 1).write_text("")
+    (tmp_path / FINAL).mkdir()
+    (tmp_path / FINAL / checkpoints.SUMMARY).write_text('{"run_identity": "run-1"}')
+    assert checkpoints.final_summary(tmp_path) == {"run_identity": "run-1"}
+    (tmp_path / "keep.txt").write_text("not ours")
+    checkpoints.clear_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_the_torchrun_entry_point_is_lumo_train_and_only_rank_0_opens_pipes_and_prints(tmp_path, monkeypatch, capsys, rank):
+    import lumo_core.training
+    from lumo_core.torchrun_train import main
+
+    seen = {}
+
+    def fake_run_train(settings, reporter, overrides=None):
+        seen.update(open_pipes=reporter.open_pipes, overrides=overrides, output_dir=settings.output_dir)
+        return {"steps": 3}
+
+    monkeypatch.setattr(lumo_core.training, "run_train", fake_run_train)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LUMO_OUTPUT_DIR", str(tmp_path))
+    monkeypatch.setenv("LUMO_MANIFEST", str(tmp_path / "manifest.jsonl"))
+    assert main(["--set", "train.max_steps=3", "--set", "optim.lr=0.5"]) == 0
+    assert seen == {"open_pipes": rank == "0", "overrides": {"train.max_steps": 3, "optim.lr": 0.5}, "output_dir": tmp_path}
+    out = capsys.readouterr().out
+    assert (json.loads(out) == {"steps": 3}) if rank == "0" else out == ""
+
+    assert main(["--set", "nokeyvalue"]) == 2
+    assert "lumo train: error: --set 'nokeyvalue': expected key=value" in capsys.readouterr().err
