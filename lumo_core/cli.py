@@ -61,9 +61,16 @@ def cmd_check(settings: Settings, reporter: Reporter, args: argparse.Namespace) 
 
 
 def cmd_tokenize(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
-    from lumo_core.tokenization import tokenize
+    from lumo_core.tokenization import merge_units, start_run, tokenize, tokenize_unit
 
-    summary = tokenize(settings, reporter)
+    if args.unit is not None:
+        # One unit reports no materialization: the merge commits the asset.
+        return tokenize_unit(settings, reporter, args.unit)
+    if args.merge:
+        run, _ = start_run(settings, load_models=False)
+        summary = merge_units(run, reporter)
+    else:
+        summary = tokenize(settings, reporter, workers=args.workers)
     reporter.report_materialization(summary, data_version=summary["index_sha256"])
     return summary
 
@@ -133,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         "audit-uti": (cmd_audit_uti, "audit the tokenizers: determinism, sizes, encode/decode smoke test"),
     }
     for name, (handler, help_text) in simple.items():
-        sub.add_parser(name, parents=[common], help=help_text).set_defaults(handler=handler)
+        command = sub.add_parser(name, parents=[common], help=help_text)
+        command.set_defaults(handler=handler)
+        if name == "tokenize":
+            which = command.add_mutually_exclusive_group()
+            which.add_argument("--unit", type=int, metavar="K", help="tokenize work unit K only (0 <= K < pipeline.work_units); the merge writes the shards")
+            which.add_argument("--merge", action="store_true", help="only merge the completed units into shards, rejects, stats and index.json")
+            which.add_argument("--workers", type=int, default=1, metavar="N", help="run the units in N processes at once (default 1: in this process)")
     for name, handler, help_text in (("train", cmd_train, "train the token LM on the shards"), ("eval", cmd_eval, "evaluate the token LM on the eval split")):
         p = sub.add_parser(name, parents=[common], help=help_text)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training config field")

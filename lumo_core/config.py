@@ -131,6 +131,13 @@ class PipelineConfig(StrictModel):
     torch_threads: int | None = Field(default=None, gt=0)
     # Tokenized rows are committed to the crash-safe spool in groups of this many.
     commit_every_rows: int = Field(default=256, gt=0)
+    # The manifest is split into this many work units by a hash of each row's id; each unit is
+    # a Dagster step of its own (lumo_core.work_units). Recorded in the run's recipe; the shards
+    # do not depend on it. Keep it in the hundreds at most: one step per unit.
+    work_units: int = Field(default=4, ge=1, le=4096)
+    # The per-row token cache (lumo_core.token_cache); default: <output dir>/token_cache. Point
+    # several runs or machines at one folder to share it.
+    token_cache_dir: str | None = None
 
 
 class ShardsConfig(StrictModel):

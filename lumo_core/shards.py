@@ -11,8 +11,8 @@ last and is the commit point.
 from __future__ import annotations
 
 import io
+import json
 import os
-import pickle
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -41,6 +41,10 @@ def npy_load(payload: bytes) -> np.ndarray:
     return np.lib.format.read_array(io.BytesIO(payload), allow_pickle=False)
 
 
+# Per unit counts a spool keeps beside its rows (see Spool.add).
+SOURCE_COUNTS = ("rows_encoded", "rows_from_cache", "cache_damaged")
+
+
 @dataclass(frozen=True)
 class SpooledSample:
     key: str
@@ -50,6 +54,27 @@ class SpooledSample:
     task: str
     n_tokens: int
     members: dict[str, bytes]  # tar member suffix ("input_ids.npy", "json", ...) -> bytes
+    # Where the media codes came from (reported, never written to a shard).
+    from_cache: bool = False
+    cache_damaged: bool = False
+
+
+def pack_members(members: dict[str, bytes]) -> bytes:
+    """Members as bytes that only ever read back as bytes (no pickle): a length-prefixed JSON
+    list of (name, size), then the payloads in that order."""
+    names = sorted(members)
+    header = json.dumps([[name, len(members[name])] for name in names]).encode()
+    return len(header).to_bytes(4, "little") + header + b"".join(members[name] for name in names)
+
+
+def unpack_members(blob: bytes) -> dict[str, bytes]:
+    size = int.from_bytes(blob[:4], "little")
+    offset = 4 + size
+    members = {}
+    for name, length in json.loads(blob[4:offset]):
+        members[name] = blob[offset : offset + length]
+        offset += length
+    return members
 
 
 class Spool:
@@ -89,17 +114,23 @@ class Spool:
         lines.update(r[0] for r in self._db.execute("SELECT line FROM rejects"))
         return lines
 
-    def add(self, samples: list[SpooledSample], rejects: list[tuple[int, str | None, str]]) -> None:
-        """Commit a batch of samples and rejects in one transaction."""
+    def add(self, samples: list[SpooledSample], rejects: list[tuple[int, str | None, str]], counts: dict[str, int] | None = None) -> None:
+        """Commit a batch of samples and rejects, and add `counts` to the spool's counts, in one
+        transaction: a crash never leaves rows without their counts or counts without rows."""
         with self._db:
             self._db.executemany(
                 "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (s.key, s.split, s.line, s.sample_id, s.task, s.n_tokens, sum(len(v) for v in s.members.values()), pickle.dumps(s.members, protocol=5))
+                    (s.key, s.split, s.line, s.sample_id, s.task, s.n_tokens, sum(len(v) for v in s.members.values()), pack_members(s.members))
                     for s in samples
                 ],
             )
             self._db.executemany("INSERT INTO rejects VALUES (?, ?, ?)", rejects)
+            for name, value in (counts or {}).items():
+                self._db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = CAST(v AS INTEGER) + ?", (name, str(value), value))
+
+    def get_count(self, name: str) -> int:
+        return int(self.get_meta(name) or 0)
 
     def iter_sizes(self, split: str) -> Iterator[tuple[str, int]]:
         """(key, payload bytes) in key order, without reading the payloads."""
@@ -109,7 +140,7 @@ class Spool:
         """(key, n_tokens, members) in key order."""
         cursor = self._db.execute("SELECT key, n_tokens, payload FROM samples WHERE split = ? ORDER BY key", (split,))
         for key, n_tokens, payload in cursor:
-            yield key, n_tokens, pickle.loads(payload)
+            yield key, n_tokens, unpack_members(payload)
 
     def iter_rejects(self) -> Iterator[tuple[int, str | None, str]]:
         yield from self._db.execute("SELECT line, id, reason FROM rejects ORDER BY line")
@@ -120,8 +151,13 @@ class Spool:
         return self._db.execute("SELECT COUNT(*) FROM samples WHERE split = ?", (split,)).fetchone()[0]
 
     def lengths(self) -> Iterator[tuple[str, str, int]]:
-        """(split, task, n_tokens) of every sample."""
-        yield from self._db.execute("SELECT split, task, n_tokens FROM samples ORDER BY key")
+        """(split, task, n_tokens) of every sample, in key order."""
+        for _, split, task, n_tokens in self.keyed_lengths():
+            yield split, task, n_tokens
+
+    def keyed_lengths(self) -> Iterator[tuple[str, str, str, int]]:
+        """(key, split, task, n_tokens) of every sample, in key order."""
+        yield from self._db.execute("SELECT key, split, task, n_tokens FROM samples ORDER BY key")
 
 
 def plan_shards(sizes: Iterator[tuple[str, int]], max_samples: int, max_bytes: int) -> list[list[str]]:
@@ -156,7 +192,7 @@ def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None
     os.replace(tmp, path)
 
 
-def write_split_shards(spool: Spool, out_dir: Path, split: str, max_samples: int, max_bytes: int, reporter: Any = None) -> dict[str, Any]:
+def write_split_shards(spool: Any, out_dir: Path, split: str, max_samples: int, max_bytes: int, reporter: Any = None) -> dict[str, Any]:
     """Write (or reuse, when already complete under its final name) every shard of a split."""
     split_dir = out_dir / split
     split_dir.mkdir(parents=True, exist_ok=True)
@@ -207,8 +243,6 @@ def clear_outputs(out_dir: Path) -> None:
 
 
 def read_index(out_dir: Path) -> dict[str, Any]:
-    import json
-
     from lumo_core.errors import MissingUpstreamError
 
     path = Path(out_dir) / "index.json"

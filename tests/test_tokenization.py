@@ -221,14 +221,15 @@ def test_missing_row_is_caught(tmp_path, sample_manifest, dummy_config):
 
 
 def _spooled_rows(work_dir: Path) -> int:
-    spool = work_dir / "spool.sqlite"
-    if not spool.is_file():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{spool}?mode=ro", uri=True, timeout=0.1) as db:
-            return db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
+    """Samples in every work unit's spool."""
+    total = 0
+    for spool in sorted(work_dir.glob("unit-*.sqlite")):
+        try:
+            with sqlite3.connect(f"file:{spool}?mode=ro", uri=True, timeout=0.1) as db:
+                total += db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+        except sqlite3.OperationalError:
+            pass
+    return total
 
 
 @pytest.mark.slow
