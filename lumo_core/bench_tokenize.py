@@ -1,7 +1,7 @@
 """`lumo bench tokenize`: throughput of the tokenizer pipeline on the full-size preset.
 
 Three timings over the same rows, in the same run:
-- the pipeline (`lumo_core.tokenization.tokenize`, workers + batches + spool + shards);
+- the pipeline (`lumo_core.tokenize_run.tokenize`, workers + batches + spool + shards);
 - the models alone on the same pre-decoded batches (efficiency = models / pipeline; what the
   pipeline adds on top of the models is overhead);
 - a plain loop: decode, preprocess and encode one sample at a time (speed-up = loop / pipeline).
@@ -51,7 +51,7 @@ def write_scaled_manifest(n_rows: int, directory: Path | None = None) -> Path:
 
 def _pipeline(output_dir: Path, manifest: Path, config_path: Path, tokenizer: Any) -> tuple[float, dict[str, Any]]:
     from lumo_core.reporting import Reporter
-    from lumo_core.tokenization import tokenize
+    from lumo_core.tokenize_run import tokenize
 
     settings = Settings(output_dir=output_dir, manifest=manifest, uti_config=config_path, train_config=None)
     tokenizer.token_space.write(settings.step_dir("token_space"))

@@ -61,7 +61,7 @@ def cmd_check(settings: Settings, reporter: Reporter, args: argparse.Namespace) 
 
 
 def cmd_tokenize(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
-    from lumo_core.tokenization import merge_units, start_run, tokenize, tokenize_unit
+    from lumo_core.tokenize_run import merge_units, start_run, tokenize, tokenize_unit
 
     if args.unit is not None:
         # One unit reports no materialization: the merge commits the asset.
@@ -105,6 +105,12 @@ def cmd_bench_tokenize(settings: Settings, reporter: Reporter, args: argparse.Na
     return run_bench_tokenize(settings, reporter, samples=args.samples, preset=args.preset, memory_rows=args.memory_rows)
 
 
+def cmd_bench_scale(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
+    from lumo_core.bench_scale import run_bench_scale
+
+    return run_bench_scale(settings, reporter, rows=args.rows, incremental_rows=args.incremental_rows, memory_rows=args.memory_rows)
+
+
 def cmd_bench_train(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
     from lumo_core.bench_train import run_bench_train
 
@@ -144,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(handler=handler)
         if name == "tokenize":
             which = command.add_mutually_exclusive_group()
-            which.add_argument("--unit", type=int, metavar="K", help="tokenize work unit K only (0 <= K < pipeline.work_units); the merge writes the shards")
+            which.add_argument("--unit", type=int, action="append", metavar="K",
+                               help="tokenize work unit K only (0 <= K < pipeline.work_units; repeat for several); the merge writes the shards")
             which.add_argument("--merge", action="store_true", help="only merge the completed units into shards, rejects, stats and index.json")
             which.add_argument("--workers", type=int, default=1, metavar="N", help="run the units in N processes at once (default 1: in this process)")
     for name, handler, help_text in (("train", cmd_train, "train the token LM on the shards"), ("eval", cmd_eval, "evaluate the token LM on the eval split")):
@@ -163,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--preset", default="bench_full", help="embedded config name under lumo_core/data/configs, or a YAML path")
     bt.add_argument("--memory-rows", type=int, default=64, help="peak memory is measured at this many rows and at 10x as many")
     bt.set_defaults(handler=cmd_bench_tokenize)
+    bs = bench_sub.add_parser("scale", parents=[common], help="work-unit scaling, incremental rebuild and manifest memory")
+    bs.add_argument("--rows", type=int, default=400, help="rows tokenized with 1 and with 2 unit processes (dummy adapters)")
+    bs.add_argument("--incremental-rows", type=int, default=200, help="rows of the full build before the manifest grows by 10%% (default models)")
+    bs.add_argument("--memory-rows", type=int, default=100000, help="peak memory of the audit and unit assignment at this many rows and 10x as many")
+    bs.set_defaults(handler=cmd_bench_scale)
     btr = bench_sub.add_parser("train", parents=[common], help="training tokens/s against the HF Trainer")
     btr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a benchmark setting")
     btr.set_defaults(handler=cmd_bench_train)

@@ -13,6 +13,8 @@ import codecs
 import hashlib
 import json
 import os
+import sqlite3
+import tempfile
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -127,11 +129,51 @@ def iter_manifest(
         handle = open(manifest, "rb")
     except OSError as exc:
         raise ManifestError(f"{manifest}: cannot read the manifest ({exc.strerror or exc})") from exc
-    with handle:
+    with handle, parser.ids:
         for number, raw in enumerate(handle, start=1):
             if number == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
             yield parser.parse(number, raw)
+
+
+class _IdRegistry:
+    """The first line of every id seen, on disk: duplicate detection whose memory does not grow
+    with the manifest (a dict of 1M ids held 132 MB). 16-byte digests stand for the ids; new ids
+    wait in a bounded batch, then go to an SQLite file in a private temporary folder."""
+
+    BATCH = 50_000
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="lumo-ids-")
+        self._db = sqlite3.connect(Path(self._folder.name) / "ids.sqlite")
+        # A scratch file: nothing to keep after a crash, so no journal and no fsync.
+        self._db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16000;"
+                               "CREATE TABLE ids (digest BLOB PRIMARY KEY, line INTEGER NOT NULL) WITHOUT ROWID;")
+        self._batch: dict[bytes, int] = {}
+        self._stored = 0
+
+    def first_line(self, digest: bytes, line: int) -> int:
+        """The line `digest` was first seen on, registering `line` when it is new."""
+        if digest in self._batch:
+            return self._batch[digest]
+        if self._stored:
+            row = self._db.execute("SELECT line FROM ids WHERE digest = ?", (digest,)).fetchone()
+            if row is not None:
+                return row[0]
+        self._batch[digest] = line
+        if len(self._batch) >= self.BATCH:
+            with self._db:
+                self._db.executemany("INSERT INTO ids VALUES (?, ?)", self._batch.items())
+            self._stored += len(self._batch)
+            self._batch.clear()
+        return line
+
+    def __enter__(self) -> _IdRegistry:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._db.close()
+        self._folder.cleanup()
 
 
 class _LineParser:
@@ -139,8 +181,7 @@ class _LineParser:
         self.base = base
         self.roots = roots
         self.map_path = map_path
-        # 16-byte digests instead of the ids themselves keep memory flat for long ids.
-        self.first_line_of: dict[bytes, int] = {}
+        self.ids = _IdRegistry()
 
     def parse(self, number: int, raw: bytes) -> ManifestRow | Reject:
         try:
@@ -165,7 +206,7 @@ class _LineParser:
         if not _is_text(sample_id):
             return Reject(number, None, f"invalid_field: id must be a non-empty string, got {_short(sample_id)}", task)
         digest = hashlib.blake2b(sample_id.encode("utf-8"), digest_size=16).digest()
-        first = self.first_line_of.setdefault(digest, number)
+        first = self.ids.first_line(digest, number)
         if first != number:
             return Reject(number, sample_id, f"duplicate_id: first seen on line {first}", task)
 

@@ -99,6 +99,14 @@ def check_shards_match_index(shards_dir: Path) -> CheckOutcome:
         for path in sorted((shards_dir / split).glob("*.tar")):
             if f"{split}/{path.name}" not in listed:
                 problems.append({"shard": f"{split}/{path.name}", "problem": "not listed in index.json", "expected_sha256": None, "found_sha256": file_sha256(path)})
+    card = index.get("card")
+    if card is not None:
+        # The dataset card is what `load_dataset(<folder>)` reads: it must be the one indexed.
+        card_path = shards_dir / card["name"]
+        found = file_sha256(card_path) if card_path.is_file() else None
+        if found != card["sha256"]:
+            problems.append({"shard": card["name"], "problem": "dataset card missing" if found is None else "dataset card sha256 differs",
+                             "expected_sha256": card["sha256"], "found_sha256": found})
     n_shards = sum(len(index["splits"][s]["shards"]) for s in SPLITS)
     return CheckOutcome(
         passed=not problems,

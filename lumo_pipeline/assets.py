@@ -5,25 +5,62 @@ tokenizers runs where their weights are.
 Every asset declares its real upstream assets, a code version, and a data version equal to the
 sha256 of the file that commits its output (token_space.json, index.json, report.json...): the UI
 marks downstream assets stale when an upstream really changed, and not otherwise.
+
+`tokenized_shards` is the one graph-backed asset: a dynamic fan-out over the work units of
+lumo_core.work_units, so that each unit is a step of its own and the executor (multiprocess,
+celery_executor, k8s_job_executor) runs units side by side, each retried alone:
+
+    plan_units ──► tokenize_unit[unit_00000] ─┐
+               ├─► tokenize_unit[unit_00001] ─┼─► merge_units (index.json last: the materialization)
+               └─► ...                       ─┘
+
+plan_units (no models) checks the upstream assets and yields one unit per pending unit;
+tokenize_unit runs `lumo tokenize --unit K` (GPU pool and tags: on k8s only these steps get a GPU);
+merge_units runs `lumo tokenize --merge` and reports the asset's materialization. One asset, no
+partitions: `dagster asset materialize --select tokenized_shards` builds every unit and the index.
 """
 
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from dagster import (
     AssetExecutionContext,
+    AssetIn,
     AssetKey,
+    BetaWarning,
     DataVersion,
+    DynamicOut,
+    DynamicOutput,
     Failure,
+    In,
     MaterializeResult,
     MetadataValue,
+    Nothing,
+    OpExecutionContext,
+    Out,
+    Output,
+    RetryPolicy,
     asset,
+    graph_asset,
+    op,
+)
+from dagster._core.errors import (
+    DagsterPipesExecutionError,  # a `lumo` process that exited non-zero
 )
 from dagster_pipes import DagsterPipesError
 
 import lumo_core
 from lumo_core.config import Settings
+from lumo_core.errors import LumoError
 from lumo_core.token_space import sha256_hex
 from lumo_core.tokenization import PIPELINE_VERSION
+from lumo_core.tokenize_run import start_run
+from lumo_pipeline.io_managers import (
+    NO_STORE_IO_MANAGER_KEY,
+    UNIT_IO_MANAGER_KEY,
+    unit_mapping_key,
+)
 from lumo_pipeline.metadata import STEP_METADATA
 from lumo_pipeline.resources import LumoSettings
 from lumo_pipeline.runner import GPU_OP_TAGS, GPU_POOL, LumoRunner
@@ -37,6 +74,8 @@ class Step:
     command: tuple[str, ...]
     # Relative to the output root: the file written last, whose sha256 is the data version.
     commit_file: str
+    # Whether the step's `lumo` process gets GPUs. tokenized_shards: its unit steps do (`lumo
+    # tokenize --unit K`), its plan and merge steps do not; `command` is the one-process equivalent.
     gpu: bool
     upstream: tuple[str, ...] = ()
 
@@ -62,7 +101,7 @@ def build_command_hint(asset_name: str) -> str:
     return f"dagster asset materialize -m lumo_pipeline --select +{asset_name}"
 
 
-def require_upstream(context: AssetExecutionContext, settings: Settings, step: Step) -> None:
+def require_upstream(context: AssetExecutionContext | OpExecutionContext, settings: Settings, step: Step) -> None:
     """Fail before any work when an upstream asset was never materialized or its output is gone."""
     for name in step.upstream:
         commit_file = settings.output_dir / STEPS[name].commit_file
@@ -81,11 +120,21 @@ def require_upstream(context: AssetExecutionContext, settings: Settings, step: S
 def run_step(context: AssetExecutionContext, lumo: LumoSettings, runner: LumoRunner, step: Step) -> MaterializeResult:
     settings = lumo.resolve()
     require_upstream(context, settings, step)
-    command = f"lumo {' '.join(step.command)}"
+    metadata, data_version = run_committing_command(context, settings, runner, step, step.command, gpu=step.gpu)
+    return MaterializeResult(metadata=metadata, data_version=data_version)
+
+
+def run_committing_command(
+    context: AssetExecutionContext | OpExecutionContext, settings: Settings, runner: LumoRunner, step: Step, subcommand: tuple[str, ...], gpu: bool
+) -> tuple[dict[str, object], DataVersion]:
+    """Run a `lumo` command that commits `step`'s output and reports its materialization through
+    Pipes; check the commit file against the reported data version. The metadata and the data
+    version (the commit file's sha256) to materialize the asset with."""
+    command = f"lumo {' '.join(subcommand)}"
     context.log.info(f"running `{command}` ({runner.mode} mode) with outputs under {settings.output_dir}")
     try:
-        invocation = runner.run(context, step.command, settings, gpu=step.gpu)
-    except DagsterPipesError as exc:
+        invocation = runner.run(context, subcommand, settings, gpu=gpu)
+    except (DagsterPipesError, DagsterPipesExecutionError) as exc:
         raise Failure(description=f"`{command}` failed: {exc}. Its one-line reason is in the step's stderr log and the [pipes] event above.") from exc
     try:
         reported = invocation.get_materialize_result(implicit_materialization=False)
@@ -105,10 +154,8 @@ def run_step(context: AssetExecutionContext, lumo: LumoSettings, runner: LumoRun
             "the step and Dagster see different output folders"
         )
     extra = STEP_METADATA[step.asset](commit_file.parent) if step.asset in STEP_METADATA else {}
-    return MaterializeResult(
-        metadata={**(reported.metadata or {}), **extra, "data_version_source": MetadataValue.path(str(commit_file))},
-        data_version=DataVersion(content_sha),
-    )
+    metadata = {**(reported.metadata or {}), **extra, "data_version_source": MetadataValue.path(str(commit_file))}
+    return metadata, DataVersion(content_sha)
 
 
 def _lumo_asset(name: str, description: str):
@@ -132,7 +179,88 @@ def _lumo_asset(name: str, description: str):
 
 token_space = _lumo_asset("token_space", "The shared id space of text, special tokens, image codes and audio codes (token_space.json).")
 manifest_audit = _lumo_asset("manifest_audit", "Every manifest line checked (schema, ids, files, media headers): report.json and rows.parquet.")
-tokenized_shards = _lumo_asset("tokenized_shards", "The manifest tokenized into deterministic train/eval WebDataset shards, index.json last.")
+
+# ------------------------------------------------------------------ tokenized_shards: plan -> units -> merge
+SHARDS = STEPS["tokenized_shards"]
+
+
+@op(
+    ins={name: In(Nothing) for name in SHARDS.upstream},
+    out=DynamicOut(int, io_manager_key=UNIT_IO_MANAGER_KEY),
+    description="Check the upstream assets, then one output per work unit still to tokenize (no models loaded).",
+)
+def plan_units(context: OpExecutionContext, lumo: LumoSettings) -> Iterator[DynamicOutput[int]]:
+    settings = lumo.resolve()
+    require_upstream(context, settings, SHARDS)
+    try:
+        # The manifest, config and token space, read as the units and the merge will: no models.
+        run, _ = start_run(settings, load_models=False)
+    except LumoError as exc:
+        raise Failure(description=f"cannot plan the work units of `{SHARDS.asset}`: {exc}") from exc
+    if run.up_to_date():
+        pending: list[int] = []
+        context.log.info(f"{run.out_dir} is up to date with the manifest, config and token space: no unit to run, the merge re-reports it")
+    else:
+        # Units completed for this same build (an earlier run that failed later) are kept.
+        pending = [unit for unit in range(run.n_units) if not run.unit_complete(unit)]
+        context.log.info(f"{len(pending)} of {run.n_units} work units to tokenize"
+                         + (f"; {run.n_units - len(pending)} already complete for this build are kept" if len(pending) < run.n_units else ""))
+    for unit in pending:
+        yield DynamicOutput(unit, mapping_key=unit_mapping_key(unit))
+
+
+@op(
+    out=Out(int, io_manager_key=UNIT_IO_MANAGER_KEY),
+    pool=GPU_POOL,
+    tags=GPU_OP_TAGS,
+    # A unit killed or failed is rerun on its own; its spool resumes where it stopped.
+    retry_policy=RetryPolicy(max_retries=2),
+    description="`lumo tokenize --unit K`: one work unit's rows through the models into its own spool (no materialization).",
+)
+def tokenize_unit(context: OpExecutionContext, lumo: LumoSettings, runner: LumoRunner, unit: int) -> Output[int]:
+    settings = lumo.resolve()
+    subcommand = ("tokenize", "--unit", str(unit))
+    context.log.info(f"running `lumo {' '.join(subcommand)}` ({runner.mode} mode) with outputs under {settings.output_dir}")
+    try:
+        # A unit reports no materialization: success is the process's exit status.
+        runner.run(context, subcommand, settings, gpu=SHARDS.gpu)
+    except (DagsterPipesError, DagsterPipesExecutionError) as exc:
+        raise Failure(
+            description=f"work unit {unit} failed (`lumo {' '.join(subcommand)}`): {exc}. Its one-line reason is in the step's stderr log. "
+            "Completed units are kept: a retry or a new run tokenizes only the units not complete.",
+            metadata={"unit": unit, "command": f"lumo {' '.join(subcommand)}"},
+        ) from exc
+    # An Output, not a bare value: an op that ran a Pipes client inside an asset must return its
+    # results as events (Dagster's typed event stream).
+    return Output(unit, metadata={"unit": unit})
+
+
+@op(
+    out=Out(io_manager_key=NO_STORE_IO_MANAGER_KEY),
+    description="`lumo tokenize --merge`: every unit's spool into the shards, rejects.jsonl, stats.json and index.json (last).",
+)
+def merge_units(context: OpExecutionContext, lumo: LumoSettings, runner: LumoRunner, units: list[int]) -> Output[None]:
+    settings = lumo.resolve()
+    metadata, data_version = run_committing_command(context, settings, runner, SHARDS, ("tokenize", "--merge"), gpu=False)
+    with warnings.catch_warnings():
+        # `Output.data_version` is marked beta; it is how an op of a graph asset sets the version.
+        warnings.simplefilter("ignore", BetaWarning)
+        return Output(None, metadata={**metadata, "units_tokenized_in_this_run": len(units)}, data_version=data_version)
+
+
+@graph_asset(
+    name=SHARDS.asset,
+    ins={name: AssetIn(dagster_type=Nothing) for name in SHARDS.upstream},
+    code_version=CODE_VERSIONS[SHARDS.asset],
+    group_name=GROUP,
+    description="The manifest tokenized into deterministic train/eval WebDataset shards, index.json last: one step per work unit, then the merge.",
+    kinds={"python", "pytorch"},
+)
+def tokenized_shards(token_space: None, manifest_audit: None) -> None:
+    units = plan_units(token_space=token_space, manifest_audit=manifest_audit)
+    return merge_units(units.map(tokenize_unit).collect())
+
+
 tokenized_audit = _lumo_asset("tokenized_audit", "Shard audits and decode spot-checks (decoded images and sounds) of the tokenized shards.")
 uti_audit = _lumo_asset("uti_audit", "Tokenizer audit: determinism, runtime sizes, an encode/decode smoke test (recon.png, recon.wav).")
 lm_checkpoint = _lumo_asset("lm_checkpoint", "The token LM trained on the shards (Hugging Face save_pretrained folders).")

@@ -3,6 +3,10 @@
 Loading this module stays light (no torch, transformers or diffusers): only the `lumo` processes
 that the steps and the model-loading checks start through Pipes import them.
 
+The executor runs the steps of `tokenized_shards`' unit fan-out too (lumo_pipeline.assets): in
+process one unit after another; with multiprocess_executor, celery_executor or k8s_job_executor
+(deploy/) units side by side, as many at once as the `gpu` pool has slots.
+
 Executor: in-process. The default multiprocess executor starts one Python per step, and each
 re-imports Dagster and this code location; the heavy work already runs in its own `lumo` process
 through Pipes. Measured on the 2-core development machine, `--select token_space,manifest_audit`
@@ -15,6 +19,7 @@ from dagster import Definitions, ExecutorDefinition, in_process_executor
 
 from lumo_pipeline.assets import LUMO_ASSETS
 from lumo_pipeline.checks import LUMO_CHECKS
+from lumo_pipeline.io_managers import io_manager_resources
 from lumo_pipeline.jobs import (
     manifest_changed,
     nightly_reaudit,
@@ -25,6 +30,12 @@ from lumo_pipeline.resources import LumoSettings
 from lumo_pipeline.runner import LumoRunner
 
 
+def pipeline_resources(lumo: LumoSettings, runner: LumoRunner) -> dict[str, object]:
+    """Every resource the assets and checks need: settings, runner, and the IO managers of the
+    tokenized_shards graph (which store nothing). Pass these to `materialize(LUMO_ASSETS, ...)`."""
+    return {"lumo": lumo, "runner": runner, **io_manager_resources()}
+
+
 def build_definitions(lumo: LumoSettings, runner: LumoRunner, executor: ExecutorDefinition = in_process_executor) -> Definitions:
     """The code location; deployments swap the runner's mode or the executor (deploy/)."""
     return Definitions(
@@ -33,7 +44,7 @@ def build_definitions(lumo: LumoSettings, runner: LumoRunner, executor: Executor
         jobs=[reaudit_job, tokenization_job],
         schedules=[nightly_reaudit],
         sensors=[manifest_changed],
-        resources={"lumo": lumo, "runner": runner},
+        resources=pipeline_resources(lumo, runner),
         executor=executor,
     )
 

@@ -2,14 +2,15 @@
 # Installs and starts what the service tests need, on this machine, as root:
 #   - a PostgreSQL server from Debian's packages, listening on loopback only, with a role that
 #     may create databases (tests/test_postgres_instance.py makes one per run and drops it);
-#   - Debian's Chromium (tests/test_ui_browser.py drives it headless; no browser download).
+#   - Debian's Chromium (tests/test_ui_browser.py drives it headless; no browser download);
+#   - Debian's Redis server binary (tests/test_celery_cluster.py starts its own broker with it).
 # Idempotent: installs only what is missing, starts the cluster only when it is down.
 # Prints the environment the tests read, as `export` lines:
 #   eval "$(scripts/test_services.sh)" && make test
 set -euo pipefail
 
 PG_ROLE=lumo_test
-PACKAGES=(postgresql chromium)
+PACKAGES=(postgresql chromium redis-server)
 
 log() { echo "test_services: $*" >&2; }
 
@@ -55,3 +56,5 @@ SQL
 
 echo "export LUMO_TEST_PG_DSN='postgresql://${PG_ROLE}:${pg_password}@127.0.0.1:${pg_port}/${PG_ROLE}'"
 echo "export LUMO_TEST_CHROMIUM='$(command -v chromium)'"
+# Debian starts a Redis service at install; the tests use their own server on a free port.
+echo "export LUMO_TEST_REDIS='$(command -v redis-server)'"

@@ -36,17 +36,24 @@ def load_definitions(path: Path):
 
 
 def gpu_assets() -> set[str]:
-    """The assets whose `lumo` step the runner gives GPUs to."""
-    from lumo_pipeline.assets import STEPS
+    """The ops whose `lumo` process the runner gives GPUs to: the GPU assets' own ops, and for
+    tokenized_shards (a graph: plan_units -> tokenize_unit per work unit -> merge_units) its unit op."""
+    from lumo_pipeline.assets import STEPS, tokenize_unit
 
-    return {name for name, step in STEPS.items() if step.gpu}
+    return {tokenize_unit.name if name == "tokenized_shards" else name for name, step in STEPS.items() if step.gpu}
 
 
 def asset_job_ops() -> dict:
-    """Step key -> op definition, for every asset and check of the code location."""
+    """Op name -> op definition, for every op of the code location, those inside a graph-backed
+    asset included. The name is what k8s_job_executor's per_step_k8s_config matches: a step's op
+    name (an asset's name, `<asset>_<check>` for a check, an op's own name inside a graph)."""
+    from dagster import OpDefinition
+
     from lumo_pipeline.definitions import defs
 
-    return {name: node.definition for name, node in defs.resolve_implicit_global_asset_job_def().graph.node_dict.items()}
+    graph = defs.resolve_implicit_global_asset_job_def().graph
+    nodes = (graph.get_node(handle) for handle in graph.iterate_node_handles())
+    return {node.name: node.definition for node in nodes if isinstance(node.definition, OpDefinition)}
 
 
 def gpu_pool_steps() -> set[str]:

@@ -200,3 +200,18 @@ def test_empty_manifest_gives_an_empty_report(tmp_path: Path) -> None:
     assert report["n_lines"] == 0 and report["reject_rate"] == 0.0
     assert report["audio_seconds"] == {"count": 0, "min": None, "mean": None, "p50": None, "p95": None, "max": None}
     assert len(pd.read_parquet(tmp_path / "out" / "rows.parquet")) == 0
+
+
+def test_duplicate_ids_are_found_across_the_on_disk_registry(tmp_path, monkeypatch) -> None:
+    """Ids spill from the in-memory batch to the SQLite registry: a duplicate far apart is caught."""
+    from lumo_core import manifest as manifest_module
+
+    monkeypatch.setattr(manifest_module._IdRegistry, "BATCH", 3)
+    manifest = tmp_path / "m.jsonl"
+    ids = [f"row-{k}" for k in range(10)] + ["row-1", "row-8", "row-10"]
+    manifest.write_text("".join(json.dumps({"id": i, "task": "t2i", "text": "x", "image": "a.png"}) + "\n" for i in ids))
+    reasons = {item.line: item.reason for item in iter_manifest(manifest, UTIConfig()) if isinstance(item, Reject)}
+    assert {line: reason for line, reason in reasons.items() if reason.startswith("duplicate_id")} == {
+        11: "duplicate_id: first seen on line 2",
+        12: "duplicate_id: first seen on line 9",
+    }

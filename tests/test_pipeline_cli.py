@@ -1,8 +1,12 @@
 """The real command line: `dagster asset materialize -m lumo_pipeline ...` in a subprocess with its
-own DAGSTER_HOME, read back from that instance; the missing-upstream failure; and the in-container
-entry point run with the environment the docker runner gives a container."""
+own DAGSTER_HOME, read back from that instance (tokenized_shards as one step per work unit; the
+user command without a partition flag rebuilding every unit and the index; the multiprocess code
+location running units side by side); the missing-upstream failure; and the in-container entry
+point run with the environment the docker runner gives a container."""
 
+import itertools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +17,7 @@ from dagster import (
     AssetCheckKey,
     AssetExecutionContext,
     AssetKey,
+    DagsterEventType,
     DagsterInstance,
     PipesEnvContextInjector,
     PipesSubprocessClient,
@@ -21,6 +26,8 @@ from dagster import (
     materialize,
 )
 
+import lumo_pipeline
+from lumo_core.config import load_uti_config
 from lumo_core.token_space import sha256_hex
 from lumo_pipeline.resources import LumoSettings
 from lumo_pipeline.runner import DockerLaunch, LumoRunner, build_launch
@@ -36,11 +43,27 @@ def dagster_env(tmp_path: Path) -> dict[str, str]:
     return {**env, "DAGSTER_HOME": str(home), "LUMO_OUTPUT_DIR": str(tmp_path / "outputs")}
 
 
-def materialize_cli(tmp_path: Path, selection: str) -> subprocess.CompletedProcess:
+def materialize_cli(tmp_path: Path, selection: str, *location: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [DAGSTER, "asset", "materialize", "-m", "lumo_pipeline", "--select", selection],
+        [DAGSTER, "asset", "materialize", *(location or ("-m", "lumo_pipeline")), "--select", selection],
         cwd=tmp_path, env=dagster_env(tmp_path), capture_output=True, text=True, timeout=900,
     )
+
+
+def step_keys(instance: DagsterInstance, run_id: str, event_type: DagsterEventType) -> list[str]:
+    return [entry.step_key for entry in instance.all_logs(run_id, of_type=event_type)]
+
+
+def unit_step_keys() -> set[str]:
+    """One step per work unit of the config the CLI runs with (the embedded default)."""
+    return {f"tokenized_shards.tokenize_unit[unit_{unit:05d}]" for unit in range(load_uti_config(None).pipeline.work_units)}
+
+
+@pytest.fixture(scope="module")
+def cli_built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`+tokenized_shards` through the real CLI, once for the tests below."""
+    tmp_path = tmp_path_factory.mktemp("cli")
+    return tmp_path, materialize_cli(tmp_path, "+tokenized_shards")
 
 
 @pytest.mark.slow
@@ -54,11 +77,16 @@ def test_missing_upstream_fails_before_work_and_names_the_command(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_materializes_tokenized_shards_with_upstream_and_records_checks(tmp_path):
-    completed = materialize_cli(tmp_path, "+tokenized_shards")
+def test_cli_materializes_tokenized_shards_with_upstream_and_records_checks(cli_built):
+    tmp_path, completed = cli_built
     assert completed.returncode == 0, completed.stderr[-4000:]
 
     with DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
+        run = instance.get_runs()[-1]  # the oldest: `+tokenized_shards`
+        assert set(run.asset_selection or ()) == {AssetKey(name) for name in ("token_space", "manifest_audit", "tokenized_shards")}
+        succeeded = step_keys(instance, run.run_id, DagsterEventType.STEP_SUCCESS)
+        assert {key for key in succeeded if key.startswith("tokenized_shards.tokenize_unit[")} == unit_step_keys()
+        assert {"tokenized_shards.plan_units", "tokenized_shards.merge_units"} <= set(succeeded)
         for name in ("token_space", "manifest_audit", "tokenized_shards"):
             event = instance.get_latest_materialization_event(AssetKey(name))
             assert event is not None, name
@@ -71,6 +99,61 @@ def test_cli_materializes_tokenized_shards_with_upstream_and_records_checks(tmp_
             assert record is not None and record.event.asset_check_evaluation.passed, check_name
         record = instance.get_latest_asset_check_evaluation_record(AssetCheckKey(AssetKey("token_space"), "runtime_size_match"))
         assert record is not None and record.event.asset_check_evaluation.passed
+
+
+@pytest.mark.slow
+def test_user_command_without_a_partition_flag_rebuilds_every_unit_and_the_index(cli_built):
+    """`dagster asset materialize -m lumo_pipeline --select tokenized_shards`: no partition flag,
+    and every unit step then the merge run; the index comes back byte for byte."""
+    tmp_path, first = cli_built
+    assert first.returncode == 0, first.stderr[-4000:]
+    shards_dir = tmp_path / "outputs" / "tokenized_shards"
+    index_before = (shards_dir / "index.json").read_bytes()
+    shutil.rmtree(shards_dir)
+
+    completed = materialize_cli(tmp_path, "tokenized_shards")
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert (shards_dir / "index.json").read_bytes() == index_before
+    with DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
+        latest = instance.get_runs(limit=1)[0]
+        assert set(latest.asset_selection or ()) == {AssetKey("tokenized_shards")}
+        assert not latest.tags.get("dagster/partition")
+        started = step_keys(instance, latest.run_id, DagsterEventType.STEP_START)
+        assert {key for key in started if key.startswith("tokenized_shards.tokenize_unit[")} == unit_step_keys()
+        assert started.index("tokenized_shards.merge_units") > max(started.index(key) for key in unit_step_keys())
+        shards = instance.get_latest_materialization_event(AssetKey("tokenized_shards"))
+        assert shards.run_id == latest.run_id
+        assert shards.asset_materialization.tags["dagster/data_version"] == sha256_hex(index_before)
+
+
+@pytest.mark.slow
+def test_multiprocess_code_location_runs_units_side_by_side_in_their_own_processes(cli_built):
+    """`-m lumo_pipeline.multiprocess` with its shipped run config: each unit step in a process of
+    its own (the unit numbers cross processes as mapping keys, nothing stored), at least two at
+    once, and the same index as the in-process run."""
+    tmp_path, first = cli_built
+    assert first.returncode == 0, first.stderr[-4000:]
+    shards_dir = tmp_path / "outputs" / "tokenized_shards"
+    index_before = (shards_dir / "index.json").read_bytes()
+    shutil.rmtree(shards_dir)
+    run_config = Path(lumo_pipeline.__file__).parent / "run_configs" / "multiprocess.yaml"
+
+    completed = materialize_cli(tmp_path, "tokenized_shards", "-m", "lumo_pipeline.multiprocess", "-c", str(run_config))
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert (shards_dir / "index.json").read_bytes() == index_before
+    with DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
+        latest = instance.get_runs(limit=1)[0]
+        units = unit_step_keys()
+        in_own_process = set(step_keys(instance, latest.run_id, DagsterEventType.STEP_WORKER_STARTING))
+        assert units <= in_own_process
+        spans = {}
+        for entry in instance.all_logs(latest.run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS}):
+            if entry.step_key in units:
+                spans.setdefault(entry.step_key, []).append(entry.timestamp)
+        assert set(spans) == units and all(len(times) == 2 for times in spans.values())
+        # Some unit started while another was still running.
+        intervals = sorted((min(times), max(times)) for times in spans.values())
+        assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(intervals)), intervals
 
 
 @pytest.mark.slow

@@ -10,11 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from dagster import AssetCheckKey, AssetKey, Definitions
 
+from lumo_pipeline.assets import tokenized_shards
 from lumo_pipeline.checks import LUMO_CHECKS
 from lumo_pipeline.definitions import defs
+from lumo_pipeline.io_managers import NO_STORE_IO_MANAGER_KEY, UNIT_IO_MANAGER_KEY
 from lumo_pipeline.jobs import reaudit_job, tokenization_job
+from lumo_pipeline.runner import GPU_OP_TAGS, GPU_POOL
 
 ASSETS = {"token_space", "manifest_audit", "tokenized_shards", "tokenized_audit", "uti_audit", "lm_checkpoint", "lm_eval"}
 CHECKS = {
@@ -68,6 +72,38 @@ def test_every_asset_has_a_code_version():
     graph = defs.resolve_asset_graph()
     versions = {name: graph.get(AssetKey(name)).code_version for name in ASSETS}
     assert all(versions.values()), versions
+
+
+def test_tokenized_shards_is_a_fan_out_with_gpus_on_the_unit_steps_only():
+    graph = tokenized_shards.node_def
+    ops = {node.name: node.definition for node in graph.nodes}
+    assert set(ops) == {"plan_units", "tokenize_unit", "merge_units"}
+    plan, unit, merge = ops["plan_units"], ops["tokenize_unit"], ops["merge_units"]
+    assert plan.output_defs[0].is_dynamic and plan.output_defs[0].io_manager_key == UNIT_IO_MANAGER_KEY
+    assert set(plan.input_dict) == {"token_space", "manifest_audit"}
+    assert (unit.pool, dict(unit.tags)) == (GPU_POOL, GPU_OP_TAGS)
+    assert unit.retry_policy is not None and unit.retry_policy.max_retries == 2
+    assert unit.output_defs[0].io_manager_key == UNIT_IO_MANAGER_KEY
+    for light in (plan, merge):
+        assert light.pool is None and not set(GPU_OP_TAGS) & set(light.tags)
+    # The asset's value is None and stored nowhere; downstream assets use `deps`.
+    assert merge.output_defs[0].io_manager_key == NO_STORE_IO_MANAGER_KEY
+    assert tokenized_shards.get_io_manager_key_for_asset_key(AssetKey("tokenized_shards")) == NO_STORE_IO_MANAGER_KEY
+    assert tokenized_shards.code_versions_by_key[AssetKey("tokenized_shards")] == defs.resolve_asset_graph().get(AssetKey("tokenized_shards")).code_version
+    assert tokenized_shards.partitions_def is None
+
+
+def test_multiprocess_code_location_differs_only_by_its_executor():
+    from dagster import validate_run_config
+
+    import lumo_pipeline
+    from lumo_pipeline.multiprocess import defs as multiprocess_defs
+
+    assert multiprocess_defs.executor.name == "multiprocess"
+    assert set(multiprocess_defs.resolve_all_asset_keys()) == set(defs.resolve_all_asset_keys())
+    assert multiprocess_defs.resolve_asset_graph().asset_check_keys == defs.resolve_asset_graph().asset_check_keys
+    run_config = yaml.safe_load((Path(lumo_pipeline.__file__).parent / "run_configs" / "multiprocess.yaml").read_text())
+    validate_run_config(multiprocess_defs.resolve_implicit_global_asset_job_def(), run_config)
 
 
 def test_the_shard_integrity_checks_block_and_the_others_do_not():

@@ -1,12 +1,16 @@
 """The whole asset graph materialized on the embedded sample, then re-audited, then audited again
 with planted damage: each blocking check fails with metadata that names the damage, and the
-downstream asset in the same run does not execute."""
+downstream asset in the same run does not execute. tokenized_shards ran as one step per work unit
+and gave the bytes a plain `lumo tokenize` gives."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +25,11 @@ from dagster import (
     materialize,
 )
 
+from lumo_core.config import load_uti_config
 from lumo_core.token_space import sha256_hex
 from lumo_pipeline.assets import LUMO_ASSETS, STEPS
 from lumo_pipeline.checks import LUMO_CHECKS
-from lumo_pipeline.definitions import build_definitions
+from lumo_pipeline.definitions import build_definitions, pipeline_resources
 from lumo_pipeline.resources import LumoSettings
 from lumo_pipeline.runner import LumoRunner
 
@@ -33,12 +38,22 @@ pytestmark = pytest.mark.slow
 ASSET_NAMES = set(STEPS)
 
 
+def settings_and_runner(output_dir: Path) -> tuple[LumoSettings, LumoRunner]:
+    return LumoSettings(output_dir=str(output_dir)), LumoRunner()
+
+
 def resources(output_dir: Path) -> dict[str, object]:
-    return {"lumo": LumoSettings(output_dir=str(output_dir)), "runner": LumoRunner()}
+    """Settings, runner and the IO managers of the tokenized_shards graph."""
+    return pipeline_resources(*settings_and_runner(output_dir))
 
 
 def started_steps(result: ExecuteInProcessResult) -> set[str]:
     return {event.step_key for event in result.all_events if event.event_type_value == "STEP_START"}
+
+
+def started_assets(result: ExecuteInProcessResult) -> set[str]:
+    """The assets (and checks) whose steps started: a graph-backed asset's steps are `<asset>.<op>`."""
+    return {step_key.split(".", 1)[0] for step_key in started_steps(result)}
 
 
 def check_evaluations(result: ExecuteInProcessResult) -> dict[str, object]:
@@ -101,14 +116,45 @@ def test_reaudit_job_runs_audits_and_checks_without_retokenizing(built):
     instance, output_dir, _ = built
     index = output_dir / "tokenized_shards" / "index.json"
     index_bytes, index_mtime = index.read_bytes(), index.stat().st_mtime_ns
-    job = build_definitions(**resources(output_dir)).resolve_job_def("reaudit_job")
+    job = build_definitions(*settings_and_runner(output_dir)).resolve_job_def("reaudit_job")
     result = job.execute_in_process(instance=instance, raise_on_error=False)
     assert result.success
     assert set(materialized(result)) == {"tokenized_audit", "uti_audit"}
-    assert "tokenized_shards" not in started_steps(result)
+    assert "tokenized_shards" not in started_assets(result)
     evaluations = check_evaluations(result)
     assert len(evaluations) == len(LUMO_CHECKS) and all(e.passed for e in evaluations.values())
     assert index.read_bytes() == index_bytes and index.stat().st_mtime_ns == index_mtime
+
+
+def test_tokenized_shards_ran_one_step_per_unit_and_match_a_plain_lumo_tokenize(built, tmp_path):
+    """The graph-backed asset fanned out into one step per work unit, then merged; what it wrote
+    is byte for byte what one `lumo tokenize` process writes into another output folder."""
+    _, output_dir, result = built
+    n_units = load_uti_config(LumoSettings(output_dir=str(output_dir)).resolve().uti_config).pipeline.work_units
+    unit_steps = {key for key in started_steps(result) if key.startswith("tokenized_shards.tokenize_unit[")}
+    assert unit_steps == {f"tokenized_shards.tokenize_unit[unit_{unit:05d}]" for unit in range(n_units)}
+    assert len(unit_steps) == n_units
+    succeeded = [e.step_key for e in result.all_events if e.event_type_value == "STEP_SUCCESS" and e.step_key.startswith("tokenized_shards.")]
+    assert sorted(succeeded) == sorted(["tokenized_shards.plan_units", *unit_steps, "tokenized_shards.merge_units"])
+    # The merge materialized the asset, after every unit.
+    materialization = next(e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "tokenized_shards")
+    assert materialization.step_key == "tokenized_shards.merge_units"
+    assert materialization.event_specific_data.materialization.metadata["units_tokenized_in_this_run"].value == n_units
+
+    plain_dir = tmp_path / "plain"
+    shutil.copytree(output_dir / "token_space", plain_dir / "token_space")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LUMO_") or k == "LUMO_CACHE_DIR"}
+    completed = subprocess.run([sys.executable, "-m", "lumo_core.cli", "tokenize"], check=False, env={**env, "LUMO_OUTPUT_DIR": str(plain_dir)},
+                               capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    graph_shards, plain_shards = output_dir / "tokenized_shards", plain_dir / "tokenized_shards"
+    index = json.loads((graph_shards / "index.json").read_bytes())
+    shard_names = [shard["name"] for split in index["splits"].values() for shard in split["shards"]]
+    assert shard_names
+    for name in ["index.json", "rejects.jsonl", "stats.json", *shard_names]:
+        assert (graph_shards / name).read_bytes() == (plain_shards / name).read_bytes(), name
+    assert sorted(p.relative_to(plain_shards) for p in plain_shards.rglob("*.tar")) == sorted(p.relative_to(graph_shards) for p in graph_shards.rglob("*.tar"))
 
 
 # ------------------------------------------------------------------ planted damage
@@ -207,7 +253,7 @@ def audit_damaged_copy(built, tmp_path: Path, check_name: str, damage: Callable[
     )
     evaluation = check_evaluations(result)[check_name]
     assert not evaluation.passed
-    assert "tokenized_audit" not in started_steps(result), "a failed blocking check must stop the downstream asset"
+    assert "tokenized_audit" not in started_assets(result), "a failed blocking check must stop the downstream asset"
     return planted, {key: value.value for key, value in evaluation.metadata.items()}
 
 

@@ -1,9 +1,8 @@
 """The tokenization chain against a Dagster instance stored in a real PostgreSQL server.
 
 The instance config is the one the deployment ships (docker/dagster.yaml), credentials from the
-DAGSTER_PG_* environment as in production. The server comes from LUMO_TEST_PG_DSN, a role allowed
-to create databases (.ci/run starts Debian's PostgreSQL on loopback and sets it; so does
-`eval "$(scripts/test_services.sh)"`); each run gets a database of its own, dropped afterwards.
+DAGSTER_PG_* environment as in production; each run gets a database of its own (the pg_database
+fixture of tests/conftest.py), dropped afterwards.
 """
 
 from __future__ import annotations
@@ -12,10 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -28,34 +24,6 @@ CONTRACT_CHECKS = {
 }
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def pg_database() -> Iterator[dict[str, str]]:
-    """A fresh database on the test server, as the DAGSTER_PG_* variables docker/dagster.yaml reads."""
-    dsn = os.environ.get("LUMO_TEST_PG_DSN")
-    if not dsn:
-        pytest.skip('no PostgreSQL server: set LUMO_TEST_PG_DSN (eval "$(scripts/test_services.sh)" starts one)')
-    import psycopg2
-
-    server = urlsplit(dsn)
-    db_name = f"lumo_test_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(dsn)
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{db_name}"')
-        yield {
-            "DAGSTER_PG_HOST": server.hostname or "127.0.0.1",
-            "DAGSTER_PG_PORT": str(server.port or 5432),
-            "DAGSTER_PG_USERNAME": server.username or "",
-            "DAGSTER_PG_PASSWORD": server.password or "",
-            "DAGSTER_PG_DB": db_name,
-        }
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE "{db_name}" WITH (FORCE)')
-    finally:
-        admin.close()
 
 
 def test_tokenization_chain_records_runs_materializations_and_checks_in_postgres(

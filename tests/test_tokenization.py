@@ -65,7 +65,7 @@ def run_lumo(*args: str, output_dir: Path, manifest: Path, config: Path | None, 
 
 def tokenize_in_process(output_dir: Path, manifest: Path, config: Path) -> dict:
     from lumo_core.cli import cmd_token_space
-    from lumo_core.tokenization import tokenize
+    from lumo_core.tokenize_run import tokenize
 
     settings = Settings(output_dir=output_dir, manifest=manifest, uti_config=config, train_config=None)
     with Reporter("test") as reporter:
@@ -138,15 +138,19 @@ def test_shards_read_back_with_plain_webdataset(tmp_path, sample_manifest, dummy
         prompt_length = sum(span_length.get(item, 1) for item in template.prompt)
         assert np.all(labels[:prompt_length] == IGNORE_INDEX)
         assert np.array_equal(labels[prompt_length:], input_ids[prompt_length:])
-        if "audio.npy" in sample:
+        # Every sample has every member; the codes of a modality the task lacks are empty.
+        assert {"text.npy", "image.npy", "audio.npy"} <= set(sample)
+        if info["task"] in ("t2a", "a2t"):
             audio = sample["audio.npy"]
             assert audio.shape[0] == space.n_audio_codebooks
             span = next(s for s in info["spans"] if s["modality"] == "audio")
             assert span["end"] - span["start"] == audio.size
             duration = info["media"]["audio"]["duration_s"]
             assert audio.shape[1] == int(np.ceil(round(duration * 8000) * 50 / 8000))
-        if "image.npy" in sample:
+            assert sample["image.npy"].shape == (0,)
+        else:
             assert sample["image.npy"].shape == (space.tokens_per_image,)
+            assert sample["audio.npy"].shape == (space.n_audio_codebooks, 0)
     assert seen == index["n_samples"]
 
 
@@ -289,3 +293,14 @@ def test_completed_shards_are_reused(tmp_path, sample_manifest, dummy_config):
     summary = write_split_shards(spool, out, "train", 7, 1_000_000)
     assert summary["reused_shards"] == 1
     assert [s["sha256"] for s in summary["shards"]] == [s["sha256"] for s in index["splits"]["train"]["shards"]]
+
+
+def test_a_changed_dataset_card_is_caught(tmp_path, sample_manifest, dummy_config):
+    tokenize_in_process(tmp_path, sample_manifest, dummy_config)
+    root = tmp_path / "tokenized_shards"
+    assert check_shards_match_index(root).passed
+    card = root / json.loads((root / "index.json").read_text())["card"]["name"]
+    card.write_text(card.read_text() + "\nedited by hand\n")
+    outcome = check_shards_match_index(root)
+    assert not outcome.passed
+    assert outcome.metadata["problems"][0]["problem"] == "dataset card sha256 differs"

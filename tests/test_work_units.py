@@ -26,7 +26,7 @@ from lumo_core.config import Settings, load_uti_config
 from lumo_core.errors import LumoError
 from lumo_core.reporting import Reporter
 from lumo_core.sample_data import ensure_sample_manifest
-from lumo_core.tokenization import merge_units, start_run, tokenize, tokenize_unit
+from lumo_core.tokenize_run import merge_units, start_run, tokenize, tokenize_unit
 from lumo_core.unified import UnifiedTokenizer
 from lumo_core.work_units import unit_of, unit_of_line
 from tests.test_tokenization import DUMMY_CONFIG, _spooled_rows, run_lumo, shard_bytes

@@ -1,0 +1,124 @@
+"""The tokenizing chain on a real Celery cluster: deploy/celery's code location and executor
+config, a Redis broker, two `dagster-celery` worker processes and an instance in PostgreSQL, all
+on this machine. The run's events must show both workers executing work units, and the shards
+must be the in-process run's, byte for byte.
+
+Needs LUMO_TEST_PG_DSN (a PostgreSQL role that may create databases) and LUMO_TEST_REDIS (the
+redis-server binary): `.ci/run` and `eval "$(scripts/test_services.sh)"` set both.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_postgres_instance import ROOT
+from tests.test_tokenization import shard_bytes
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+WORKERS = ("lumo-worker-a", "lumo-worker-b")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    server = os.environ.get("LUMO_TEST_REDIS")
+    if not server:
+        pytest.skip('no Redis server binary: set LUMO_TEST_REDIS (eval "$(scripts/test_services.sh)" installs one)')
+    port = free_port()
+    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def start_worker(name: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    command = [str(BIN / "dagster-celery"), "worker", "start", "--app", "dagster_celery.app", "--name", name,
+               "--config-yaml", str(ROOT / "deploy" / "celery" / "executor.yaml"), "--queue", "dagster,gpu",
+               "--", "--concurrency=1", "--pool=solo"]
+    # One --queue with both names: dagster-celery passes each --queue as its own -Q, and celery
+    # keeps only the last. Its own session: the worker starts celery as a child, both must go.
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_units_run_on_two_celery_workers_and_the_shards_equal_the_in_process_run(pg_database, redis_url, tmp_path, monkeypatch):
+    from dagster import (
+        DagsterEventType,
+        DagsterInstance,
+        DagsterRunStatus,
+    )
+
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    shutil.copy(ROOT / "docker" / "dagster.yaml", dagster_home / "dagster.yaml")
+    cluster_out, local_out = tmp_path / "cluster" / "outputs", tmp_path / "local" / "outputs"
+    # The workers start `celery` by name: this environment's bin folder goes first on PATH.
+    base_env = {**os.environ, **pg_database, "DAGSTER_HOME": str(dagster_home), "DAGSTER_CELERY_BROKER_URL": f"{redis_url}/0",
+                "DAGSTER_CELERY_BACKEND_URL": f"{redis_url}/1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for variable in ("LUMO_MANIFEST", "LUMO_UTI_CONFIG", "LUMO_TRAIN_CONFIG"):
+        base_env.pop(variable, None)
+    cluster_env = {**base_env, "LUMO_OUTPUT_DIR": str(cluster_out)}
+    workers = [start_worker(name, cluster_env, tmp_path / f"{name}.log") for name in WORKERS]
+    try:
+        materialize = subprocess.run(
+            [str(BIN / "dagster"), "asset", "materialize", "-f", str(ROOT / "deploy" / "celery" / "definitions.py"), "--select", "+tokenized_shards"],
+            cwd=tmp_path, env=cluster_env, capture_output=True, text=True, timeout=420, check=False,
+        )
+    finally:
+        for worker in workers:
+            stop(worker)
+    logs = "\n".join((tmp_path / f"{name}.log").read_text(errors="replace")[-3000:] for name in WORKERS)
+    assert materialize.returncode == 0, materialize.stderr[-3000:] + logs
+
+    for name, value in pg_database.items():
+        monkeypatch.setenv(name, value)
+    with DagsterInstance.from_config(str(dagster_home)) as instance:
+        (run,) = instance.get_runs()
+        assert run.status == DagsterRunStatus.SUCCESS
+        workers_of_units: dict[str, str] = {}
+        for entry in instance.all_logs(run.run_id, of_type=DagsterEventType.ENGINE_EVENT):
+            metadata = entry.dagster_event.engine_event_data.metadata if entry.dagster_event else {}
+            step = entry.step_key or ""
+            if "Celery worker" in metadata and "tokenize_unit" in step:
+                workers_of_units[step] = str(metadata["Celery worker"].value)
+    assert len(workers_of_units) >= 2, workers_of_units
+    assert {host.split("@")[0] for host in workers_of_units.values()} == set(WORKERS), workers_of_units
+
+    # The same chain in one process, with the plain CLI: the same bytes.
+    local_env = {**base_env, "LUMO_OUTPUT_DIR": str(local_out)}
+    for command in ("token-space", "tokenize"):
+        subprocess.run([sys.executable, "-m", "lumo_core.cli", command], env=local_env, check=True, capture_output=True, timeout=300)
+    assert shard_bytes(cluster_out) == shard_bytes(local_out)
