@@ -57,7 +57,6 @@ MEMORY_CONFIG: dict[str, Any] = {
 PIPELINE_OVERRIDES: dict[str, Any] = {"num_workers": 0, "torch_threads": 1}
 # --rows: about 40 s for `lumo tokenize --workers 1` on one core here (about 6 s of it the start-up:
 # imports and models), so that the encoding, not the start-ups, is most of what is timed.
-DEFAULT_ROWS = 6000
 GROWTH = 0.10
 # Rows of an untimed build before the incremental builds (own media, own output folder and cache):
 # the first model calls of the bench's process (thread pools, kernels) are paid there, not by the

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Self
 
 
 def running_under_pipes() -> bool:
@@ -31,7 +31,7 @@ class Reporter(AbstractContextManager):
         self._started = time.monotonic()
         self._last_progress = 0.0
 
-    def __enter__(self) -> Reporter:
+    def __enter__(self) -> Self:
         if self.open_pipes and running_under_pipes():
             from dagster_pipes import open_dagster_pipes
 
@@ -40,6 +40,12 @@ class Reporter(AbstractContextManager):
         return self
 
     def __exit__(self, *exc_info: object) -> bool | None:
+        from lumo_core.errors import LumoError
+
+        if self._pipes is not None and isinstance(exc_info[1], LumoError):
+            # At ERROR level in the run's log; the exception itself then closes Pipes, which is
+            # how the Dagster side reads the reason for the step's failure (lumo_pipeline.runner).
+            self._pipes.log.error(f"lumo {self.step}: error: {exc_info[1]}")
         if self._pipes_cm is not None:
             return self._pipes_cm.__exit__(*exc_info)
         return None

@@ -29,7 +29,8 @@ from lumo_core.token_space import canonical_json_bytes, sha256_hex
 SHARD_MTIME = 0
 SPLITS = ("train", "eval")
 # 2: index.json lists the dataset card (`card`); samples have one member set and one JSON schema.
-INDEX_FORMAT_VERSION = 2
+# 3: every shard entry also records its file `size` in bytes (TokenizeRun.up_to_date checks it).
+INDEX_FORMAT_VERSION = 3
 CARD_NAME = "README.md"
 
 # ----------------------------------------------------------------- the sample layout
@@ -256,7 +257,7 @@ def write_split_shards(spool: Any, out_dir: Path, split: str, max_samples: int, 
             reused += 1
         else:
             write_shard(path, [(k, m) for k, _, m in batch])
-        entries.append({"name": name, "sha256": file_sha256(path), "n_samples": len(keys), "n_tokens": n_tokens})
+        entries.append({"name": name, "sha256": file_sha256(path), "size": path.stat().st_size, "n_samples": len(keys), "n_tokens": n_tokens})
         if reporter is not None:
             reporter.log(f"{split}: shard {number + 1}/{len(plan)} {'reused' if already_complete else 'written'}")
     expected = {Path(e["name"]).name for e in entries}
@@ -293,7 +294,7 @@ def read_index(out_dir: Path) -> dict[str, Any]:
 
     path = Path(out_dir) / "index.json"
     if not path.is_file():
-        raise MissingUpstreamError(f"{path} not found: tokenize first (`lumo tokenize`, or `dagster asset materialize -m lumo_pipeline --select +tokenized_shards`)")
+        raise MissingUpstreamError(f"{path} not found: tokenize first (`lumo tokenize`, or `dagster asset materialize -m lumo_pipeline --select '*tokenized_shards'`)")
     return json.loads(path.read_bytes())
 
 

@@ -316,7 +316,7 @@ def train_inputs(settings: Settings) -> tuple[TokenSpace, Path]:
     if not (shards_dir / "index.json").is_file():
         raise MissingUpstreamError(
             f"{shards_dir / 'index.json'} not found: tokenize first (`lumo tokenize`, or "
-            "`dagster asset materialize -m lumo_pipeline --select +tokenized_shards`)"
+            "`dagster asset materialize -m lumo_pipeline --select '*tokenized_shards'`)"
         )
     return TokenSpace.read(token_space_path), shards_dir
 

@@ -63,7 +63,7 @@ from lumo_pipeline.io_managers import (
 )
 from lumo_pipeline.metadata import STEP_METADATA
 from lumo_pipeline.resources import LumoSettings
-from lumo_pipeline.runner import GPU_OP_TAGS, GPU_POOL, LumoRunner
+from lumo_pipeline.runner import GPU_OP_TAGS, GPU_POOL, LumoRunner, failure_reason
 
 GROUP = "lumo"
 
@@ -98,23 +98,34 @@ CODE_VERSIONS = {name: lumo_core.__version__ for name in STEPS} | {"tokenized_sh
 
 
 def build_command_hint(asset_name: str) -> str:
-    return f"dagster asset materialize -m lumo_pipeline --select +{asset_name}"
+    """The Dagster selection that builds `asset_name` with ALL its ancestors (`*x`; `+x` is only
+    one layer up, so `+lm_eval` would still miss tokenized_shards)."""
+    return f"dagster asset materialize -m lumo_pipeline --select '*{asset_name}'"
 
 
 def require_upstream(context: AssetExecutionContext | OpExecutionContext, settings: Settings, step: Step) -> None:
-    """Fail before any work when an upstream asset was never materialized or its output is gone."""
+    """Fail before any work when an upstream asset was never materialized or its output is gone;
+    the failure names every such upstream asset once."""
+    missing: dict[str, str] = {}
     for name in step.upstream:
         commit_file = settings.output_dir / STEPS[name].commit_file
         if context.instance.get_latest_materialization_event(AssetKey(name)) is None:
-            problem = "was never materialized"
+            missing[name] = f"upstream asset `{name}` was never materialized"
         elif not commit_file.is_file():
-            problem = f"has no output at {commit_file}"
-        else:
-            continue
-        raise Failure(
-            description=f"upstream asset `{name}` {problem}; build it and this asset's other upstream assets with: `{build_command_hint(step.asset)}`",
-            metadata={"missing_asset": name, "expected_file": MetadataValue.path(str(commit_file)), "build_command": build_command_hint(step.asset)},
-        )
+            missing[name] = f"upstream asset `{name}` has no output at {commit_file}"
+    if not missing:
+        return
+    hint = build_command_hint(step.asset)
+    raise Failure(
+        description=f"{'; '.join(missing.values())}; build {'it' if len(missing) == 1 else 'them'} and every other ancestor of `{step.asset}` with: `{hint}`",
+        metadata={
+            # The first one, as before; all of them in `missing_assets`.
+            "missing_asset": next(iter(missing)),
+            "missing_assets": MetadataValue.json(sorted(missing)),
+            "expected_file": MetadataValue.path(str(settings.output_dir / STEPS[next(iter(missing))].commit_file)),
+            "build_command": hint,
+        },
+    )
 
 
 def run_step(context: AssetExecutionContext, lumo: LumoSettings, runner: LumoRunner, step: Step) -> MaterializeResult:
@@ -135,7 +146,7 @@ def run_committing_command(
     try:
         invocation = runner.run(context, subcommand, settings, gpu=gpu)
     except (DagsterPipesError, DagsterPipesExecutionError) as exc:
-        raise Failure(description=f"`{command}` failed: {exc}. Its one-line reason is in the step's stderr log and the [pipes] event above.") from exc
+        raise Failure(description=f"`{command}` failed: {failure_reason(exc)}", metadata={"command": command, "error": str(exc)}) from exc
     try:
         reported = invocation.get_materialize_result(implicit_materialization=False)
     except DagsterPipesError as exc:
@@ -197,10 +208,13 @@ def plan_units(context: OpExecutionContext, lumo: LumoSettings) -> Iterator[Dyna
         run, _ = start_run(settings, load_models=False)
     except LumoError as exc:
         raise Failure(description=f"cannot plan the work units of `{SHARDS.asset}`: {exc}") from exc
-    if run.up_to_date():
+    stale = run.stale_reason()
+    if stale is None:
         pending: list[int] = []
-        context.log.info(f"{run.out_dir} is up to date with the manifest, config and token space: no unit to run, the merge re-reports it")
+        context.log.info(f"{run.out_dir} is up to date with the manifest, config and token space, and matches index.json: "
+                         "no unit to run, the merge re-reports it")
     else:
+        context.log.info(f"tokenizing: {stale}")
         # Units completed for this same build (an earlier run that failed later) are kept.
         pending = [unit for unit in range(run.n_units) if not run.unit_complete(unit)]
         context.log.info(f"{len(pending)} of {run.n_units} work units to tokenize"
@@ -226,7 +240,7 @@ def tokenize_unit(context: OpExecutionContext, lumo: LumoSettings, runner: LumoR
         runner.run(context, subcommand, settings, gpu=SHARDS.gpu)
     except (DagsterPipesError, DagsterPipesExecutionError) as exc:
         raise Failure(
-            description=f"work unit {unit} failed (`lumo {' '.join(subcommand)}`): {exc}. Its one-line reason is in the step's stderr log. "
+            description=f"work unit {unit} failed (`lumo {' '.join(subcommand)}`): {failure_reason(exc)}. "
             "Completed units are kept: a retry or a new run tokenizes only the units not complete.",
             metadata={"unit": unit, "command": f"lumo {' '.join(subcommand)}"},
         ) from exc

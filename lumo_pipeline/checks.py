@@ -17,9 +17,12 @@ from dagster import (
     AssetCheckResult,
     AssetChecksDefinition,
     AssetCheckSeverity,
+    AssetKey,
+    DagsterInstance,
     MetadataValue,
     asset_check,
 )
+from dagster._core.errors import DagsterPipesExecutionError
 from dagster_pipes import DagsterPipesError
 
 from lumo_core.check_outcome import CheckOutcome
@@ -29,12 +32,51 @@ from lumo_core.errors import LumoError
 from lumo_pipeline.assets import STEPS, build_command_hint
 from lumo_pipeline.metadata import as_dagster_metadata
 from lumo_pipeline.resources import LumoSettings
-from lumo_pipeline.runner import GPU_OP_TAGS, GPU_POOL, LumoRunner
+from lumo_pipeline.runner import GPU_OP_TAGS, GPU_POOL, LumoRunner, failure_reason
 
 
-def evaluate(compute: Callable[[Settings], CheckOutcome], lumo: LumoSettings, asset_name: str, severity: AssetCheckSeverity = AssetCheckSeverity.ERROR) -> AssetCheckResult:
-    """Run one lumo_core check; an asset whose output cannot be read fails the check, with why."""
+def never_materialized(settings: Settings, asset_name: str, instance: DagsterInstance | None = None) -> str | None:
+    """Why `asset_name` counts as never materialized (its commit file is absent, or the instance
+    has no materialization of it), or None when it was."""
+    commit_file = settings.output_dir / STEPS[asset_name].commit_file
+    if not commit_file.is_file():
+        return f"{commit_file} not found"
+    if instance is not None and instance.get_latest_materialization_event(AssetKey(asset_name)) is None:
+        return "the Dagster instance has no materialization of it"
+    return None
+
+
+def skipped(settings: Settings, asset_name: str, why: str) -> AssetCheckResult:
+    """A check of an asset never materialized: skipped, not failed.
+
+    Dagster 1.13 has no way for an `@asset_check` to skip itself: AssetCheckResult has no skip
+    state, the check's output is required, and the SKIPPED status the UI shows is only for a
+    planned check that never reported in a run that succeeded. So the check passes (nothing
+    stands to fail: there is no output to check), at WARN severity, with a description starting
+    "skipped:" and metadata {"skipped": true} that any reader can filter on."""
+    hint = build_command_hint(asset_name)
+    return AssetCheckResult(
+        passed=True,
+        severity=AssetCheckSeverity.WARN,
+        description=f"skipped: {asset_name} was never materialized ({why}); build it with `{hint}`",
+        metadata={"skipped": MetadataValue.bool(True), "reason": MetadataValue.text(why), "build_command": MetadataValue.text(hint),
+                  "checked": MetadataValue.path(str(settings.output_dir / STEPS[asset_name].commit_file))},
+    )
+
+
+def evaluate(
+    compute: Callable[[Settings], CheckOutcome],
+    lumo: LumoSettings,
+    asset_name: str,
+    severity: AssetCheckSeverity = AssetCheckSeverity.ERROR,
+    instance: DagsterInstance | None = None,
+) -> AssetCheckResult:
+    """Run one lumo_core check; skipped when the asset was never materialized; an asset whose
+    output cannot be read fails the check, with why."""
     settings = lumo.resolve()
+    why = never_materialized(settings, asset_name, instance)
+    if why is not None:
+        return skipped(settings, asset_name, why)
     try:
         outcome = compute(settings)
     except LumoError as exc:
@@ -53,15 +95,20 @@ def evaluate(compute: Callable[[Settings], CheckOutcome], lumo: LumoSettings, as
 
 
 def evaluate_in_runner(context: AssetCheckExecutionContext, lumo: LumoSettings, runner: LumoRunner, check_name: str, asset_name: str) -> AssetCheckResult:
-    """Run `lumo check <name>`, which reports the check result back through Dagster Pipes."""
+    """Run `lumo check <name>`, which reports the check result back through Dagster Pipes;
+    skipped when the asset was never materialized."""
     settings = lumo.resolve()
+    why = never_materialized(settings, asset_name, context.instance)
+    if why is not None:
+        return skipped(settings, asset_name, why)
     command = ("check", check_name)
     try:
         reported = runner.run(context.op_execution_context, command, settings, gpu=True).get_asset_check_result()
-    except DagsterPipesError as exc:
+    except (DagsterPipesError, DagsterPipesExecutionError) as exc:
         return AssetCheckResult(
             passed=False,
-            description=f"cannot check `{asset_name}`: `lumo {' '.join(command)}` failed: {exc}; its one-line reason is in the step's stderr log",
+            severity=AssetCheckSeverity[CHECKS[check_name].severity],
+            description=f"cannot check `{asset_name}`: `lumo {' '.join(command)}` failed: {failure_reason(exc)}",
             metadata={"error": MetadataValue.text(str(exc)), "build_command": MetadataValue.text(build_command_hint(asset_name))},
         )
     description = reported.metadata.get("description")
@@ -84,8 +131,8 @@ def _build_check(spec: CheckSpec) -> AssetChecksDefinition:
         return _in_runner
 
     @asset_check(name=spec.name, asset=spec.asset, description=spec.description, blocking=spec.blocking)
-    def _here(lumo: LumoSettings) -> AssetCheckResult:
-        return evaluate(lambda settings: compute_check(spec.name, settings), lumo, spec.asset, severity=severity)
+    def _here(context: AssetCheckExecutionContext, lumo: LumoSettings) -> AssetCheckResult:
+        return evaluate(lambda settings: compute_check(spec.name, settings), lumo, spec.asset, severity=severity, instance=context.instance)
 
     return _here
 

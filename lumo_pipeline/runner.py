@@ -23,9 +23,12 @@ from typing import Any, Literal
 
 from dagster import (
     ConfigurableResource,
+    DagsterEventType,
     PipesClientCompletedInvocation,
     PipesSubprocessClient,
 )
+from dagster._core.errors import DagsterError, DagsterPipesExecutionError
+from dagster_pipes import DagsterPipesError
 from pydantic import Field
 
 from lumo_core.config import Settings
@@ -60,7 +63,58 @@ class LumoRunner(ConfigurableResource):
     run_as_host_user: bool = Field(default=True, description="docker mode: run as the host uid:gid so outputs stay owned by the user")
 
     def run(self, context: Any, subcommand: Sequence[str], settings: Settings, gpu: bool) -> PipesClientCompletedInvocation:
-        return build_launch(self, settings, subcommand, gpu=gpu).run(context)
+        try:
+            return build_launch(self, settings, subcommand, gpu=gpu).run(context)
+        # Local mode raises DagsterPipesExecutionError on a non-zero exit, docker mode DagsterPipesError.
+        except (DagsterPipesExecutionError, DagsterPipesError) as exc:
+            reason = pipes_failure_reason(context)
+            if reason is None:
+                raise
+            raise LumoCommandError(reason, str(exc)) from exc
+
+
+class LumoCommandError(DagsterPipesExecutionError):
+    """A `lumo` process that exited non-zero, with its one-line reason (what it prints after
+    `lumo <cmd>: error:`) in `reason`."""
+
+    def __init__(self, reason: str, pipes_message: str) -> None:
+        super().__init__(f"{reason} ({pipes_message})")
+        self.reason = reason
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The one-line reason of a failed `lumo` run, or the Pipes error itself when none came back."""
+    return exc.reason if isinstance(exc, LumoCommandError) else str(exc)
+
+
+# How the Dagster side of Pipes records an exception the external process closed Pipes with
+# (dagster._core.pipes.context.PipesMessageHandler._handle_closed): an engine event of the step,
+# holding the exception's class and message. `lumo` raises its LumoError inside the Reporter, that
+# is inside open_dagster_pipes, so the reason travels this way for every Pipes client (subprocess
+# and docker alike), without reading the process's stderr.
+PIPES_CLOSED_WITH_EXCEPTION = "[pipes] external process pipes closed with exception"
+
+
+def pipes_failure_reason(context: Any) -> str | None:
+    """The message of the exception the step's latest `lumo` process closed Pipes with, or None."""
+    try:
+        op_context = getattr(context, "op_execution_context", context)
+        step_key = op_context.get_step_execution_context().step.key
+        records = op_context.instance.get_records_for_run(run_id=op_context.run_id, of_type=DagsterEventType.ENGINE_EVENT, ascending=False).records
+    except (AttributeError, DagsterError):  # a context without a step or an instance (a direct invocation): no reason
+        return None
+    for record in records:
+        entry = record.event_log_entry
+        if entry.step_key != step_key or entry.dagster_event is None or not entry.user_message.startswith(PIPES_CLOSED_WITH_EXCEPTION):
+            continue
+        error = entry.dagster_event.engine_event_data.error
+        if error is None:
+            continue
+        # format_exception_only: "lumo_core.errors.LumoError: <reason>\n"
+        message = error.message.strip()
+        head, sep, rest = message.partition(": ")
+        return rest if sep and head.split(".")[-1] == error.cls_name else message
+    return None
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ import pytest
 from dagster import AssetCheckSeverity, MetadataValue
 from PIL import Image
 
+from lumo_core.checkpoint_checks import check_vocab_matches_token_space
 from lumo_core.lm_model import TOKEN_SPACE_ATTR
 from lumo_core.token_space import TokenSpace
-from lumo_core.checkpoint_checks import check_vocab_matches_token_space
 from lumo_pipeline.checks import evaluate
 from lumo_pipeline.metadata import as_dagster_metadata
 from lumo_pipeline.plots import (
@@ -64,12 +64,25 @@ def test_vocab_check_names_each_field_that_differs(outputs):
     ]
 
 
-def test_a_check_on_a_missing_output_fails_and_says_how_to_build_it(outputs):
+def test_a_check_on_an_asset_never_materialized_is_skipped_and_says_how_to_build_it(outputs):
     lumo, _ = outputs
+    result = evaluate(check_vocab_matches_token_space, lumo, "lm_checkpoint", severity=AssetCheckSeverity.ERROR)
+    # Skipped, not failed (Dagster 1.13 has no skip state for an @asset_check: see checks.skipped).
+    assert result.passed and result.severity == AssetCheckSeverity.WARN and result.metadata["skipped"].value is True
+    assert result.description.startswith("skipped: lm_checkpoint was never materialized") and "not found" in result.description
+    assert result.metadata["build_command"].value == "dagster asset materialize -m lumo_pipeline --select '*lm_checkpoint'"
+
+
+def test_a_check_whose_output_is_unreadable_still_fails_and_says_how_to_build_it(outputs):
+    lumo, _ = outputs
+    # The commit file is there (the asset was materialized), the file the check reads is not.
+    final = Path(lumo.output_dir) / "lm_checkpoint" / "final"
+    final.mkdir(parents=True)
+    (final / "model.safetensors").write_bytes(b"")
     result = evaluate(check_vocab_matches_token_space, lumo, "lm_checkpoint", severity=AssetCheckSeverity.WARN)
     assert not result.passed and result.severity == AssetCheckSeverity.WARN
     assert "not found" in result.description
-    assert result.metadata["build_command"].value == "dagster asset materialize -m lumo_pipeline --select +lm_checkpoint"
+    assert result.metadata["build_command"].value == "dagster asset materialize -m lumo_pipeline --select '*lm_checkpoint'"
 
 
 def test_plain_values_become_typed_metadata():
