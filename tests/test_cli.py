@@ -93,3 +93,21 @@ def test_bench_tokenize_prints_its_report_as_the_last_line(tmp_path):
     for key in ("samples_per_s", "efficiency", "speedup_vs_per_sample", "audio_seconds_per_s", "images_per_s", "peak_memory_ratio"):
         assert report[key] > 0, key
     assert report["samples"] == 12 and report["peak_memory_mb"]["rows"] == [4, 40]
+
+
+def test_tokenize_refuses_a_manifest_whose_rows_are_all_rejected(tmp_path):
+    """More than audit.reject_rate_fail of the lines rejected, or 0 samples: `lumo tokenize` exits 2
+    with the reason and commits nothing (no index.json), so nothing downstream runs on it."""
+    from tests.test_tokenization import DUMMY_CONFIG
+
+    config = tmp_path / "uti.yaml"
+    config.write_text(DUMMY_CONFIG)
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"id": "a", "task": "nope", "text": "x"}\nnot json\n{"id": "c", "task": "t2i", "text": "y", "image": "missing.png"}\n')
+    env = {"LUMO_OUTPUT_DIR": str(tmp_path / "out"), "LUMO_UTI_CONFIG": str(config), "LUMO_MANIFEST": str(manifest)}
+    assert lumo("token-space", env=env).returncode == 0
+    result = lumo("tokenize", env=env)
+    assert result.returncode == 2, result.stderr
+    assert "0 samples" in result.stderr and "3 of 3 manifest lines rejected" in result.stderr and "reject_rate_fail" in result.stderr
+    assert not (tmp_path / "out" / "tokenized_shards" / "index.json").exists()
+    assert (tmp_path / "out" / "tokenized_shards" / "rejects.jsonl").is_file()

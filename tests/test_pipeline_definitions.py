@@ -120,7 +120,7 @@ def test_reaudit_job_runs_audits_and_every_check_but_never_tokenizes():
 
 def test_sensor_job_is_the_tokenization_chain():
     graph = defs.resolve_asset_graph()
-    assert {key.to_user_string() for key in tokenization_job.selection.resolve(graph)} == {"manifest_audit", "tokenized_shards", "tokenized_audit"}
+    assert {key.to_user_string() for key in tokenization_job.selection.resolve(graph)} == {"token_space", "manifest_audit", "tokenized_shards", "tokenized_audit"}
     selected_checks = tokenization_job.selection.resolve_checks(graph)
     assert BLOCKING <= {key.name for key in selected_checks}
     assert AssetCheckKey(AssetKey("lm_checkpoint"), "vocab_matches_token_space") not in selected_checks

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -10,12 +12,21 @@ import pytest
 from dagster import (
     AssetMaterialization,
     DagsterInstance,
+    DagsterRunStatus,
     SensorResult,
     build_schedule_context,
     build_sensor_context,
+    job,
+    op,
 )
 
-from lumo_pipeline.jobs import manifest_changed, nightly_reaudit
+from lumo_pipeline import jobs
+from lumo_pipeline.jobs import (
+    MAX_ATTEMPTS,
+    backoff_s,
+    manifest_changed,
+    nightly_reaudit,
+)
 from lumo_pipeline.resources import LumoSettings
 
 
@@ -26,9 +37,34 @@ def manifest(tmp_path: Path) -> Path:
     return path
 
 
-def _evaluate(manifest: Path, instance: DagsterInstance, cursor: str | None) -> SensorResult:
-    context = build_sensor_context(instance=instance, cursor=cursor, resources={"lumo": LumoSettings(manifest=str(manifest))})
+def _evaluate(manifest: Path, instance: DagsterInstance, cursor: str | None, uti_config: Path | None = None) -> SensorResult:
+    lumo = LumoSettings(manifest=str(manifest), uti_config=str(uti_config) if uti_config else None)
+    context = build_sensor_context(instance=instance, cursor=cursor, resources={"lumo": lumo})
     return manifest_changed(context)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@op
+def _noop() -> None:
+    pass
+
+
+@job
+def _stand_in() -> None:
+    """Runs recorded in the instance under the tags the sensor asked for: stand-ins for the
+    tokenization_job runs the daemon would launch."""
+    _noop()
+
+
+def _launch(instance: DagsterInstance, result: SensorResult, status: DagsterRunStatus | None = None, failure: str | None = None) -> str:
+    [request] = result.run_requests
+    run = instance.create_run_for_job(_stand_in, tags=request.tags, status=status)
+    if failure is not None:
+        instance.report_run_failed(run, message=failure)
+    return run.run_id
 
 
 def test_nightly_reaudit_requests_one_reaudit_run_a_night():
@@ -44,23 +80,24 @@ def test_sensor_requests_tokenization_once_per_manifest_content(manifest):
     sha = hashlib.sha256(manifest.read_bytes()).hexdigest()
 
     first = _evaluate(manifest, instance, cursor=None)
-    assert [r.run_key for r in first.run_requests] == [sha]
-    assert first.cursor == sha
+    # The run key is the change: the content's sha256 and the change's sequence number.
+    assert [r.run_key for r in first.run_requests] == [f"{sha}-1"]
+    assert json.loads(first.cursor)["sha"] == sha
 
     unchanged = _evaluate(manifest, instance, cursor=first.cursor)
-    assert unchanged.run_requests == [] and unchanged.cursor == sha
+    assert unchanged.run_requests == [] and json.loads(unchanged.cursor)["sha"] == sha
     assert "unchanged" in unchanged.skip_reason.skip_message
 
     # Rewriting the same bytes (a new mtime) is no change; new content is.
     manifest.write_bytes(manifest.read_bytes())
-    assert _evaluate(manifest, instance, cursor=sha).run_requests == []
+    assert _evaluate(manifest, instance, cursor=first.cursor).run_requests == []
     with manifest.open("a") as handle:
         handle.write('{"id": "b", "task": "t2a", "text": "a chord", "audio": "b.wav"}\n')
-    changed = _evaluate(manifest, instance, cursor=sha)
+    changed = _evaluate(manifest, instance, cursor=first.cursor)
     new_sha = hashlib.sha256(manifest.read_bytes()).hexdigest()
-    assert [r.run_key for r in changed.run_requests] == [new_sha]
+    assert [r.run_key for r in changed.run_requests] == [f"{new_sha}-2"]
     assert changed.run_requests[0].tags["lumo/manifest_sha256"] == new_sha
-    assert changed.cursor == new_sha
+    assert json.loads(changed.cursor)["sha"] == new_sha
 
 
 def test_sensor_first_tick_does_not_retokenize_what_the_last_run_already_read(manifest):
@@ -68,9 +105,90 @@ def test_sensor_first_tick_does_not_retokenize_what_the_last_run_already_read(ma
     sha = hashlib.sha256(manifest.read_bytes()).hexdigest()
     instance.report_runless_asset_event(AssetMaterialization("manifest_audit", metadata={"manifest_sha256": sha}))
     result = _evaluate(manifest, instance, cursor=None)
-    assert result.run_requests == [] and result.cursor == sha
+    assert result.run_requests == [] and json.loads(result.cursor)["sha"] == sha
 
 
 def test_sensor_skips_while_the_manifest_is_missing(tmp_path):
     result = _evaluate(tmp_path / "absent.jsonl", DagsterInstance.ephemeral(), cursor=None)
     assert "does not exist" in result.skip_message
+
+
+def test_a_manifest_put_back_to_earlier_content_runs_again_under_a_new_run_key(manifest):
+    instance = DagsterInstance.ephemeral()
+    original = manifest.read_bytes()
+    first = _evaluate(manifest, instance, cursor=None)
+    _launch(instance, first, status=DagsterRunStatus.SUCCESS)
+    manifest.write_bytes(original + b'{"id": "b", "task": "t2a", "text": "a chord", "audio": "b.wav"}\n')
+    second = _evaluate(manifest, instance, cursor=first.cursor)
+    _launch(instance, second, status=DagsterRunStatus.SUCCESS)
+    manifest.write_bytes(original)
+    reverted = _evaluate(manifest, instance, cursor=second.cursor)
+    keys = [r.run_key for r in (*first.run_requests, *second.run_requests, *reverted.run_requests)]
+    # Dagster drops a RunRequest whose run key was used before: the reverted content gets a new one.
+    assert keys == [f"{_sha(manifest)}-1", f"{second.run_requests[0].tags['lumo/manifest_sha256']}-2", f"{_sha(manifest)}-3"]
+    assert len(set(keys)) == 3
+    assert json.loads(reverted.cursor)["seq"] == 3
+
+
+def test_a_successful_run_settles_the_change(manifest):
+    instance = DagsterInstance.ephemeral()
+    first = _evaluate(manifest, instance, cursor=None)
+    run_id = _launch(instance, first, status=DagsterRunStatus.SUCCESS)
+    settled = _evaluate(manifest, instance, cursor=first.cursor)
+    assert settled.run_requests == [] and run_id in settled.skip_reason.skip_message
+    assert json.loads(settled.cursor)["pending"] is None
+
+
+def test_a_failed_run_is_retried_with_backoff_and_given_up_after_the_last_attempt(manifest, monkeypatch):
+    instance = DagsterInstance.ephemeral()
+    clock = [time.time()]
+    monkeypatch.setattr(jobs, "_now", lambda: clock[0])
+    result = _evaluate(manifest, instance, cursor=None)
+    change = result.run_requests[0].tags["lumo/change"]
+    assert change == f"{_sha(manifest)}-1"
+    for attempt in range(1, MAX_ATTEMPTS):
+        _launch(instance, result, failure="the token space differs")
+        # Within the backoff: no request, the reason and the wait are said.
+        waiting = _evaluate(manifest, instance, cursor=result.cursor)
+        assert waiting.run_requests == [] and waiting.cursor == result.cursor
+        assert "the token space differs" in waiting.skip_reason.skip_message and "retrying in" in waiting.skip_reason.skip_message
+        clock[0] += backoff_s(attempt) + 1
+        result = _evaluate(manifest, instance, cursor=result.cursor)
+        [retry] = result.run_requests
+        assert retry.run_key == f"{change}-attempt{attempt + 1}"
+        assert retry.tags["lumo/change"] == change and retry.tags["lumo/attempt"] == str(attempt + 1)
+        assert json.loads(result.cursor)["pending"]["attempt"] == attempt + 1
+    _launch(instance, result, failure="the token space differs")
+    clock[0] += backoff_s(MAX_ATTEMPTS) + 1
+    gave_up = _evaluate(manifest, instance, cursor=result.cursor)
+    assert gave_up.run_requests == []
+    message = gave_up.skip_reason.skip_message
+    assert f"gave up on change {change} after {MAX_ATTEMPTS} failed attempts" in message and "the token space differs" in message
+    assert json.loads(gave_up.cursor)["pending"]["gave_up"] is True
+    # Given up: quiet until the next change, which is requested afresh.
+    assert _evaluate(manifest, instance, cursor=gave_up.cursor).run_requests == []
+    with manifest.open("a") as handle:
+        handle.write('{"id": "b", "task": "t2a", "text": "a chord", "audio": "b.wav"}\n')
+    fresh = _evaluate(manifest, instance, cursor=gave_up.cursor)
+    assert [r.run_key for r in fresh.run_requests] == [f"{_sha(manifest)}-2"]
+
+
+def test_a_uti_config_change_requests_a_run(manifest, tmp_path):
+    instance = DagsterInstance.ephemeral()
+    config = tmp_path / "uti.yaml"
+    config.write_text("split: {eval_fraction: 0.1}\n")
+    first = _evaluate(manifest, instance, cursor=None, uti_config=config)
+    _launch(instance, first, status=DagsterRunStatus.SUCCESS)
+    assert _evaluate(manifest, instance, cursor=first.cursor, uti_config=config).run_requests == []
+    config.write_text("split: {eval_fraction: 0.3}\n")
+    changed = _evaluate(manifest, instance, cursor=first.cursor, uti_config=config)
+    [request] = changed.run_requests
+    assert request.run_key == f"{_sha(manifest)}-2"
+    assert request.tags["lumo/uti_config_sha256"] == _sha(config) != first.run_requests[0].tags["lumo/uti_config_sha256"]
+    assert json.loads(changed.cursor)["config"] == _sha(config)
+
+
+def test_a_cursor_of_the_earlier_format_is_read(manifest):
+    """The bare manifest sha256 a sensor of the earlier version left: unchanged, no run."""
+    result = _evaluate(manifest, DagsterInstance.ephemeral(), cursor=_sha(manifest))
+    assert result.run_requests == [] and json.loads(result.cursor)["sha"] == _sha(manifest)

@@ -27,7 +27,7 @@ from PIL import Image
 from lumo_core.shards import CARD_NAME, MEDIA_FIELDS, SAMPLE_MEMBERS, SPLITS
 from lumo_core.token_space import TokenSpace
 from tests.manifests import write_hostile_manifest
-from tests.test_tokenization import DUMMY_CONFIG, tokenize_in_process
+from tests.test_tokenization import DUMMY_CONFIG, HOSTILE_CONFIG, tokenize_in_process
 
 MANIFEST_KEYS = {"id", "task", "text", "image", "audio"}
 IMAGE_TASKS = ("t2i", "i2t")
@@ -78,7 +78,7 @@ class Built:
 def _build(tmp_path_factory, name: str, write_manifest: Callable[[Path], Path]) -> Built:
     base = tmp_path_factory.mktemp(name)
     config = base / "uti.yaml"
-    config.write_text(DUMMY_CONFIG)
+    config.write_text(HOSTILE_CONFIG if write_manifest is _hostile_manifest else DUMMY_CONFIG)
     manifest = write_manifest(base / "data")
     tokenize_in_process(base / "out", manifest, config)
     return Built(base / "out", manifest)

@@ -39,6 +39,9 @@ pipeline: {num_workers: 1, image_batch_size: 4, audio_batch_size: 3, commit_ever
 shards: {max_samples_per_shard: 7, max_bytes_per_shard: 1000000}
 split: {eval_fraction: 0.25}
 """
+# The hostile manifest rejects 17 of its 25 lines by design: over the default
+# audit.reject_rate_fail (0.5), which would refuse to commit its shards.
+HOSTILE_CONFIG = DUMMY_CONFIG + "audit: {reject_rate_fail: 0.9}\n"
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +157,11 @@ def test_shards_read_back_with_plain_webdataset(tmp_path, sample_manifest, dummy
     assert seen == index["n_samples"]
 
 
-def test_hostile_manifest_every_line_accounted(tmp_path, dummy_config):
+def test_hostile_manifest_every_line_accounted(tmp_path):
     manifest, expected = write_hostile_manifest(tmp_path / "data")
-    summary = tokenize_in_process(tmp_path / "out", manifest, dummy_config)
+    config = tmp_path / "uti.yaml"
+    config.write_text(HOSTILE_CONFIG)
+    summary = tokenize_in_process(tmp_path / "out", manifest, config)
     root = tmp_path / "out" / "tokenized_shards"
     rejects = [json.loads(line) for line in (root / "rejects.jsonl").read_text().splitlines()]
     by_line = {r["line"]: r for r in rejects}
