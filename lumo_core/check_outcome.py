@@ -16,6 +16,9 @@ class CheckOutcome:
     passed: bool
     description: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    # "ERROR" or "WARN" when the outcome decides its own severity (reject_rate); None: the
+    # registry's severity for the check.
+    severity: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"passed": self.passed, "description": self.description, "metadata": self.metadata}

@@ -68,8 +68,9 @@ CHECKS: dict[str, CheckSpec] = {
                   lambda s, c: check_shards_match_index(_shards(s)), blocking=True),
         CheckSpec("retokenize_matches", "tokenized_shards", "A sample of rows tokenized again gives the recorded token_sha256.",
                   lambda s, c: check_retokenize(_shards(s), c, c.audit.retokenize_samples), blocking=True, needs_models=True),
-        CheckSpec("reject_rate", "tokenized_shards", "Share of rejected manifest lines under the config's audit.reject_rate_warn (warns only).",
-                  lambda s, c: check_reject_rate(_shards(s), c.audit.reject_rate_warn), severity="WARN"),
+        CheckSpec("reject_rate", "tokenized_shards",
+                  "Share of rejected manifest lines: warns over audit.reject_rate_warn, fails (and blocks) over audit.reject_rate_fail or with 0 samples.",
+                  lambda s, c: check_reject_rate(_shards(s), c.audit.reject_rate_warn, c.audit.reject_rate_fail), severity="WARN", blocking=True),
         CheckSpec("vocab_matches_token_space", "lm_checkpoint", "The checkpoint's vocab_size equals the token space's vocab_size_total.",
                   lambda s, c: check_vocab_matches_token_space(s)),
     )
@@ -84,5 +85,5 @@ def run_check(name: str, settings: Settings, reporter: Any) -> dict[str, Any]:
     """Compute one named check and report it (to Dagster when run through Pipes)."""
     spec = CHECKS[name]
     outcome = compute_check(name, settings)
-    reporter.report_check(name, outcome.passed, {**outcome.metadata, "description": outcome.description}, severity=spec.severity, asset_key=spec.asset)
+    reporter.report_check(name, outcome.passed, {**outcome.metadata, "description": outcome.description}, severity=outcome.severity or spec.severity, asset_key=spec.asset)
     return {"check": name, "asset": spec.asset, **outcome.to_json()}

@@ -155,9 +155,9 @@ class AuditConfig(StrictModel):
     retokenize_samples: int = Field(default=8, ge=0)
     # Share of rejected manifest lines above which the reject-rate check warns.
     reject_rate_warn: float = Field(default=0.05, ge=0.0, le=1.0)
-    # Share of rejected manifest lines above which the tokenize merge step fails (LumoError, exit
-    # 2) before it commits index.json, so nothing downstream runs; a build with 0 samples fails
-    # too. Raise it (up to 1.0) for a manifest that is meant to be mostly rejected.
+    # Share of rejected manifest lines above which the (blocking) reject-rate check fails at
+    # ERROR, so nothing downstream of the shards runs in that Dagster run; shards with 0 samples
+    # fail it too. `lumo tokenize` itself still exits 0: rejected rows are data (CONTRACT 1).
     reject_rate_fail: float = Field(default=0.5, ge=0.0, le=1.0)
     seed: int = 0
 

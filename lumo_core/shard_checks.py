@@ -202,7 +202,10 @@ def check_splits_disjoint(shards_dir: Path, scan: ShardScan | None = None) -> Ch
     )
 
 
-def check_reject_rate(shards_dir: Path, threshold: float) -> CheckOutcome:
+def check_reject_rate(shards_dir: Path, threshold: float, fail_threshold: float = 1.0) -> CheckOutcome:
+    """The share of rejected manifest lines: over `threshold` it fails at WARN; over
+    `fail_threshold`, or with 0 samples, at ERROR (the check is blocking, so an ERROR stops the
+    assets downstream of the shards in the same run)."""
     index = read_index(Path(shards_dir))
     lines = max(index["n_manifest_lines"], 1)
     rate = index["n_rejected"] / lines
@@ -213,8 +216,15 @@ def check_reject_rate(shards_dir: Path, threshold: float) -> CheckOutcome:
             if line.strip():
                 code = json.loads(line)["reason"].split(":", 1)[0]
                 reasons[code] = reasons.get(code, 0) + 1
+    no_samples = index["n_samples"] == 0
+    severe = no_samples or rate > fail_threshold
+    description = f"reject rate {rate:.2%} (warns over {threshold:.2%}, fails over {fail_threshold:.2%})"
+    if no_samples:
+        description = f"0 samples: every one of the {index['n_manifest_lines']} manifest lines was rejected; " + description
     return CheckOutcome(
-        passed=rate <= threshold,
-        description=f"reject rate {rate:.2%} (threshold {threshold:.2%})",
-        metadata={"reject_rate": round(rate, 6), "threshold": threshold, "n_rejected": index["n_rejected"], "reasons": dict(sorted(reasons.items()))},
+        passed=rate <= threshold and not no_samples,
+        description=description,
+        metadata={"reject_rate": round(rate, 6), "threshold": threshold, "fail_threshold": fail_threshold, "n_samples": index["n_samples"],
+                  "n_rejected": index["n_rejected"], "reasons": dict(sorted(reasons.items()))},
+        severity="ERROR" if severe else "WARN",
     )

@@ -360,7 +360,6 @@ def merge_units(run: TokenizeRun, reporter: Any) -> dict[str, Any]:
     n_rejected = sum(1 for _ in merged.iter_rejects())
     counts = {name: sum(spool.get_count(name) for spool in spools) for name in SOURCE_COUNTS}
     n_lines = count_lines(run.manifest)
-    _refuse_a_rejected_build(merged, n_samples, n_rejected, n_lines, config.audit.reject_rate_fail)
     index = {
         "format_version": INDEX_FORMAT_VERSION,
         "token_space_sha256": run.space.sha256,
@@ -384,23 +383,6 @@ def merge_units(run: TokenizeRun, reporter: Any) -> dict[str, Any]:
     reporter.log(f"{n_samples} samples in {sum(s['n_shards'] for s in split_summaries.values())} shards, {n_rejected} rejects; "
                  f"{counts['rows_encoded']} rows encoded, {counts['rows_from_cache']} from the cache")
     return {**summarize(out_dir, reused=False, reused_shards=sum(s["reused_shards"] for s in split_summaries.values())), **counts}
-
-
-def _refuse_a_rejected_build(merged: MergedSpool, n_samples: int, n_rejected: int, n_lines: int, threshold: float) -> None:
-    """Fail the merge before the commit point (index.json) when the build has no samples or more
-    than `audit.reject_rate_fail` of the manifest's lines were rejected. The spools stay, so a
-    rerun after fixing the manifest or raising the threshold only merges again."""
-    rate = n_rejected / n_lines if n_lines else 0.0
-    if n_samples > 0 and rate <= threshold:
-        return
-    reasons: dict[str, int] = {}
-    for _line, _rid, reason in merged.iter_rejects():
-        code = reason.split(":", 1)[0]
-        reasons[code] = reasons.get(code, 0) + 1
-    top = ", ".join(f"{code} x{n}" for code, n in sorted(reasons.items(), key=lambda item: (-item[1], item[0]))[:3])
-    what = "0 samples" if n_samples == 0 else f"reject rate {rate:.2%} is over audit.reject_rate_fail {threshold:.2%}"
-    raise LumoError(f"refusing to commit the shards: {what} ({n_rejected} of {n_lines} manifest lines rejected"
-                    f"{'; top reasons: ' + top if top else ''}); see rejects.jsonl, fix the manifest or raise audit.reject_rate_fail")
 
 
 def _task_counts(spool: Spool | MergedSpool) -> dict[tuple[str, str], tuple[int, int]]:

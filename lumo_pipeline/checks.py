@@ -88,7 +88,8 @@ def evaluate(
         )
     return AssetCheckResult(
         passed=outcome.passed,
-        severity=severity,
+        # An outcome may decide its own severity (reject_rate: WARN, or ERROR past the fail threshold).
+        severity=AssetCheckSeverity[outcome.severity] if outcome.severity else severity,
         description=outcome.description,
         metadata={**as_dagster_metadata(outcome.metadata), "checked": MetadataValue.path(str(settings.output_dir / STEPS[asset_name].commit_file))},
     )

@@ -95,9 +95,10 @@ def test_bench_tokenize_prints_its_report_as_the_last_line(tmp_path):
     assert report["samples"] == 12 and report["peak_memory_mb"]["rows"] == [4, 40]
 
 
-def test_tokenize_refuses_a_manifest_whose_rows_are_all_rejected(tmp_path):
-    """More than audit.reject_rate_fail of the lines rejected, or 0 samples: `lumo tokenize` exits 2
-    with the reason and commits nothing (no index.json), so nothing downstream runs on it."""
+def test_a_manifest_whose_rows_are_all_rejected_is_data_and_fails_the_reject_rate_check_at_error(tmp_path):
+    """Rejected rows are data (CONTRACT 1): `lumo tokenize` exits 0 and commits index.json. The
+    blocking reject-rate check then fails at ERROR (0 samples, or a share over
+    audit.reject_rate_fail), so nothing downstream of the shards runs on them."""
     from tests.test_tokenization import DUMMY_CONFIG
 
     config = tmp_path / "uti.yaml"
@@ -107,7 +108,12 @@ def test_tokenize_refuses_a_manifest_whose_rows_are_all_rejected(tmp_path):
     env = {"LUMO_OUTPUT_DIR": str(tmp_path / "out"), "LUMO_UTI_CONFIG": str(config), "LUMO_MANIFEST": str(manifest)}
     assert lumo("token-space", env=env).returncode == 0
     result = lumo("tokenize", env=env)
-    assert result.returncode == 2, result.stderr
-    assert "0 samples" in result.stderr and "3 of 3 manifest lines rejected" in result.stderr and "reject_rate_fail" in result.stderr
-    assert not (tmp_path / "out" / "tokenized_shards" / "index.json").exists()
-    assert (tmp_path / "out" / "tokenized_shards" / "rejects.jsonl").is_file()
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["n_rejected"] == 3
+    check = lumo("check", "reject_rate", env=env)
+    assert check.returncode == 0, check.stderr
+    outcome = json.loads(check.stdout.strip().splitlines()[-1])
+    assert not outcome["passed"] and outcome["description"].startswith("0 samples")
+    from lumo_core.shard_checks import check_reject_rate
+
+    assert check_reject_rate(tmp_path / "out" / "tokenized_shards", 0.05, 0.5).severity == "ERROR"

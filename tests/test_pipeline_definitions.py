@@ -32,7 +32,7 @@ CHECKS = {
     ("tokenized_shards", "reject_rate"),
     ("lm_checkpoint", "vocab_matches_token_space"),
 }
-BLOCKING = {"ids_in_range", "rows_accounted", "shards_match_index", "retokenize_matches"}
+BLOCKING = {"ids_in_range", "rows_accounted", "shards_match_index", "retokenize_matches", "reject_rate"}
 
 
 def test_loading_definitions_imports_no_heavy_library():

@@ -40,7 +40,7 @@ shards: {max_samples_per_shard: 7, max_bytes_per_shard: 1000000}
 split: {eval_fraction: 0.25}
 """
 # The hostile manifest rejects 17 of its 25 lines by design: over the default
-# audit.reject_rate_fail (0.5), which would refuse to commit its shards.
+# audit.reject_rate_fail (0.5), at which the blocking reject-rate check fails at ERROR.
 HOSTILE_CONFIG = DUMMY_CONFIG + "audit: {reject_rate_fail: 0.9}\n"
 
 
