@@ -93,6 +93,12 @@ def test_units_run_on_two_celery_workers_and_the_shards_equal_the_in_process_run
     cluster_env = {**base_env, "LUMO_OUTPUT_DIR": str(cluster_out)}
     workers = [start_worker(name, cluster_env, tmp_path / f"{name}.log") for name in WORKERS]
     try:
+        # Both workers must be consuming before the run submits its units, or the first one up
+        # takes them all.
+        deadline = time.monotonic() + 120
+        while not all("ready." in (tmp_path / f"{name}.log").read_text(errors="replace") for name in WORKERS):
+            assert time.monotonic() < deadline, "the Celery workers did not start"
+            time.sleep(0.5)
         materialize = subprocess.run(
             [str(BIN / "dagster"), "asset", "materialize", "-f", str(ROOT / "deploy" / "celery" / "definitions.py"), "--select", "+tokenized_shards"],
             cwd=tmp_path, env=cluster_env, capture_output=True, text=True, timeout=420, check=False,
