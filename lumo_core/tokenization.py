@@ -66,9 +66,6 @@ class PipelineTimings:
     """Where a run's time went, and how many rows the models encoded or the cache supplied."""
 
     model_s: float = 0.0
-    total_s: float = 0.0
-    image_batches: int = 0
-    audio_batches: int = 0
     rows_encoded: int = 0
     rows_from_cache: int = 0
     cache_damaged: int = 0
@@ -198,10 +195,6 @@ class SampleEncoder:
         started = time.perf_counter()
         codes = self.encode_media(modality, [p.media for p in batch])
         self.timings.model_s += time.perf_counter() - started
-        if modality == "image":
-            self.timings.image_batches += 1
-        else:
-            self.timings.audio_batches += 1
         self.timings.rows_encoded += len(batch)
         if self.cache is not None:
             for p, (c, meta) in zip(batch, codes):

@@ -275,7 +275,6 @@ def tokenize_units(run: TokenizeRun, tokenizer: Any, units: list[int], reporter:
     if resumed:
         reporter.log(f"resuming: {resumed} manifest lines of units {sorted(wanted)} already tokenized")
     timings = PipelineTimings()
-    started = time.perf_counter()
     cache = run.token_cache()
     encoder = SampleEncoder(tokenizer, config, timings, cache)
     executor = make_executor(tokenizer, config, cache)
@@ -312,7 +311,6 @@ def tokenize_units(run: TokenizeRun, tokenizer: Any, units: list[int], reporter:
     finally:
         if executor is not None:
             executor.shutdown(cancel_futures=True)
-    timings.total_s = time.perf_counter() - started
     for spool in spools.values():
         spool.set_meta("complete", "1")
         spool.close()
