@@ -2,8 +2,16 @@
 
 The definitions of `lumo_pipeline.definitions` with one difference: the steps run in containers of
 the GPU image named by LUMO_RUNNER_IMAGE, started through the host's Docker socket, instead of as
-local subprocesses.
+local subprocesses. LUMO_RUNNER_GPUS sets how many GPUs a GPU step gets (default -1: all; 0 on a
+machine without GPUs, as scripts/compose_smoke.sh runs it).
+
+The step containers share the code location's LUMO_CACHE_DIR (a host folder under LUMO_DATA_DIR):
+the stand-in models are built once, and the embedded sample manifest that `lumo tokenize` records
+in run.json is the same file for the checks' containers (with a cache private to each container,
+`retokenize_matches` found "the manifest the shards were made from is gone").
 """
+
+import os
 
 from dagster import EnvVar
 
@@ -11,4 +19,12 @@ from lumo_pipeline.definitions import build_definitions
 from lumo_pipeline.resources import LumoSettings
 from lumo_pipeline.runner import LumoRunner
 
-defs = build_definitions(LumoSettings.from_environment(), LumoRunner(mode="docker", image=EnvVar("LUMO_RUNNER_IMAGE")))
+defs = build_definitions(
+    LumoSettings.from_environment(),
+    LumoRunner(
+        mode="docker",
+        image=EnvVar("LUMO_RUNNER_IMAGE"),
+        gpus=int(os.environ.get("LUMO_RUNNER_GPUS") or -1),
+        cache_dir=os.environ.get("LUMO_CACHE_DIR") or None,
+    ),
+)

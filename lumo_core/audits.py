@@ -35,6 +35,7 @@ from lumo_core.tokenizer_checks import (
     decode_spot_checks,
     probe_audio,
     probe_image,
+    size_match_by_modality,
 )
 
 
@@ -81,7 +82,12 @@ def audit_shards(settings: Settings, reporter: Any) -> dict[str, Any]:
 
 def audit_uti(settings: Settings, reporter: Any) -> dict[str, Any]:
     """Determinism, runtime sizes, an encode/decode smoke test (recon.png, recon.wav) and audio
-    idempotence (reported, not required); writes uti_audit/report.json."""
+    idempotence (reported, not required); writes uti_audit/report.json, and the probes' token
+    hashes as image_tokens.sha256 and audio_tokens.sha256.
+
+    The report carries, beside its own fields, the original system's names for the same facts
+    (the compatibility layer, see README): `runtime_size_match` per modality, `image_decode_ok`,
+    `audio_decode_ok` and `audio_idempotent`."""
     import soundfile
 
     from lumo_core.unified import UnifiedTokenizer
@@ -111,6 +117,21 @@ def audit_uti(settings: Settings, reporter: Any) -> dict[str, Any]:
     original = encodings[AUDIO][0].ids
     same_length = re_encoded.size == original.size
     idempotence = float(np.mean(re_encoded == original)) if same_length else 0.0
+    recon_waveform = np.asarray(waveform)
+    compat = {
+        "runtime_size_match": size_match_by_modality(sizes),
+        # The probe's codes decode to a picture of the tokenizer's (height, width).
+        "image_decode_ok": [recon_image.height, recon_image.width] == list(space.image["resolution"]),
+        # ... and to a finite, non-empty waveform of the codec's rate and channel count.
+        "audio_decode_ok": bool(
+            rate == space.audio["sample_rate"] and recon_waveform.ndim == 2 and recon_waveform.shape[0] == space.audio["channels"]
+            and recon_waveform.shape[1] > 0 and np.isfinite(recon_waveform).all()
+        ),
+        # Decoding then encoding again gives the very same codes.
+        "audio_idempotent": bool(same_length and idempotence == 1.0),
+    }
+    for modality in (IMAGE, AUDIO):
+        atomic_write_bytes(out_dir / f"{modality}_tokens.sha256", (token_sha[modality] + "\n").encode())
     report = {
         "token_space_sha256": space.sha256,
         "deterministic": deterministic,
@@ -122,10 +143,11 @@ def audit_uti(settings: Settings, reporter: Any) -> dict[str, Any]:
                        "text_round_trip": tokenizer.text.decode(encodings[TEXT][0].codes) == text},
         # Untrained stand-in codecs are far from idempotent; real EnCodec is close. Reported only.
         "audio_idempotence": {"same_length": same_length, "matching_code_share": round(idempotence, 6)},
+        **compat,
     }
     payload = canonical_json_bytes(report)
     atomic_write_bytes(out_dir / "report.json", payload)
     summary = {"report": str(out_dir / "report.json"), "report_sha256": sha256_hex(payload), "deterministic": deterministic,
-               "runtime_sizes_match": sizes.passed, "audio_idempotence": report["audio_idempotence"]["matching_code_share"]}
+               "runtime_sizes_match": sizes.passed, "audio_idempotence": report["audio_idempotence"]["matching_code_share"], **compat}
     reporter.report_materialization(summary, data_version=summary["report_sha256"])
     return summary

@@ -7,7 +7,7 @@ import json
 from lumo_core.check_outcome import CheckOutcome
 from lumo_core.checkpoints import FINAL
 from lumo_core.config import Settings
-from lumo_core.errors import MissingUpstreamError
+from lumo_core.errors import MissingUpstreamError, rebuild_hint
 from lumo_core.lm_model import TOKEN_SPACE_ATTR
 from lumo_core.token_space import TokenSpace
 
@@ -17,7 +17,7 @@ def check_vocab_matches_token_space(settings: Settings) -> CheckOutcome:
     token_space.json."""
     config_path = settings.step_dir("lm_checkpoint") / FINAL / "config.json"
     if not config_path.is_file():
-        raise MissingUpstreamError(f"{config_path} not found: train first (`lumo train`, the `lm_checkpoint` asset)")
+        raise MissingUpstreamError(f"{config_path} not found: train first: {rebuild_hint('lm_checkpoint', 'lumo train')}")
     model_config = json.loads(config_path.read_bytes())
     vocab_size = model_config.get("text_config", model_config).get("vocab_size")
     trained_for = model_config.get(TOKEN_SPACE_ATTR)

@@ -8,11 +8,15 @@ Under lm_checkpoint/:
     base/                LoRA only: the base model the adapters belong to
     final/               the trained model as a plain transformers model (LoRA merged in), with
                          token_space.json and training_summary.json
+    final-step<N>/       an earlier final/, kept when its run was continued past step N
     train_log.jsonl      one line per logged step
     sample_ids/          per rank, the sample ids of every step (train.record_sample_ids)
 Every folder is written under a temporary name and renamed when complete; `latest` is replaced
-atomically after the checkpoint it names. The training loop is lumo_core.training; torch is
-imported only when a checkpoint is written or read.
+atomically after the checkpoint it names. Nothing here deletes a user's checkpoint: pruning to
+`keep` spares the last checkpoint of every finished run (its step equals the max_steps it was
+trained to), leftovers are cleared only where no checkpoint exists, and a run set aside for a new
+one is moved whole to a sibling folder of its own name. The training loop is lumo_core.training;
+torch is imported only when a checkpoint is written or read.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lumo_core.errors import LumoError
 from lumo_core.fileio import atomic_write_bytes
 from lumo_core.token_space import canonical_json_bytes
 
@@ -71,12 +76,59 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
-def clear_run(out_dir: Path) -> None:
-    """Remove a previous run's checkpoints, models, log and sample ids."""
-    for path in checkpoint_dirs(out_dir) + [out_dir / FINAL, out_dir / BASE, out_dir / SAMPLE_IDS]:
+def holds_models(out_dir: Path) -> bool:
+    """Whether `out_dir` holds a checkpoint or a final model (anything a user may want back)."""
+    return bool(checkpoint_dirs(out_dir)) or any(p.is_dir() for p in out_dir.glob(f"{FINAL}*"))
+
+
+def clear_leftovers(out_dir: Path) -> None:
+    """Remove what a run that never completed a checkpoint leaves (log, sample ids, LoRA base,
+    temporary folders). Refuses where a checkpoint or final model exists."""
+    if holds_models(out_dir):
+        raise LumoError(f"{out_dir} holds checkpoints: they are not leftovers")
+    for path in [out_dir / BASE, out_dir / SAMPLE_IDS, *out_dir.glob(".*.tmp")]:
         shutil.rmtree(path, ignore_errors=True)
     for name in (LATEST, TRAIN_LOG):
         (out_dir / name).unlink(missing_ok=True)
+
+
+def kept_run_name(out_dir: Path, state: dict[str, Any] | None) -> Path:
+    """The sibling folder a run set aside goes to: `<out_dir>-step<N>-<identity>`, numbered on
+    when taken."""
+    label = f"step{state['step']}-{str(state['run_identity'])[:8]}" if state else "incomplete"
+    candidate = out_dir.with_name(f"{out_dir.name}-{label}")
+    number = 2
+    while candidate.exists():
+        candidate = out_dir.with_name(f"{out_dir.name}-{label}-{number}")
+        number += 1
+    return candidate
+
+
+def set_run_aside(out_dir: Path, target: Path) -> None:
+    """Move the whole run folder to `target` (one rename: every byte kept) and leave an empty
+    `out_dir`."""
+    os.replace(out_dir, target)
+    out_dir.mkdir(parents=True)
+
+
+def keep_final(out_dir: Path, step: int) -> Path | None:
+    """Rename final/ to final-step<step>/ before a continued run writes a new final/."""
+    final = out_dir / FINAL
+    if not final.is_dir():
+        return None
+    target = out_dir / f"{FINAL}-step{step}"
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(final, target)
+    return target
+
+
+def is_run_end(checkpoint: Path) -> bool:
+    """Whether a checkpoint is the last one of a finished run (never pruned)."""
+    path = checkpoint / TRAINER_STATE
+    if not path.is_file():
+        return False
+    state = json.loads(path.read_text())
+    return state.get("max_steps") is not None and state["step"] == state["max_steps"]
 
 
 # ------------------------------------------------------------------------ resume state
@@ -133,6 +185,58 @@ def load_training_state(checkpoint: Path, rank: int, optimizer: Any, scheduler: 
     return rank_state
 
 
+def weights_files(path: Path) -> list[Path]:
+    """The weight files that decide a checkpoint's model: a model folder's safetensors, or a
+    LoRA checkpoint's adapter plus the base/ beside it."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        files = sorted(path.glob("*.safetensors"))
+    elif (path / "adapter_model.safetensors").is_file():
+        files = [path / "adapter_model.safetensors", *sorted((path.parent / BASE).glob("*.safetensors"))]
+    else:
+        raise LumoError(f"{path}: neither a model folder (config.json) nor a LoRA checkpoint (adapter_model.safetensors)")
+    if len(files) < (1 if (path / "config.json").is_file() else 2):
+        raise LumoError(f"{path}: no safetensors weights found (a LoRA checkpoint needs {path.parent / BASE} beside it)")
+    return files
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 over a checkpoint's weight files (names and bytes, in order)."""
+    import hashlib
+
+    from lumo_core.fileio import file_sha256
+
+    digest = hashlib.sha256()
+    for file in weights_files(path):
+        digest.update(f"{file.name}:{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def load_weights(path: Path, token_space: TokenSpace, attn_implementation: str = "sdpa") -> Any:
+    """Any checkpoint's weights as a plain transformers model (fp32, CPU): a model folder
+    (final/, a full fine-tuning checkpoint-<N>/, base/) or a LoRA checkpoint-<N>/ merged into the
+    base/ beside it. The model must be trained for `token_space`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lumo_core.errors import TokenSpaceError
+    from lumo_core.lm_model import TOKEN_SPACE_ATTR
+
+    path = Path(path)
+    weights_files(path)
+    if (path / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+    else:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(path.parent / BASE, dtype=torch.float32, attn_implementation=attn_implementation)
+        model = PeftModel.from_pretrained(base, path).merge_and_unload()
+    recorded = getattr(model.config, TOKEN_SPACE_ATTR, None)
+    if recorded != token_space.sha256:
+        raise TokenSpaceError(f"{path} was trained for token space {str(recorded)[:12]}, this run's is {token_space.sha256[:12]}")
+    return model
+
+
 def load_adapters(model: Any, checkpoint: Path) -> None:
     """Put a LoRA checkpoint's adapter weights into `model` (a PeftModel)."""
     from peft import set_peft_model_state_dict
@@ -169,7 +273,8 @@ def save_checkpoint(
     dist: Distributed,
     keep: int,
 ) -> None:
-    """Write checkpoint-<step>/ and point `latest` at it, keeping the newest `keep` checkpoints.
+    """Write checkpoint-<step>/ and point `latest` at it, keeping the newest `keep` checkpoints
+    and the last checkpoint of every finished run.
 
     Every rank calls this: rank 0 writes the shared files, each rank its own rank-<r>.pt.
     `run_state` is what trainer_state.json records besides the format version and the step."""
@@ -196,7 +301,8 @@ def save_checkpoint(
         os.replace(tmp, target)
         atomic_write_bytes(out_dir / LATEST, (name + "\n").encode())
         for old in checkpoint_dirs(out_dir)[:-keep]:
-            shutil.rmtree(old)
+            if not is_run_end(old):
+                shutil.rmtree(old)
     dist.barrier()
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
-from lumo_core.config import Settings
-from lumo_core.errors import LumoError
+from lumo_core.config import TASKS, Settings
+from lumo_core.errors import LumoError, StopRequested
 from lumo_core.reporting import Reporter
 from lumo_core.token_space import sha256_hex
 
@@ -65,12 +67,12 @@ def cmd_tokenize(settings: Settings, reporter: Reporter, args: argparse.Namespac
 
     if args.unit is not None:
         # One unit reports no materialization: the merge commits the asset.
-        return tokenize_unit(settings, reporter, args.unit)
+        return tokenize_unit(settings, reporter, args.unit, force=args.force)
     if args.merge:
-        run, _ = start_run(settings, load_models=False)
+        run, _ = start_run(settings, load_models=False, force=args.force)
         summary = merge_units(run, reporter)
     else:
-        summary = tokenize(settings, reporter, workers=args.workers)
+        summary = tokenize(settings, reporter, workers=args.workers, force=args.force)
     reporter.report_materialization(summary, data_version=summary["index_sha256"])
     return summary
 
@@ -90,13 +92,34 @@ def cmd_audit_uti(settings: Settings, reporter: Reporter, args: argparse.Namespa
 def cmd_train(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
     from lumo_core.training import run_train
 
-    return run_train(settings, reporter, overrides=_overrides(args))
+    return run_train(settings, reporter, overrides=_overrides(args), init_from=args.init_from, new_run=args.new_run)
 
 
 def cmd_eval(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
     from lumo_core.lm_eval import run_eval
 
     return run_eval(settings, reporter, overrides=_overrides(args))
+
+
+def cmd_generate(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
+    from lumo_core.generate_run import run_generate
+
+    summary = run_generate(
+        settings, reporter, args.task, text=args.text, image=args.image, audio=args.audio, out_dir=args.out, checkpoint=args.checkpoint,
+        num_samples=args.num_samples, seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+    )
+    # Text answers go to stdout, one line a sample, ahead of the JSON summary line.
+    for sample in summary["samples"]:
+        for span in sample["spans"]:
+            if "text" in span:
+                print(" ".join(span["text"].splitlines()))
+    return summary
+
+
+def cmd_export_jsonl(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
+    from lumo_core.tokenized_jsonl import run_export_jsonl
+
+    return run_export_jsonl(settings, reporter, out_dir=args.out)
 
 
 def cmd_bench_tokenize(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
@@ -154,10 +177,35 @@ def build_parser() -> argparse.ArgumentParser:
                                help="tokenize work unit K only (0 <= K < pipeline.work_units; repeat for several); the merge writes the shards")
             which.add_argument("--merge", action="store_true", help="only merge the completed units into shards, rejects, stats and index.json")
             which.add_argument("--workers", type=int, default=1, metavar="N", help="run the units in N processes at once (default 1: in this process)")
+            command.add_argument("--force", action="store_true",
+                                 help="rebuild even when up to date: units tokenized again from the media (token cache not read), shards rewritten")
     for name, handler, help_text in (("train", cmd_train, "train the token LM on the shards"), ("eval", cmd_eval, "evaluate the token LM on the eval split")):
         p = sub.add_parser(name, parents=[common], help=help_text)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training config field")
+        if name == "train":
+            p.add_argument("--init-from", type=Path, metavar="PATH",
+                           help="start a new run from this checkpoint's weights (a model folder such as final/ or checkpoint-N/, or a LoRA checkpoint-N/); "
+                                "fresh optimizer and schedule; a different run in the output folder is moved whole to a sibling folder")
+            p.add_argument("--new-run", action="store_true",
+                           help="when the output folder holds a run of other settings, move it whole to a sibling folder and start this run (without: refuse)")
         p.set_defaults(handler=handler)
+    gen = sub.add_parser("generate", parents=[common], help="any-to-any generation from a checkpoint: media to --out, text to stdout")
+    gen.add_argument("--task", required=True, choices=TASKS, help="what to generate from what")
+    gen.add_argument("--text", help="the input text (t2i, t2a)")
+    gen.add_argument("--image", type=Path, metavar="FILE", help="the input image (i2t)")
+    gen.add_argument("--audio", type=Path, metavar="FILE", help="the input audio (a2t)")
+    gen.add_argument("--out", type=Path, metavar="DIR", help="where decoded PNG and WAV files go (default: LUMO_OUTPUT_DIR/generate)")
+    gen.add_argument("--checkpoint", type=Path, metavar="DIR", help="the model folder (default: LUMO_OUTPUT_DIR/lm_checkpoint/final)")
+    gen.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples to draw, with seeds SEED, SEED+1, ... (default 1)")
+    gen.add_argument("--seed", type=int, help="seed of the first sample (default: sampling.seed of the training config)")
+    gen.add_argument("--temperature", type=float, help="overrides sampling.temperature")
+    gen.add_argument("--top-k", type=int, help="overrides sampling.top_k (0: off)")
+    gen.add_argument("--top-p", type=float, help="overrides sampling.top_p (1.0: off)")
+    gen.add_argument("--max-new-tokens", type=int, help="overrides sampling.max_new_tokens")
+    gen.set_defaults(handler=cmd_generate)
+    export = sub.add_parser("export-jsonl", parents=[common], help="write the tokenized shards as tokenized JSONL, one file per split")
+    export.add_argument("--out", type=Path, metavar="DIR", help="the export folder (default: LUMO_OUTPUT_DIR/tokenized_jsonl)")
+    export.set_defaults(handler=cmd_export_jsonl)
     from lumo_core.check_registry import CHECKS
 
     check = sub.add_parser("check", parents=[common], help="run one asset check of CONTRACT section 7 and print its outcome")
@@ -181,11 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (Dagster's Terminate, `kill`) becomes an error raised where the process is: the
+    steps' cleanup runs (workers stopped, temporary files removed, SQLite rolled back) and the
+    process exits 2 with a one-line reason within seconds. Completed work is kept for the rerun."""
+    raise StopRequested("stopped by SIGTERM; completed work is kept: run the same command again to resume")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = args.command if args.command != "bench" else f"bench {args.bench}"
     # Under torchrun every rank runs this; only rank 0 reports to Dagster and prints the summary.
     is_main_process = os.environ.get("RANK", "0") == "0"
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         settings = Settings.from_env(output_dir=args.output_dir, manifest=args.manifest, uti_config=args.uti_config, train_config=args.train_config)
         with Reporter(name, open_pipes=is_main_process) as reporter:

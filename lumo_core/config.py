@@ -120,14 +120,39 @@ class LimitsConfig(StrictModel):
     max_image_pixels: int = Field(default=40_000_000, gt=0)
     max_audio_seconds: float = Field(default=30.0, gt=0)
     max_text_tokens: int = Field(default=512, gt=0)
+    # What one manifest line may cost before it is parsed: longer lines are skipped unread, in
+    # bounded chunks (a 1 GB line never sits in memory); deeper JSON nesting is refused by a
+    # bracket scan before the parser runs (Python's json recurses, and raises RecursionError
+    # near depth 1000: hence the upper bound); longer captions are refused before the text
+    # tokenizer sees them.
+    max_line_bytes: int = Field(default=1 << 20, gt=0)
+    max_json_depth: int = Field(default=64, gt=0, le=500)
+    max_caption_chars: int = Field(default=100_000, gt=0)
+
+
+# `auto` batch sizes (rows per model call), by device. On CPU one row per call: batching buys
+# nothing there (the convolutions are compute-bound) and every padded row is paid in full, so the
+# calls run side by side instead, one torch thread each (lumo_core.tokenization.SampleEncoder).
+# On a GPU a large fixed shape; only the last batch of each length bucket is padded. Measured
+# figures: README, "Measured figures".
+AUTO_BATCH_SIZES = {"cpu": {"image_batch_size": 1, "audio_batch_size": 1}, "gpu": {"image_batch_size": 32, "audio_batch_size": 16}}
+
+
+def device_kind(device: str) -> str:
+    """`cpu` or `gpu`: which batch recipe a torch device string gets."""
+    return "cpu" if device == "cpu" else "gpu"
 
 
 class PipelineConfig(StrictModel):
     device: str = "cpu"
-    image_batch_size: int = Field(default=16, gt=0)
-    audio_batch_size: int = Field(default=8, gt=0)
+    # Rows per model call: a number, or `auto` (the default): AUTO_BATCH_SIZES for the device.
+    # Resolved when the config is read, so the run's recipe records the number used.
+    image_batch_size: int = Field(default=AUTO_BATCH_SIZES["cpu"]["image_batch_size"], gt=0)
+    audio_batch_size: int = Field(default=AUTO_BATCH_SIZES["cpu"]["audio_batch_size"], gt=0)
     # Media decoding processes beside the model process.
     num_workers: int = Field(default=1, ge=0)
+    # CPU threads for the models. On CPU they run that many model calls at once, each call on
+    # one thread (default: the cores this process may use).
     torch_threads: int | None = Field(default=None, gt=0)
     # Tokenized rows are committed to the crash-safe spool in groups of this many.
     commit_every_rows: int = Field(default=256, gt=0)
@@ -138,6 +163,18 @@ class PipelineConfig(StrictModel):
     # The per-row token cache (lumo_core.token_cache); default: <output dir>/token_cache. Point
     # several runs or machines at one folder to share it.
     token_cache_dir: str | None = None
+    # A media worker that spends longer than this on one file is killed and replaced; the row is
+    # rejected as `decoder_timeout` (num_workers: 0 decodes in the model process, unguarded).
+    decoder_timeout_s: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_batch_sizes(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        device = data.get("device", "cpu")
+        sizes = AUTO_BATCH_SIZES[device_kind(device if isinstance(device, str) else "cpu")]
+        return {**data, **{name: size for name, size in sizes.items() if data.get(name, "auto") == "auto"}}
 
 
 class ShardsConfig(StrictModel):

@@ -22,6 +22,11 @@ drawn samples that fills the rest best (subset sum); position ids restart at eve
 attention stays inside it, and the label of each sample's first token is dropped (it would be
 predicted from the previous sample).
 
+Sources. The split is a shard list (index.json of tokenized_shards), or tokenized JSONL
+(`data.jsonl`, lumo_core.tokenized_jsonl): an export folder's `parts` map each source shard to
+the byte range of its lines, so the JSONL reads as the same "shards" with the same sample
+numbers, in the same orders, and trains to the same weights; a plain .jsonl file is one part.
+
 Resume. Each micro-batch carries its consumer's stream state (task epochs and offsets, packing
 buffer); the trainer keeps the state of the last micro-batch it consumed from each worker slot
 and restarts the streams from there.
@@ -42,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from lumo_core.config import TASKS
-from lumo_core.errors import LumoError, MissingUpstreamError, TokenSpaceError
+from lumo_core.errors import LumoError, MissingUpstreamError, TokenSpaceError, rebuild_hint
 from lumo_core.sequences import IGNORE_INDEX
 from lumo_core.train_config import StageConfig, TrainConfig
 
@@ -63,6 +68,16 @@ class ShardEntry:
     path: Path
     n_samples: int
     first: int  # index of the shard's first sample within the split
+    # JSONL: the (offset, length) in bytes of this part's lines in `path`; None for a tar shard.
+    byte_range: tuple[int, int] | None = None
+
+    @property
+    def url(self) -> str:
+        """Names the part uniquely (a JSONL file holds many parts)."""
+        if self.byte_range is None:
+            return str(self.path)
+        offset, length = self.byte_range
+        return f"{self.path}#bytes={offset}-{offset + length}"
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,7 @@ class SplitShards:
     split: str
     shards: tuple[ShardEntry, ...]
     token_space_sha256: str
+    format: str = "webdataset"  # or "jsonl"
 
     @property
     def n_samples(self) -> int:
@@ -100,10 +116,64 @@ def open_split(shards_dir: Path, split: str, token_space_sha256: str) -> SplitSh
     for item in listed:
         path = shards_dir / item["name"]
         if not path.is_file():
-            raise MissingUpstreamError(f"{path}: listed in index.json but missing: tokenize again (`lumo tokenize`)")
+            raise MissingUpstreamError(f"{path}: listed in index.json but missing: tokenize again: {rebuild_hint('tokenized_shards', 'lumo tokenize')}")
         entries.append(ShardEntry(path, int(item["n_samples"]), first))
         first += int(item["n_samples"])
     return SplitShards(split, tuple(entries), token_space_sha256)
+
+
+def open_jsonl_split(path: Path, split: str, token_space_sha256: str) -> SplitShards:
+    """A split of tokenized JSONL: `path` is a `lumo export-jsonl` folder (its `<split>.jsonl`,
+    with the source shards as parts) or a .jsonl file (one part). Refused when made for another
+    token space (the export's index, or any line, says which)."""
+    from lumo_core.tokenized_jsonl import read_export_index
+
+    path = Path(path)
+    if path.is_dir():
+        index = read_export_index(path)
+        if index.get("token_space_sha256") != token_space_sha256:
+            raise TokenSpaceError(
+                f"{path}: the JSONL was exported for token space {str(index.get('token_space_sha256'))[:12]}, "
+                f"but the model is trained for token space {token_space_sha256[:12]}"
+            )
+        if split not in index["splits"]:
+            raise LumoError(f"{path}: the export has no {split!r} split (it has {sorted(index['splits'])})")
+        entry = index["splits"][split]
+        file = path / entry["file"]
+        if not file.is_file():
+            raise MissingUpstreamError(f"{file}: listed in {path / 'index.json'} but missing: export again (`lumo export-jsonl`)")
+        parts = tuple(ShardEntry(file, int(p["n_samples"]), int(p["first"]), (int(p["offset"]), int(p["length"]))) for p in entry["parts"])
+        return SplitShards(split, parts, token_space_sha256, "jsonl")
+    if not path.is_file():
+        raise LumoError(f"data.jsonl {path}: no such file or folder")
+    n_lines = 0
+    with open(path, "rb") as handle:
+        for line in handle:
+            n_lines += bool(line.strip())
+    if n_lines == 0:
+        raise LumoError(f"data.jsonl {path}: holds no samples")
+    return SplitShards(split, (ShardEntry(path, n_lines, 0, (0, path.stat().st_size)),), token_space_sha256, "jsonl")
+
+
+def open_train_split(config: TrainConfig, shards_dir: Path, token_space_sha256: str) -> SplitShards:
+    """The training split: the JSONL named by `data.jsonl`, else the shards' train split."""
+    if config.data.jsonl is not None:
+        return open_jsonl_split(Path(config.data.jsonl), "train", token_space_sha256)
+    return open_split(shards_dir, "train", token_space_sha256)
+
+
+def data_source_sha256(config: TrainConfig, shards_dir: Path) -> str:
+    """What identifies the training data for resuming: the sha256 of the shards' index.json, of
+    the JSONL export's index.json, or of a plain .jsonl file."""
+    from lumo_core.fileio import file_sha256
+    from lumo_core.tokenized_jsonl import INDEX
+
+    if config.data.jsonl is None:
+        return file_sha256(Path(shards_dir) / "index.json")
+    source = Path(config.data.jsonl)
+    if not source.exists():
+        raise LumoError(f"data.jsonl {source}: no such file or folder")
+    return file_sha256(source / INDEX if source.is_dir() else source)
 
 
 def owner(sample_number: int, n_consumers: int) -> int:
@@ -132,11 +202,72 @@ def _keep_owned(samples: Iterator[dict[str, Any]], first: dict[str, int], consum
             yield sample
 
 
+def _jsonl_samples(entries: list[ShardEntry]) -> Iterator[dict[str, Any]]:
+    """The lines of JSONL parts, streamed, in the shape tar samples have (`__url__`, `__key__`)."""
+    for entry in entries:
+        assert entry.byte_range is not None
+        offset, length = entry.byte_range
+        with open(entry.path, "rb") as handle:
+            handle.seek(offset)
+            position, line_number = 0, 0
+            while position < length:
+                line = handle.readline()
+                if not line:
+                    raise LumoError(f"{entry.url}: the file ends before the part does: export again")
+                position += len(line)
+                line_number += 1
+                if line.strip():
+                    yield {"__url__": entry.url, "__key__": f"line {line_number} of the part", "jsonl": line}
+
+
+def _source(split: SplitShards, entries: list[ShardEntry]) -> list[Any]:
+    """The pipeline stages that yield the raw samples of `entries`, in order."""
+    import webdataset as wds
+
+    if split.format == "jsonl":
+        return [partial(_jsonl_samples, list(entries))]
+    return [wds.SimpleShardList([entry.url for entry in entries]), wds.tarfile_to_samples()]
+
+
+def _parse_line(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """A JSONL line as (its fields, input_ids, labels), or a LumoError that says what is wrong."""
+    try:
+        meta = json.loads(raw["jsonl"])
+    except (ValueError, RecursionError) as exc:
+        raise LumoError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise LumoError(f"{where}: a line is a JSON object, got {type(meta).__name__}")
+    missing = [k for k in ("id", "task", "input_ids", "labels", "token_space_sha256") if k not in meta]
+    if missing:
+        raise LumoError(f"{where} lacks {missing}")
+    arrays = []
+    for name in ("input_ids", "labels"):
+        values = meta[name]
+        if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise LumoError(f"{where}: {name} is not a list of integers")
+        arrays.append(np.asarray(values, dtype=np.int64).astype(np.int32))
+    if meta["task"] not in TASKS:
+        raise LumoError(f"{where}: unknown task {meta['task']!r}; known: {list(TASKS)}")
+    return meta, arrays[0], arrays[1]
+
+
 def _decode(samples: Iterator[dict[str, Any]], token_space_sha256: str, task: str | None) -> Iterator[TokenSample]:
     from lumo_core.shards import npy_load
 
     for raw in samples:
         where = f"{raw.get('__url__')}: sample {raw.get('__key__')!r}"
+        if "jsonl" in raw:
+            meta, input_ids, labels = _parse_line(raw, where)
+            if meta["token_space_sha256"] != token_space_sha256:
+                raise TokenSpaceError(
+                    f"{where} was tokenized for token space {str(meta['token_space_sha256'])[:12]}, "
+                    f"the model is trained for {token_space_sha256[:12]}"
+                )
+            if labels.shape != input_ids.shape:
+                raise LumoError(f"{where}: labels length {labels.size} differs from input_ids length {input_ids.size}")
+            if task is None or meta["task"] == task:
+                yield TokenSample(str(meta["id"]), meta["task"], input_ids, labels)
+            continue
         missing = [m for m in ("json", "input_ids.npy", "labels.npy") if m not in raw]
         if missing:
             raise LumoError(f"{where} lacks {missing}")
@@ -160,8 +291,7 @@ def iter_split(split: SplitShards, task: str | None = None) -> Iterator[TokenSam
     import webdataset as wds
 
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList([str(s.path) for s in split.shards]),
-        wds.tarfile_to_samples(),
+        *_source(split, list(split.shards)),
         partial(_decode, token_space_sha256=split.token_space_sha256, task=task),
     )
     return iter(pipeline)
@@ -224,9 +354,8 @@ class TaskStream:
         shards = list(self._shards)
         random.Random(derive_seed(self.plan.seed, "shard-order", self.consumer, self.task, self.epoch)).shuffle(shards)
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList([str(shard.path) for shard in shards]),
-            wds.tarfile_to_samples(),
-            partial(_keep_owned, first={str(shard.path): shard.first for shard in shards}, consumer=self.consumer, n_consumers=self.n_consumers),
+            *_source(self.plan.split, shards),
+            partial(_keep_owned, first={shard.url: shard.first for shard in shards}, consumer=self.consumer, n_consumers=self.n_consumers),
             partial(_decode, token_space_sha256=self.plan.split.token_space_sha256, task=self.task),
             wds.shuffle(self.plan.shuffle_buffer, initial=self.plan.shuffle_buffer, rng=random.Random(derive_seed(self.plan.seed, "shuffle", self.consumer, self.task, self.epoch))),
         )

@@ -3,9 +3,11 @@
     report.json       loss and perplexity per task on the eval split, next-token accuracy per
                       modality of the target token (text, special, image, audio), the samples
     loss_curve.png    training loss per step, from lm_checkpoint/train_log.jsonl
-    samples/          per task, continuations sampled under the span grammar
-                      (lumo_core.generation) and decoded back through the UTI: .png for image
-                      spans, .wav for audio spans, .txt for text spans
+    samples/          per task, answers sampled under the task's grammar (the same
+                      `generate_sample` as `lumo generate`, lumo_core.generate_run) and decoded
+                      back through the UTI: .png for image spans, .wav for audio spans, .txt for
+                      text spans; report.json records their ids per span and the sha256 of the
+                      evaluated weights (`weights_sha256`)
 
 Sample prompts are eval sequences cut before their target, keeping the target's opening marker
 (`<|soi|>`, `<|soa|>`, `<|sot|>`) so the model answers in the task's modality.
@@ -25,13 +27,15 @@ from typing import Any
 import numpy as np
 
 from lumo_core.config import TASKS, Settings
-from lumo_core.errors import LumoError, MissingUpstreamError, TokenSpaceError
+from lumo_core.errors import (
+    LumoError,
+    MissingUpstreamError,
+    TokenSpaceError,
+    rebuild_hint,
+)
 from lumo_core.reporting import Reporter, markdown
 from lumo_core.token_space import (
-    AUDIO,
-    IMAGE,
     MODALITIES,
-    TEXT,
     TokenSpace,
     canonical_json_bytes,
     sha256_hex,
@@ -47,6 +51,7 @@ def evaluate_lm(model: Any, split: Any, token_space: TokenSpace, batch_size: int
     import torch.nn.functional as F
 
     from lumo_core.lm_data import collate_padded, iter_split
+    from lumo_core.modality_heads import model_head_index, restrict_to_target_heads
     from lumo_core.sequences import IGNORE_INDEX
 
     pad_id = token_space.special_id("<|pad_mm|>")
@@ -56,6 +61,8 @@ def evaluate_lm(model: Any, split: Any, token_space: TokenSpace, batch_size: int
     correct = {m: 0 for m in MODALITIES}
     counted = {m: 0 for m in MODALITIES}
     autocast = (lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)) if torch.device(device).type == "cuda" else nullcontext
+    # A modality-heads model is scored with each target's own head (its softmax); None: shared head.
+    heads = model_head_index(model)
 
     def run(batch: list[Any]) -> None:
         tensors = collate_padded(batch, pad_id, 8)
@@ -63,6 +70,7 @@ def evaluate_lm(model: Any, split: Any, token_space: TokenSpace, batch_size: int
             logits = model(input_ids=tensors["input_ids"].to(device), attention_mask=tensors["attention_mask"].to(device), use_cache=False).logits
         logits = logits[:, :-1].float().cpu()
         labels = tensors["labels"][:, 1:]
+        logits = restrict_to_target_heads(logits, labels, heads)
         losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
         predicted = logits.argmax(dim=-1)
         for row, sample in enumerate(batch):
@@ -142,14 +150,11 @@ def sample_prompt(input_ids: np.ndarray, labels: np.ndarray, token_space: TokenS
 
 
 def write_samples(model: Any, token_space: TokenSpace, decoder: Any, split: Any, sampling: SamplingConfig, device: Any, out_dir: Path) -> list[dict[str, Any]]:
-    """Generate `samples_per_task` continuations per task and decode their spans to files."""
-    import soundfile
-
-    from lumo_core.generation import OUTSIDE, SpanGrammar, closed_spans, generate
+    """Generate `samples_per_task` answers per task (lumo_core.generate_run.generate_sample, as
+    `lumo generate` does) to eval prompts, and decode their spans to files."""
+    from lumo_core.generate_run import generate_sample
     from lumo_core.lm_data import iter_split
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    grammar = SpanGrammar(token_space, sampling.min_audio_frames, sampling.max_audio_frames)
     wanted = {t: sampling.samples_per_task for t in TASKS}
     records = []
     for sample in iter_split(split):
@@ -160,33 +165,8 @@ def write_samples(model: Any, token_space: TokenSpace, decoder: Any, split: Any,
         index = sampling.samples_per_task - wanted[sample.task]
         wanted[sample.task] -= 1
         prompt = sample_prompt(sample.input_ids, sample.labels, token_space)
-        new_ids = generate(model, token_space, prompt, sampling, seed=sampling.seed + len(records), device=device)
-        sequence = np.concatenate([prompt.astype(np.int64), new_ids.astype(np.int64)])
-        stem = f"{sample.task}-{index}"
-        files = []
-        spans = []
-        for number, span in enumerate(closed_spans(sequence, token_space, start=len(prompt))):
-            name = f"{stem}-{number}-{span.modality}"
-            if span.modality == IMAGE:
-                decoder.decode_image(span.ids).save(out_dir / f"{name}.png", format="PNG")
-                files.append(f"{name}.png")
-            elif span.modality == AUDIO:
-                waveform, sample_rate = decoder.decode_audio(span.ids)
-                soundfile.write(out_dir / f"{name}.wav", np.asarray(waveform, dtype=np.float32).T, sample_rate, subtype="PCM_16")
-                files.append(f"{name}.wav")
-            elif span.modality == TEXT:
-                (out_dir / f"{name}.txt").write_text(decoder.decode_text(span.ids) + "\n", encoding="utf-8")
-                files.append(f"{name}.txt")
-            spans.append({"modality": span.modality, "n_ids": int(span.ids.size)})
-        records.append({
-            "task": sample.task,
-            "id": sample.id,
-            "prompt_tokens": int(prompt.size),
-            "generated_tokens": int(new_ids.size),
-            "spans": spans,
-            "spans_closed": grammar.scan(sequence).mode == OUTSIDE,
-            "files": files,
-        })
+        record = generate_sample(model, token_space, decoder, sample.task, prompt, sampling, sampling.seed + len(records), device, out_dir, f"{sample.task}-{index}", text_files=True)
+        records.append({"id": sample.id, **record})
     return records
 
 
@@ -207,6 +187,7 @@ def run_eval(settings: Settings, reporter: Reporter, overrides: dict[str, Any] |
 
     from lumo_core.checkpoints import FINAL, TRAIN_LOG
     from lumo_core.distributed import resolve_device
+    from lumo_core.generate_run import load_decoder, weights_sha256
     from lumo_core.lm_data import open_split
     from lumo_core.lm_model import TOKEN_SPACE_ATTR, load_lm
     from lumo_core.training import train_inputs
@@ -221,12 +202,13 @@ def run_eval(settings: Settings, reporter: Reporter, overrides: dict[str, Any] |
     checkpoint_dir = settings.step_dir("lm_checkpoint")
     final = checkpoint_dir / FINAL
     if not (final / "config.json").is_file():
-        raise MissingUpstreamError(f"{final} not found: train first (`lumo train`, or the `lm_checkpoint` asset)")
+        raise MissingUpstreamError(f"{final} not found: train first: {rebuild_hint('lm_checkpoint', 'lumo train')}")
     device = resolve_device(config.train.device, 0)
     model = load_lm(final, device)
     trained_for = getattr(model.config, TOKEN_SPACE_ATTR, None)
     if trained_for != token_space.sha256:
         raise TokenSpaceError(f"{final} was trained for token space {str(trained_for)[:12]}, the outputs hold {token_space.sha256[:12]}: train again")
+    evaluated_weights = weights_sha256(final)
     split = open_split(shards_dir, "eval", token_space.sha256)
     reporter.log(f"evaluating {final} on {split.n_samples} eval samples")
     metrics = evaluate_lm(model, split, token_space, config.eval.micro_batch_size, device, config.eval.max_samples)
@@ -238,19 +220,12 @@ def run_eval(settings: Settings, reporter: Reporter, overrides: dict[str, Any] |
     has_curve = plot_loss_curve(checkpoint_dir / TRAIN_LOG, work / "loss_curve.png")
     samples: list[dict[str, Any]] = []
     if config.sampling.samples_per_task:
-        from lumo_core.config import load_uti_config
-        from lumo_core.unified import UnifiedTokenizer
-
-        decoder = UnifiedTokenizer(load_uti_config(settings.uti_config))
-        if decoder.token_space.sha256 != token_space.sha256:
-            raise TokenSpaceError(
-                f"the tokenizer config {settings.uti_config or 'embedded default'} gives token space {decoder.token_space.sha256[:12]}, "
-                f"the model is trained for {token_space.sha256[:12]}: set LUMO_UTI_CONFIG to the config the shards were made with"
-            )
+        decoder = load_decoder(settings, token_space)
         samples = write_samples(model, token_space, decoder, split, config.sampling, device, work / "samples")
         reporter.log(f"{len(samples)} samples generated, {sum(len(s['files']) for s in samples)} files decoded")
     report = {
         "checkpoint": str(final),
+        "weights_sha256": evaluated_weights,
         "token_space_sha256": token_space.sha256,
         **metrics,
         "loss_curve": "loss_curve.png" if has_curve else None,
@@ -266,6 +241,7 @@ def run_eval(settings: Settings, reporter: Reporter, overrides: dict[str, Any] |
         "report": str(out_dir / "report.json"),
         "overall_loss": metrics["overall"]["loss"],
         "overall_perplexity": metrics["overall"]["perplexity"],
+        "weights_sha256": evaluated_weights,
         "per_task": markdown(_per_task_table(metrics)),
         "next_token_accuracy": {m: v["accuracy"] for m, v in metrics["next_token_accuracy"].items()},
         "samples": len(samples),
@@ -274,4 +250,4 @@ def run_eval(settings: Settings, reporter: Reporter, overrides: dict[str, Any] |
         encoded = base64.b64encode((out_dir / "loss_curve.png").read_bytes()).decode("ascii")
         metadata["loss_curve"] = markdown(f"![loss](data:image/png;base64,{encoded})")
     reporter.report_materialization(metadata=metadata, data_version=sha256_hex(payload))
-    return {"report": str(out_dir / "report.json"), **{k: report[k] for k in ("n_samples", "overall", "per_task", "next_token_accuracy", "loss_curve")}, "samples": len(samples)}
+    return {"report": str(out_dir / "report.json"), **{k: report[k] for k in ("n_samples", "overall", "per_task", "next_token_accuracy", "loss_curve", "weights_sha256")}, "samples": len(samples)}

@@ -7,7 +7,9 @@
   space it is trained for (`lumo_token_space_sha256`), so shards and checkpoints can be checked
   against it.
 - `apply_lora`: LoRA adapters through peft, with the embedding and head rows of the non-text
-  tokens trainable (`trainable_token_indices`); everything else stays frozen.
+  tokens trainable (`trainable_token_indices`); everything else stays frozen. With modality
+  heads (lumo_core.modality_heads) those rows are the image and audio heads, so they train under
+  LoRA too, and the text head's text rows stay frozen as with the shared head.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lumo_core.errors import LumoError, TokenSpaceError
+from lumo_core.modality_heads import HEADS_ATTR, heads_for, heads_to_config
 from lumo_core.token_space import TEXT, TokenSpace
 from lumo_core.train_config import TrainConfig
 
@@ -98,10 +101,19 @@ def _loaded_model(config: TrainConfig, token_space: TokenSpace) -> Any:
     return model
 
 
-def build_model(config: TrainConfig, token_space: TokenSpace) -> Any:
-    """The base model for `token_space` (fp32, on CPU), stamped with the token space's sha256."""
-    model = _loaded_model(config, token_space) if config.model.path else _default_model(config, token_space)
+def build_model(config: TrainConfig, token_space: TokenSpace, init: Any = None) -> Any:
+    """The base model for `token_space` (fp32, on CPU), stamped with the token space's sha256
+    and, with `model.modality_heads`, with its heads. `init` (a model already loaded, such as a
+    checkpoint's weights for `lumo train --init-from`) replaces `model.path` and the default."""
+    if init is not None:
+        model = init
+    else:
+        model = _loaded_model(config, token_space) if config.model.path else _default_model(config, token_space)
     setattr(model.config, TOKEN_SPACE_ATTR, token_space.sha256)
+    if config.model.modality_heads:
+        setattr(model.config, HEADS_ATTR, heads_to_config(heads_for(token_space)))
+    elif hasattr(model.config, HEADS_ATTR):
+        delattr(model.config, HEADS_ATTR)
     model.generation_config.pad_token_id = token_space.special_id(PAD_TOKEN)
     model.generation_config.eos_token_id = token_space.special_id(EOS_TOKEN)
     model.generation_config.bos_token_id = None
@@ -135,10 +147,16 @@ def lora_config(model: Any, config: TrainConfig, token_space: TokenSpace) -> Any
 
 
 def apply_lora(model: Any, config: TrainConfig, token_space: TokenSpace) -> Any:
-    """Wrap `model` with LoRA adapters; only adapters and the non-text token rows train."""
+    """Wrap `model` with LoRA adapters; only adapters and the non-text token rows train.
+
+    peft draws `lora_A` from torch's global generator: it is seeded here from `seed`, the same
+    on every rank, so two fresh runs start from the same adapters."""
+    import torch
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(model, config, token_space))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return get_peft_model(model, lora_config(model, config, token_space))
 
 
 def is_peft(model: Any) -> bool:

@@ -13,6 +13,7 @@ import codecs
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import tempfile
 from array import array
@@ -26,7 +27,9 @@ import numpy as np
 
 from lumo_core import media
 from lumo_core.config import TASKS, UTIConfig
+from lumo_core.decode_workers import GuardedPool, inject_testing_fault
 from lumo_core.errors import (
+    DECODER_FAULTS,
     ManifestError,
     MediaError,
     PathOutsideRootsError,
@@ -40,12 +43,15 @@ TASK_MEDIA = {"t2i": "image", "i2t": "image", "t2a": "audio", "a2t": "audio"}
 # Reason codes found without opening media; media codes come from lumo_core.errors.
 STRUCTURAL_REASONS = (
     "empty_line",
+    "line_too_long",
+    "json_too_deep",
     "malformed_json",
     "not_an_object",
     "missing_field",
     "invalid_field",
     "unknown_task",
     "duplicate_id",
+    "caption_too_long",
     PathOutsideRootsError.reason,
 )
 # Per-task bucket in the report for rejects whose task could not be read.
@@ -120,37 +126,63 @@ def iter_manifest(
     and a path whose real location is outside the allowed roots is rejected.
     """
     manifest = Path(manifest)
+    limits = config.limits
     parser = _LineParser(
         base=manifest.parent,
         roots=allowed_roots(manifest, config),
         map_path=map_path if map_path is not None else config.map_path,
+        max_depth=limits.max_json_depth,
+        max_caption_chars=limits.max_caption_chars,
     )
     try:
         handle = open(manifest, "rb")
     except OSError as exc:
         raise ManifestError(f"{manifest}: cannot read the manifest ({exc.strerror or exc})") from exc
     with handle, parser.ids:
-        for number, raw in enumerate(handle, start=1):
+        for number, (raw, size) in enumerate(_bounded_lines(handle, limits.max_line_bytes), start=1):
+            if raw is None:
+                yield Reject(number, None, f"line_too_long: {size} bytes exceeds limits.max_line_bytes ({limits.max_line_bytes}); skipped unread")
+                continue
             if number == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
             yield parser.parse(number, raw)
 
 
+def _bounded_lines(handle: Any, max_bytes: int) -> Iterator[tuple[bytes | None, int]]:
+    """(line, size) per line, numbered as `count_lines` numbers them; a line over `max_bytes`
+    (its newline not counted) comes as (None, size): it is read past in 1 MiB chunks, never held
+    whole."""
+    while chunk := handle.readline(max_bytes + 1):
+        if len(chunk) <= max_bytes or chunk.endswith(b"\n"):
+            yield chunk, len(chunk)
+            continue
+        size = len(chunk)
+        while not chunk.endswith(b"\n") and (chunk := handle.readline(1 << 20)):
+            size += len(chunk)
+        yield None, size - chunk.endswith(b"\n")
+
+
 class _IdRegistry:
     """The first line of every id seen, on disk: duplicate detection whose memory does not grow
     with the manifest (a dict of 1M ids held 132 MB). 16-byte digests stand for the ids; new ids
-    wait in a bounded batch, then go to an SQLite file in a private temporary folder."""
+    wait in a bounded batch, then go to an SQLite file in a private temporary folder, made when
+    the first batch is full (a small manifest never touches the disk)."""
 
     BATCH = 50_000
 
     def __init__(self) -> None:
-        self._folder = tempfile.TemporaryDirectory(prefix="lumo-ids-")
-        self._db = sqlite3.connect(Path(self._folder.name) / "ids.sqlite")
-        # A scratch file: nothing to keep after a crash, so no journal and no fsync.
-        self._db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16000;"
-                               "CREATE TABLE ids (digest BLOB PRIMARY KEY, line INTEGER NOT NULL) WITHOUT ROWID;")
+        self._folder: tempfile.TemporaryDirectory | None = None
+        self._db: sqlite3.Connection | None = None
         self._batch: dict[bytes, int] = {}
         self._stored = 0
+
+    def _open(self) -> sqlite3.Connection:
+        self._folder = tempfile.TemporaryDirectory(prefix="lumo-ids-")
+        db = sqlite3.connect(Path(self._folder.name) / "ids.sqlite")
+        # A scratch file: nothing to keep after a crash, so no journal and no fsync.
+        db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16000;"
+                         "CREATE TABLE ids (digest BLOB PRIMARY KEY, line INTEGER NOT NULL) WITHOUT ROWID;")
+        return db
 
     def first_line(self, digest: bytes, line: int) -> int:
         """The line `digest` was first seen on, registering `line` when it is new."""
@@ -162,6 +194,8 @@ class _IdRegistry:
                 return row[0]
         self._batch[digest] = line
         if len(self._batch) >= self.BATCH:
+            if self._db is None:
+                self._db = self._open()
             with self._db:
                 self._db.executemany("INSERT INTO ids VALUES (?, ?)", self._batch.items())
             self._stored += len(self._batch)
@@ -172,28 +206,42 @@ class _IdRegistry:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._db.close()
-        self._folder.cleanup()
+        if self._db is not None:
+            self._db.close()
+            self._folder.cleanup()
 
 
 class _LineParser:
-    def __init__(self, base: Path, roots: tuple[Path, ...], map_path: Callable[[str], str]) -> None:
+    def __init__(self, base: Path, roots: tuple[Path, ...], map_path: Callable[[str], str], max_depth: int, max_caption_chars: int) -> None:
         self.base = base
         self.roots = roots
         self.map_path = map_path
+        self.max_depth = max_depth
+        self.max_caption_chars = max_caption_chars
         self.ids = _IdRegistry()
 
     def parse(self, number: int, raw: bytes) -> ManifestRow | Reject:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return Reject(number, None, f"malformed_json: not UTF-8 (byte {exc.start})")
+            return Reject(number, None, f"malformed_json: not UTF-8 (byte {exc.start + 1}; the manifest must be UTF-8)")
+        nul = raw.find(b"\x00")
+        if nul >= 0:
+            return Reject(number, None, f"malformed_json: NUL byte at byte {nul + 1}")
         if not text.strip():
             return Reject(number, None, "empty_line")
+        depth = json_depth(raw, self.max_depth)
+        if depth > self.max_depth:
+            return Reject(number, None, f"json_too_deep: nesting depth over limits.max_json_depth ({self.max_depth})")
         try:
-            obj = json.loads(text)
+            obj = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
         except json.JSONDecodeError as exc:
-            return Reject(number, None, f"malformed_json: {exc.msg} at col {exc.colno}")
+            # json's own message for a control character already ends in "at".
+            return Reject(number, None, f"malformed_json: {exc.msg.removesuffix(' at')} at col {exc.colno}")
+        except (ValueError, RecursionError) as exc:
+            # Not a JSONDecodeError: NaN/Infinity, an over-long integer literal (int() refuses
+            # over 4300 digits), nesting the depth scan let through.
+            return Reject(number, None, f"malformed_json: {str(exc)[:120]}")
         if not isinstance(obj, dict):
             return Reject(number, None, f"not_an_object: a JSON {_json_type(obj)}, expected an object")
 
@@ -220,6 +268,8 @@ class _LineParser:
             return Reject(number, sample_id, "missing_field: text", task)
         if not _is_text(caption):
             return Reject(number, sample_id, f"invalid_field: text must be a non-empty string, got {_short(caption)}", task)
+        if len(caption) > self.max_caption_chars:
+            return Reject(number, sample_id, f"caption_too_long: {len(caption)} characters exceeds limits.max_caption_chars ({self.max_caption_chars})", task)
 
         modality = TASK_MEDIA[task]
         raw_path = obj.get(modality)
@@ -249,6 +299,33 @@ class _LineParser:
         if any(real.is_relative_to(root) for root in self.roots):
             return real
         return PathOutsideRootsError(raw_path, f"resolves to {real}, outside the manifest folder and config.data_roots")
+
+
+# A JSON string, or an unclosed one up to the end of the line (so the scan is linear).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?', re.DOTALL)
+
+
+def json_depth(raw: bytes, limit: int) -> int:
+    """The bracket nesting depth of a JSON text, without parsing it (so without recursion): the
+    strings are blanked first, then `[`/`{` count up and `]`/`}` down. Returns early with a
+    value <= `limit` when there are too few brackets to go deeper. An unclosed string runs to
+    the end of the line (the line is malformed anyway; the parser says so)."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return 0
+    codes = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    steps = np.isin(codes, (0x5B, 0x7B)).astype(np.int64) - np.isin(codes, (0x5D, 0x7D))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not np.isfinite(value):
+        raise ValueError(f"{text[:40]} overflows a 64-bit float")
+    return value
 
 
 def _is_text(value: Any) -> bool:
@@ -342,11 +419,22 @@ def audit_manifest(
     stats = _AuditStats()
     rows_path, rejects_path = out_dir / "rows.parquet", out_dir / "rejects.jsonl"
     rows_tmp, rejects_tmp = _temp_name(rows_path), _temp_name(rejects_path)
+    _remove_orphans(out_dir)
     batch: dict[str, list[Any]] = {name: [] for name, _ in ROW_SCHEMA_FIELDS}
+    workers = config.pipeline.num_workers
+    # The media checks run in guarded worker processes (lumo_core.decode_workers): a file that
+    # hangs or crashes its decoder is a reject, never the end of the audit.
+    pool = GuardedPool(workers, _audit_in_worker, _init_audit_worker, (config,), timeout_s=config.pipeline.decoder_timeout_s,
+                       fault=_fault_record) if workers else None
     try:
         with pq.ParquetWriter(rows_tmp, schema) as parquet, open(rejects_tmp, "w", encoding="utf-8") as rejects:
-            for item in iter_manifest(manifest, config, map_path):
-                record = _audit_one(item, config)
+            items = iter_manifest(manifest, config, map_path)
+            if pool is None:
+                records = (_audit_one(item, config) for item in items)
+            else:
+                records = (item if isinstance(item, dict) else _audit_one(item, config)
+                           for item in pool.imap(items, 16 * workers, passthrough=lambda item: isinstance(item, Reject)))
+            for record in records:
                 stats.add(record)
                 if record["status"] == "rejected":
                     reject = {"line": record["line"], "id": record["id"], "reason": record["reason"]}
@@ -362,6 +450,8 @@ def audit_manifest(
         os.replace(rows_tmp, rows_path)
         os.replace(rejects_tmp, rejects_path)
     finally:
+        if pool is not None:
+            pool.close(kill=True)
         for leftover in (rows_tmp, rejects_tmp):
             leftover.unlink(missing_ok=True)
 
@@ -373,6 +463,9 @@ def audit_manifest(
         "limits": {
             "max_image_pixels": config.limits.max_image_pixels,
             "max_audio_seconds": config.limits.max_audio_seconds,
+            "max_line_bytes": config.limits.max_line_bytes,
+            "max_json_depth": config.limits.max_json_depth,
+            "max_caption_chars": config.limits.max_caption_chars,
         },
         **stats.summary(),
     }
@@ -380,16 +473,38 @@ def audit_manifest(
     return report
 
 
+_AUDIT_WORKER: dict[str, UTIConfig] = {}
+
+
+def _init_audit_worker(config: UTIConfig) -> None:
+    media.warm_decoders()
+    _AUDIT_WORKER["config"] = config
+
+
+def _audit_in_worker(row: ManifestRow) -> dict[str, Any]:
+    inject_testing_fault(row.media_path)
+    return _audit_one(row, _AUDIT_WORKER["config"])
+
+
+def _fault_record(row: ManifestRow, code: str, detail: str) -> dict[str, Any]:
+    """The record of a row whose media worker hung, died or raised."""
+    return {**_row_record(row), **_reject_record(Reject.from_media_error(row, DECODER_FAULTS[code](row.media_path, detail)))}
+
+
+def _row_record(row: ManifestRow) -> dict[str, Any]:
+    return {
+        "line": row.line,
+        "id": row.id,
+        "task": row.task,
+        "image": str(row.image) if row.image is not None else None,
+        "audio": str(row.audio) if row.audio is not None else None,
+    }
+
+
 def _audit_one(item: ManifestRow | Reject, config: UTIConfig) -> dict[str, Any]:
     if isinstance(item, Reject):
         return _reject_record(item)
-    record: dict[str, Any] = {
-        "line": item.line,
-        "id": item.id,
-        "task": item.task,
-        "image": str(item.image) if item.image is not None else None,
-        "audio": str(item.audio) if item.audio is not None else None,
-    }
+    record = _row_record(item)
     try:
         info = check_media(item, config)
     except MediaError as error:
@@ -484,3 +599,16 @@ def _number(value: np.generic, integral: bool) -> int | float:
 
 def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _remove_orphans(out_dir: Path) -> None:
+    """Temporary files of audits whose process is gone (killed before they could remove them)."""
+    for leftover in out_dir.glob(".*.tmp-*"):
+        pid = leftover.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                leftover.unlink(missing_ok=True)
+            except PermissionError:
+                pass  # another user's live process

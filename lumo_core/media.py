@@ -39,6 +39,16 @@ class AudioInfo:
         return self.frames / self.sample_rate
 
 
+def warm_decoders() -> None:
+    """Import the decoders before the first file: a media worker's decode timeout (counted from
+    when it is ready) then measures decoding, not a slow first import."""
+    import PIL.Image
+    import scipy.signal  # noqa: F401
+    import soundfile  # noqa: F401
+
+    PIL.Image.init()
+
+
 def _require_file(path: Path) -> None:
     if not path.exists():
         raise MissingFileError(path, "file does not exist")

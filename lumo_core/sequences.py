@@ -70,6 +70,22 @@ class SequenceBuilder:
         labels = np.concatenate([p if s else np.full(p.size, IGNORE_INDEX) for p, s in zip(pieces, supervised)]).astype(np.int32)
         return Sequence(input_ids, labels, tuple(spans))
 
+    def build_prompt(self, task: str, segments: dict[str, np.ndarray]) -> np.ndarray:
+        """The conditioning part of the task's sequence (the template's `prompt` items) as int64
+        global ids: what a model is given to answer the task."""
+        template = self.templates.get(task)
+        if template is None:
+            raise ValueError(f"no template for task {task!r}; known: {sorted(self.templates)}")
+        pieces = []
+        for item in template.prompt:
+            if item in SEGMENT_NAMES:
+                if item not in segments:
+                    raise ValueError(f"task {task!r} needs a {item!r} segment")
+                pieces.append(np.asarray(segments[item], dtype=np.int64))
+            else:
+                pieces.append(np.array([self.token_space.special_id(item)], dtype=np.int64))
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+
 
 def find_spans(input_ids: np.ndarray, token_space: TokenSpace) -> list[Span]:
     """Maximal runs of text, image or audio ids in a sequence (special tokens split runs)."""

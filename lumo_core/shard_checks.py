@@ -29,14 +29,6 @@ def _shard_paths(shards_dir: Path, index: dict[str, Any]) -> Iterator[tuple[str,
             yield split, entry, shards_dir / entry["name"]
 
 
-def iter_samples(shards_dir: Path, index: dict[str, Any] | None = None) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """(split, shard name, sample) for every sample of every shard listed in the index."""
-    index = index or read_index(shards_dir)
-    for split, entry, path in _shard_paths(shards_dir, index):
-        for sample in iter_shard_samples(path):
-            yield split, entry["name"], sample
-
-
 @dataclass(frozen=True)
 class SampleRecord:
     """What the later checks need of one sample, without its payload."""
@@ -54,6 +46,9 @@ class ShardScan:
     n_samples: int = 0
     # ids_in_range (only when the scan was given a token space)
     range_failures: list[dict[str, Any]] = field(default_factory=list)
+    # Shards or samples that could not be read, or fewer samples than index.json lists: a tar
+    # whose member header is damaged ends early without an error, so the count is compared.
+    unreadable: list[dict[str, Any]] = field(default_factory=list)
     # splits_disjoint
     split_problems: list[dict[str, Any]] = field(default_factory=list)
     # id -> where it is and its recorded token_sha256 (retokenize, decode spot-checks)
@@ -63,23 +58,40 @@ class ShardScan:
 def scan_shards(shards_dir: Path, token_space: TokenSpace | None = None) -> ShardScan:
     shards_dir = Path(shards_dir)
     scan = ShardScan()
-    for split, shard, sample in iter_samples(shards_dir):
-        scan.n_samples += 1
-        info = json.loads(sample["json"])
-        sample_id = info["id"]
-        if token_space is not None:
-            input_ids = npy_load(sample["input_ids.npy"]).astype(np.int64)
-            problems = _span_problems(info, input_ids, token_space)
-            if info.get("token_space_sha256") != token_space.sha256:
-                problems.append({"problem": "token_space_sha256 differs", "expected": token_space.sha256, "found": info.get("token_space_sha256")})
-            scan.range_failures += [{"shard": shard, "key": sample["__key__"], "id": sample_id, **problem} for problem in problems]
-        if info.get("split") != split:
-            scan.split_problems.append({"id": sample_id, "shard": shard, "problem": "sample json names another split", "expected": split, "found": info.get("split")})
-        if sample_id in scan.samples:
-            scan.split_problems.append({"id": sample_id, "shard": shard, "problem": "id appears twice", "first_split": scan.samples[sample_id].split, "found_split": split})
+    for split, entry, path in _shard_paths(shards_dir, read_index(shards_dir)):
+        shard = entry["name"]
+        read = 0
+        try:
+            for sample in iter_shard_samples(path):
+                read += 1
+                try:
+                    _scan_sample(scan, split, shard, sample, token_space)
+                except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+                    scan.unreadable.append({"shard": shard, "key": sample.get("__key__"), "problem": f"sample unreadable: {type(exc).__name__}: {exc}"})
+        except (OSError, tarfile.TarError, ValueError) as exc:
+            scan.unreadable.append({"shard": shard, "problem": f"shard unreadable after {read} samples: {type(exc).__name__}: {exc}"})
             continue
-        scan.samples[sample_id] = SampleRecord(split=split, shard=shard, key=sample["__key__"], token_sha256=info["token_sha256"])
+        if read != entry["n_samples"]:
+            scan.unreadable.append({"shard": shard, "problem": f"{read} samples read, index.json lists {entry['n_samples']} (a damaged member ends the tar early)"})
     return scan
+
+
+def _scan_sample(scan: ShardScan, split: str, shard: str, sample: dict[str, Any], token_space: TokenSpace | None) -> None:
+    scan.n_samples += 1
+    info = json.loads(sample["json"])
+    sample_id = info["id"]
+    if token_space is not None:
+        input_ids = npy_load(sample["input_ids.npy"]).astype(np.int64)
+        problems = _span_problems(info, input_ids, token_space)
+        if info.get("token_space_sha256") != token_space.sha256:
+            problems.append({"problem": "token_space_sha256 differs", "expected": token_space.sha256, "found": info.get("token_space_sha256")})
+        scan.range_failures += [{"shard": shard, "key": sample["__key__"], "id": sample_id, **problem} for problem in problems]
+    if info.get("split") != split:
+        scan.split_problems.append({"id": sample_id, "shard": shard, "problem": "sample json names another split", "expected": split, "found": info.get("split")})
+    if sample_id in scan.samples:
+        scan.split_problems.append({"id": sample_id, "shard": shard, "problem": "id appears twice", "first_split": scan.samples[sample_id].split, "found_split": split})
+        return
+    scan.samples[sample_id] = SampleRecord(split=split, shard=shard, key=sample["__key__"], token_sha256=info["token_sha256"])
 
 
 def check_shards_match_index(shards_dir: Path) -> CheckOutcome:
@@ -147,10 +159,14 @@ def _span_problems(sample_json: dict[str, Any], input_ids: np.ndarray, space: To
 def check_ids_in_range(shards_dir: Path, token_space: TokenSpace, scan: ShardScan | None = None) -> CheckOutcome:
     scan = scan or scan_shards(shards_dir, token_space)
     failures = scan.range_failures
+    # What could not be read could not be checked: that fails the check too, and says where.
+    unreadable = scan.unreadable
     return CheckOutcome(
-        passed=not failures,
-        description=f"{scan.n_samples} samples: {len(failures)} spans with ids out of range or of the wrong length",
-        metadata={"n_samples": scan.n_samples, "n_failures": len(failures), "failures": failures[:MAX_LISTED]},
+        passed=not failures and not unreadable,
+        description=f"{scan.n_samples} samples: {len(failures)} spans with ids out of range or of the wrong length"
+        + (f"; {len(unreadable)} unreadable shards or samples (first: {unreadable[0]['shard']}: {unreadable[0]['problem']})" if unreadable else ""),
+        metadata={"n_samples": scan.n_samples, "n_failures": len(failures), "failures": failures[:MAX_LISTED],
+                  "n_unreadable": len(unreadable), "unreadable": unreadable[:MAX_LISTED]},
     )
 
 

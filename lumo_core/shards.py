@@ -10,6 +10,9 @@ last and is the commit point.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import io
 import json
 import os
@@ -22,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from lumo_core.fileio import atomic_write_bytes, file_sha256
+from lumo_core.errors import DamagedFileError
+from lumo_core.fileio import atomic_write_bytes, file_sha256, raise_if_out_of_space
 from lumo_core.token_space import canonical_json_bytes, sha256_hex
 
 # Tar headers carry an mtime; a fixed one makes shards byte-reproducible.
@@ -106,21 +110,38 @@ class SpooledSample:
     cache_damaged: bool = False
 
 
+# A spooled sample's payload: this magic, the sha256 of what follows, a 4-byte length, a JSON
+# list of (name, size), then the member bytes in that order. Anything else is refused as damaged.
+PAYLOAD_MAGIC = b"LUMO-SPOOL-2\n"
+
+
 def pack_members(members: dict[str, bytes]) -> bytes:
-    """Members as bytes that only ever read back as bytes (no pickle): a length-prefixed JSON
-    list of (name, size), then the payloads in that order."""
+    """Members as bytes that only ever read back as bytes (no pickle), with their own sha256."""
     names = sorted(members)
     header = json.dumps([[name, len(members[name])] for name in names]).encode()
-    return len(header).to_bytes(4, "little") + header + b"".join(members[name] for name in names)
+    body = len(header).to_bytes(4, "little") + header + b"".join(members[name] for name in names)
+    return PAYLOAD_MAGIC + hashlib.sha256(body).digest() + body
 
 
 def unpack_members(blob: bytes) -> dict[str, bytes]:
-    size = int.from_bytes(blob[:4], "little")
+    """The members of a payload; ValueError when it is not one whole payload of pack_members."""
+    start = len(PAYLOAD_MAGIC) + 32
+    if not blob.startswith(PAYLOAD_MAGIC) or len(blob) < start + 4:
+        raise ValueError("not a Lumo sample payload (wrong magic bytes)")
+    body = memoryview(blob)[start:]
+    if hashlib.sha256(body).digest() != blob[len(PAYLOAD_MAGIC) : start]:
+        raise ValueError("payload does not match its sha256")
+    size = int.from_bytes(body[:4], "little")
+    layout = json.loads(bytes(body[4 : 4 + size]))
     offset = 4 + size
     members = {}
-    for name, length in json.loads(blob[4:offset]):
-        members[name] = blob[offset : offset + length]
+    for name, length in layout:
+        if name not in SAMPLE_MEMBERS or not isinstance(length, int) or length < 0:
+            raise ValueError(f"unexpected member {name!r} of {length!r} bytes")
+        members[name] = bytes(body[offset : offset + length])
         offset += length
+    if offset != len(body):
+        raise ValueError(f"members cover {offset} of {len(body)} bytes")
     return members
 
 
@@ -131,6 +152,29 @@ class Spool:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path)
+        try:
+            self._create()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise DamagedFileError(path, f"not a readable spool ({exc})") from exc
+
+    def verify(self) -> None:
+        """SQLite's own page and index check (DamagedFileError when it fails); sample payloads
+        are checked one by one as they are read (iter_split)."""
+        try:
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check")]
+        except sqlite3.DatabaseError as exc:
+            raise DamagedFileError(self.path, f"SQLite cannot check it ({exc})") from exc
+        if problems != ["ok"]:
+            raise DamagedFileError(self.path, "; ".join(problems[:3]))
+
+    @staticmethod
+    def remove(path: Path) -> None:
+        """Delete a spool with its WAL and shared-memory files."""
+        for leftover in path.parent.glob(path.name + "*"):
+            leftover.unlink(missing_ok=True)
+
+    def _create(self) -> None:
         self._db.executescript(
             """
             PRAGMA journal_mode=WAL;
@@ -164,17 +208,23 @@ class Spool:
     def add(self, samples: list[SpooledSample], rejects: list[tuple[int, str | None, str]], counts: dict[str, int] | None = None) -> None:
         """Commit a batch of samples and rejects, and add `counts` to the spool's counts, in one
         transaction: a crash never leaves rows without their counts or counts without rows."""
-        with self._db:
-            self._db.executemany(
-                "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (s.key, s.split, s.line, s.sample_id, s.task, s.n_tokens, sum(len(v) for v in s.members.values()), pack_members(s.members))
-                    for s in samples
-                ],
-            )
-            self._db.executemany("INSERT INTO rejects VALUES (?, ?, ?)", rejects)
-            for name, value in (counts or {}).items():
-                self._db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = CAST(v AS INTEGER) + ?", (name, str(value), value))
+        rows = [(s.key, s.split, s.line, s.sample_id, s.task, s.n_tokens, sum(len(v) for v in s.members.values()), pack_members(s.members))
+                for s in samples]
+        try:
+            with self._db:
+                self._db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                self._db.executemany("INSERT INTO rejects VALUES (?, ?, ?)", rejects)
+                for name, value in (counts or {}).items():
+                    self._db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = CAST(v AS INTEGER) + ?", (name, str(value), value))
+        except sqlite3.OperationalError as exc:
+            # The transaction is rolled back: the spool holds what it held before this batch.
+            # SQLite reports ENOSPC as "full" and a write over RLIMIT_FSIZE as an I/O error.
+            if "full" not in str(exc) and "I/O" not in str(exc):
+                raise
+            needed = sum(len(row[-1]) for row in rows) + sum(len(str(r)) for r in rejects)
+            raise_if_out_of_space(OSError(errno.EFBIG if "I/O" in str(exc) else errno.ENOSPC, str(exc)), self.path, needed,
+                                  kept="the batch was rolled back, the spool keeps its earlier rows")
+            raise
 
     def get_count(self, name: str) -> int:
         return int(self.get_meta(name) or 0)
@@ -187,7 +237,11 @@ class Spool:
         """(key, n_tokens, members) in key order."""
         cursor = self._db.execute("SELECT key, n_tokens, payload FROM samples WHERE split = ? ORDER BY key", (split,))
         for key, n_tokens, payload in cursor:
-            yield key, n_tokens, unpack_members(payload)
+            try:
+                members = unpack_members(payload)
+            except (ValueError, TypeError) as exc:
+                raise DamagedFileError(self.path, f"sample {key}: {exc}") from exc
+            yield key, n_tokens, members
 
     def iter_rejects(self) -> Iterator[tuple[int, str | None, str]]:
         yield from self._db.execute("SELECT line, id, reason FROM rejects ORDER BY line")
@@ -229,14 +283,52 @@ def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None
     import webdataset
 
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as stream:
-        writer = webdataset.TarWriter(stream, mtime=SHARD_MTIME, encoder=False)
-        for key, members in samples:
-            writer.write({"__key__": key, **members})
-        writer.close()
-        stream.flush()
-        os.fsync(stream.fileno())
+    writer = None
+    try:
+        with open(tmp, "wb") as stream:
+            writer = webdataset.TarWriter(stream, mtime=SHARD_MTIME, encoder=False)
+            for key, members in samples:
+                writer.write({"__key__": key, **members})
+            writer.close()
+            stream.flush()
+            os.fsync(stream.fileno())
+    except BaseException as exc:
+        if writer is not None:
+            # Marks the tar stream closed; else its finalizer writes to the closed file later.
+            with contextlib.suppress(Exception):
+                writer.close()
+        tmp.unlink(missing_ok=True)
+        # A tar member takes a 512-byte header and is padded to 512 bytes.
+        needed = sum(512 + -(-len(value) // 512) * 512 for _, members in samples for value in members.values()) + 1024
+        raise_if_out_of_space(exc, path, needed)
+        raise
     os.replace(tmp, path)
+
+
+class _HashingSink:
+    """A write-only stream that keeps only the sha256 of what is written to it."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def shard_sha256(samples: list[tuple[str, dict[str, bytes]]]) -> str:
+    """The sha256 write_shard's file would have, computed without writing it."""
+    import webdataset
+
+    sink = _HashingSink()
+    writer = webdataset.TarWriter(sink, mtime=SHARD_MTIME, encoder=False)
+    for key, members in samples:
+        writer.write({"__key__": key, **members})
+    writer.close()
+    return sink.digest.hexdigest()
 
 
 def write_split_shards(spool: Any, out_dir: Path, split: str, max_samples: int, max_bytes: int, reporter: Any = None) -> dict[str, Any]:
@@ -252,11 +344,16 @@ def write_split_shards(spool: Any, out_dir: Path, split: str, max_samples: int, 
         path = out_dir / name
         batch = [next(samples_iter) for _ in keys]
         n_tokens = int(sum(tokens for _, tokens, _ in batch))
-        already_complete = path.is_file()
+        samples = [(k, m) for k, _, m in batch]
+        # A shard under its final name (left by a run that stopped later) is reused only when its
+        # bytes are the ones this spool makes; a damaged one is written again.
+        already_complete = path.is_file() and file_sha256(path) == shard_sha256(samples)
         if already_complete:
             reused += 1
         else:
-            write_shard(path, [(k, m) for k, _, m in batch])
+            if path.is_file() and reporter is not None:
+                reporter.log(f"{split}: shard {number + 1}/{len(plan)} on disk does not hold this spool's bytes: written again")
+            write_shard(path, samples)
         entries.append({"name": name, "sha256": file_sha256(path), "size": path.stat().st_size, "n_samples": len(keys), "n_tokens": n_tokens})
         if reporter is not None:
             reporter.log(f"{split}: shard {number + 1}/{len(plan)} {'reused' if already_complete else 'written'}")
@@ -290,11 +387,11 @@ def clear_outputs(out_dir: Path) -> None:
 
 
 def read_index(out_dir: Path) -> dict[str, Any]:
-    from lumo_core.errors import MissingUpstreamError
+    from lumo_core.errors import MissingUpstreamError, rebuild_hint
 
     path = Path(out_dir) / "index.json"
     if not path.is_file():
-        raise MissingUpstreamError(f"{path} not found: tokenize first (`lumo tokenize`, or `dagster asset materialize -m lumo_pipeline --select '*tokenized_shards'`)")
+        raise MissingUpstreamError(f"{path} not found: tokenize first: {rebuild_hint('tokenized_shards', 'lumo tokenize')}")
     return json.loads(path.read_bytes())
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from lumo_core.fileio import raise_if_out_of_space
 from lumo_core.token_space import sha256_hex
 
 ENTRY_FORMAT = 1
@@ -77,5 +78,11 @@ class TokenCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         # No fsync: a lost entry is only encoded again, and the hash catches a torn one.
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(json.dumps(header, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n" + payload)
+        blob = json.dumps(header, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n" + payload
+        try:
+            tmp.write_bytes(blob)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise_if_out_of_space(exc, path, len(blob))
+            raise
         os.replace(tmp, path)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lumo_core.errors import MissingUpstreamError, TokenSpaceError
+from lumo_core.errors import MissingUpstreamError, TokenSpaceError, rebuild_hint
 from lumo_core.fileio import atomic_write_bytes
 
 FORMAT_VERSION = 1
@@ -215,7 +215,7 @@ class TokenSpace:
             raise TokenSpaceError(f"{path}: not valid JSON: {exc}") from exc
         space = cls.from_dict(data)
         if space.to_json_bytes() != payload:
-            raise TokenSpaceError(f"{path}: not in canonical form (rewrite it with `lumo token-space`)")
+            raise TokenSpaceError(f"{path}: not in canonical form: rewrite it: {rebuild_hint('token_space', 'lumo token-space')}")
         return space
 
     @classmethod
@@ -223,7 +223,7 @@ class TokenSpace:
         """The `token_space` step's output, or a MissingUpstreamError that says how to build it."""
         path = Path(token_space_dir) / "token_space.json"
         if not path.is_file():
-            raise MissingUpstreamError(f"{path} not found: build the token space first (`lumo token-space`, or the `token_space` asset)")
+            raise MissingUpstreamError(f"{path} not found: build the token space first: {rebuild_hint('token_space', 'lumo token-space')}")
         return cls.read(path)
 
     # ------------------------------------------------------------------ queries

@@ -2,7 +2,8 @@
 
 Worker processes decode and preprocess media (Pillow, soundfile, resampling: model-free CPU work),
 or find the row's codes in the token cache (lumo_core.token_cache) and skip decoding; the main
-process runs the models on whole batches of one fixed shape and lays sequences out. A build of
+process runs the models on batches of one fixed shape per device (lumo_core.model_calls) and
+lays sequences out. A build of
 the shards (units, spools, merge) is lumo_core.tokenize_run.
 """
 
@@ -10,18 +11,18 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from dataclasses import dataclass
-from multiprocessing import get_context
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from lumo_core.config import UTIConfig
+from lumo_core.decode_workers import GuardedPool, inject_testing_fault
 from lumo_core.errors import (
+    DECODER_FAULTS,
     MediaError,
     TextTooLongError,
     UnreadableMediaError,
@@ -39,7 +40,9 @@ from lumo_core.token_space import TokenSpace, canonical_json_bytes, sha256_hex
 
 # Bump when the bytes written for the same inputs change: it invalidates spools and shards.
 # 2: one member set and one JSON schema for every sample (lumo_core.shards.SAMPLE_MEMBERS).
-PIPELINE_VERSION = "2"
+# 3: on CPU every model call runs on one torch thread (lumo_core.model_calls); batch sizes
+#    `auto` by device.
+PIPELINE_VERSION = "3"
 MEDIA_TASK_SEGMENT = {"t2i": "image", "i2t": "image", "t2a": "audio", "a2t": "audio"}
 
 
@@ -63,12 +66,21 @@ class PreparedRow:
 
 @dataclass
 class PipelineTimings:
-    """Where a run's time went, and how many rows the models encoded or the cache supplied."""
+    """Where a run's time went, and how many rows the models encoded or the cache supplied.
+
+    Per modality: `model_call_s` sums the model calls' own durations (calls that run side by
+    side each count), `call_rows` counts the rows the calls were shaped for and `padding_rows`
+    those of them that were padding. `model_s` is the wall time during which a call ran;
+    `spool_s` the time spent committing samples to the spools."""
 
     model_s: float = 0.0
+    spool_s: float = 0.0
     rows_encoded: int = 0
     rows_from_cache: int = 0
     cache_damaged: int = 0
+    model_call_s: dict[str, float] = field(default_factory=dict)
+    call_rows: dict[str, int] = field(default_factory=dict)
+    padding_rows: dict[str, int] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------ media worker side
@@ -76,6 +88,9 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(image_preprocessor: Callable, audio_preprocessor: Callable, max_pixels: int, max_seconds: float, cache: TokenCache | None = None) -> None:
+    from lumo_core.media import warm_decoders
+
+    warm_decoders()
     _WORKER.update(image=image_preprocessor, audio=audio_preprocessor, max_pixels=max_pixels, max_seconds=max_seconds, cache=cache)
 
 
@@ -111,6 +126,7 @@ def prepare_row(row: Any) -> PreparedRow | Any:
     if cached is not None:
         return PreparedRow(row=row, modality=modality, media=None, media_meta=dict(cached.media_meta), cached=cached)
     try:
+        inject_testing_fault(path)
         if modality == "image":
             image = load_image(path, _WORKER["max_pixels"])
             media = _WORKER["image"](image)
@@ -127,38 +143,46 @@ def prepare_row(row: Any) -> PreparedRow | Any:
     return PreparedRow(row=row, modality=modality, media=media, media_meta=meta, cache_damaged=damaged)
 
 
-def bounded_map(executor: Executor | None, items: Iterable[Any], window: int) -> Iterator[Any]:
-    """Map prepare_row over rows in order, at most `window` in flight; Rejects pass through."""
+def bounded_map(executor: GuardedPool | None, items: Iterable[Any], window: int) -> Iterator[Any]:
+    """Map prepare_row over rows in order, at most `window` in flight; Rejects pass through.
+    In worker processes, a row whose decoder hangs or kills its worker becomes a Reject
+    (`decoder_timeout`, `decoder_crashed`) and the run goes on (lumo_core.decode_workers)."""
     from lumo_core.manifest import Reject
 
     if executor is None:
         for item in items:
             yield item if isinstance(item, Reject) else prepare_row(item)
         return
-    pending: deque[Any] = deque()
-    for item in items:
-        pending.append(item if isinstance(item, Reject) else executor.submit(prepare_row, item))
-        if len(pending) >= window:
-            head = pending.popleft()
-            yield head.result() if isinstance(head, Future) else head
-    while pending:
-        head = pending.popleft()
-        yield head.result() if isinstance(head, Future) else head
+    yield from executor.imap(items, window, passthrough=lambda item: isinstance(item, Reject))
+
+
+def decoder_fault_reject(row: Any, code: str, detail: str) -> Any:
+    """The Reject of a row whose worker hung, died or raised past prepare_row."""
+    from lumo_core.manifest import Reject
+
+    path = row.image if row.image is not None else row.audio
+    return Reject(line=row.line, id=row.id, reason=str(DECODER_FAULTS[code](path, detail)))
 
 
 # --------------------------------------------------------------------- model side
 class SampleEncoder:
     """Batches prepared rows through the models and builds shard samples.
 
-    Rows wait in one queue per batch key (modality plus, for audio, the codec's padded length),
-    so every model call is a full batch of one shape; a queue is flushed when full, or early
-    when too many rows wait in all (memory stays bounded), and at the end.
+    Rows wait in one queue per batch key (modality plus, for audio, the codec's padded length)
+    until the queue holds one model call's rows (the adapter's `rows_per_call`: its fixed batch
+    shape, from the configured batch size), so every call has one shape and only a key's last
+    call is padded. A queue is flushed early only when too many rows wait in all (memory stays
+    bounded), and at the end. The calls run in lumo_core.model_calls (side by side on CPU, one
+    torch thread each); `add` returns the samples of the calls finished so far, in call order,
+    and `flush_all` the rest.
     """
 
-    # Rows that may wait in all queues, in batches.
+    # Rows that may wait in all queues, in model calls.
     MAX_WAITING_BATCHES = 8
 
     def __init__(self, tokenizer: Any, config: UTIConfig, timings: PipelineTimings, cache: TokenCache | None = None) -> None:
+        from lumo_core.model_calls import ModelCalls
+
         self.tokenizer = tokenizer
         self.cache = cache
         self.config = config
@@ -167,40 +191,65 @@ class SampleEncoder:
         self.builder = SequenceBuilder(self.space, config.templates)
         self.timings = timings
         self.queues: dict[tuple[str, int], list[PreparedRow]] = {}
-        self.batch_size = {"image": config.pipeline.image_batch_size, "audio": config.pipeline.audio_batch_size}
-        self.max_waiting = self.MAX_WAITING_BATCHES * max(self.batch_size.values())
+        self.rows_per_call = {"image": tokenizer.image.rows_per_call, "audio": tokenizer.audio.rows_per_call}
+        self.max_waiting = self.MAX_WAITING_BATCHES * max(self.rows_per_call.values())
+        self.calls = ModelCalls(config.pipeline.device, config.pipeline.torch_threads)
+        self.in_flight: deque[tuple[str, list[PreparedRow], Future]] = deque()
 
     def add(self, prepared: PreparedRow) -> list[SpooledSample | Any]:
         self.timings.cache_damaged += int(prepared.cache_damaged)
         if prepared.cached is not None:
             self.timings.rows_from_cache += 1
-            return [self.build_sample(prepared, prepared.cached.codes, prepared.cached.codec_meta)]
+            return [self.build_sample(prepared, prepared.cached.codes, prepared.cached.codec_meta), *self._finished()]
         key = (prepared.modality, self.tokenizer.audio.batch_key(prepared.media.shape[-1]) if prepared.modality == "audio" else 0)
         queue = self.queues.setdefault(key, [])
         queue.append(prepared)
-        if len(queue) >= self.batch_size[prepared.modality]:
-            return self.flush(key)
-        if sum(len(q) for q in self.queues.values()) > self.max_waiting:
-            return self.flush(max(self.queues, key=lambda k: len(self.queues[k])))
-        return []
+        if len(queue) >= self.rows_per_call[prepared.modality]:
+            self._call(key)
+        elif sum(len(q) for q in self.queues.values()) > self.max_waiting:
+            self._call(max(self.queues, key=lambda k: len(self.queues[k])))
+        return self._finished()
 
     def flush_all(self) -> list[SpooledSample | Any]:
-        return [sample for key in sorted(self.queues) for sample in self.flush(key)]
+        """Every waiting row through the models; waits for the calls, then stops their threads."""
+        for key in sorted(self.queues):
+            self._call(key)
+        try:
+            return self._finished(wait=True)
+        finally:
+            self.calls.close()
+            self.timings.model_s += self.calls.busy_s
+            for modality, seconds in self.calls.call_s.items():
+                self.timings.model_call_s[modality] = self.timings.model_call_s.get(modality, 0.0) + seconds
+            self.calls.busy_s, self.calls.call_s = 0.0, {}
 
-    def flush(self, key: tuple[str, int]) -> list[SpooledSample | Any]:
+    def _call(self, key: tuple[str, int]) -> None:
         batch = self.queues.pop(key, [])
         if not batch:
-            return []
+            return
         modality = key[0]
-        started = time.perf_counter()
-        codes = self.encode_media(modality, [p.media for p in batch])
-        self.timings.model_s += time.perf_counter() - started
-        self.timings.rows_encoded += len(batch)
-        if self.cache is not None:
-            for p, (c, meta) in zip(batch, codes):
-                entry = CacheEntry(codes=np.asarray(c, dtype=np.int32), codec_meta=meta, media_meta=p.media_meta, n_media_samples=p.n_media_samples)
-                self.cache.put(modality, p.media_meta["source_sha256"], entry)
-        return [self.build_sample(p, c, meta) for p, (c, meta) in zip(batch, codes)]
+        shape = self.rows_per_call[modality]
+        self.timings.call_rows[modality] = self.timings.call_rows.get(modality, 0) + shape
+        self.timings.padding_rows[modality] = self.timings.padding_rows.get(modality, 0) + shape - len(batch)
+        self.in_flight.append((modality, batch, self.calls.submit(modality, self.encode_media, modality, [p.media for p in batch])))
+        # Two calls per thread in flight at most (one running, one ready): decoded media does
+        # not pile up behind the models.
+        if len(self.in_flight) > 2 * self.calls.calls_at_once:
+            self.in_flight[0][2].result()
+
+    def _finished(self, wait: bool = False) -> list[SpooledSample | Any]:
+        """The samples of the calls finished so far, in call order (all of them with `wait`)."""
+        samples: list[SpooledSample | Any] = []
+        while self.in_flight and (wait or self.in_flight[0][2].done()):
+            modality, batch, future = self.in_flight.popleft()
+            codes = future.result()
+            self.timings.rows_encoded += len(batch)
+            if self.cache is not None:
+                for p, (c, meta) in zip(batch, codes):
+                    entry = CacheEntry(codes=np.asarray(c, dtype=np.int32), codec_meta=meta, media_meta=p.media_meta, n_media_samples=p.n_media_samples)
+                    self.cache.put(modality, p.media_meta["source_sha256"], entry)
+            samples += [self.build_sample(p, c, meta) for p, (c, meta) in zip(batch, codes)]
+        return samples
 
     def encode_media(self, modality: str, media: list[np.ndarray]) -> list[tuple[np.ndarray, dict[str, Any]]]:
         """Codes and what the codec reports beside them (audio chunk scales), per item."""
@@ -276,17 +325,14 @@ def init_media_decoding(tokenizer: Any, config: UTIConfig, cache: TokenCache | N
     _init_worker(*_worker_state(tokenizer, config, cache))
 
 
-def make_executor(tokenizer: Any, config: UTIConfig, cache: TokenCache | None = None) -> ProcessPoolExecutor | None:
+def make_executor(tokenizer: Any, config: UTIConfig, cache: TokenCache | None = None) -> GuardedPool | None:
+    """The media workers of a run (None with `num_workers: 0`: this process decodes, unguarded).
+    Close it with `close()` (kill=True when the run stops on an error)."""
     if config.pipeline.num_workers == 0:
         init_media_decoding(tokenizer, config, cache)
         return None
-    # spawn, not fork: the parent holds torch thread pools that a forked child would inherit.
-    return ProcessPoolExecutor(
-        max_workers=config.pipeline.num_workers,
-        mp_context=get_context("spawn"),
-        initializer=_init_worker,
-        initargs=_worker_state(tokenizer, config, cache),
-    )
+    return GuardedPool(config.pipeline.num_workers, prepare_row, _init_worker, _worker_state(tokenizer, config, cache),
+                       timeout_s=config.pipeline.decoder_timeout_s, fault=decoder_fault_reject)
 
 
 def encode_rows(rows: Iterable[Any], tokenizer: Any, config: UTIConfig) -> list[SpooledSample | Any]:

@@ -12,7 +12,7 @@ import numpy as np
 
 from lumo_core.check_outcome import MAX_LISTED, CheckOutcome, pick
 from lumo_core.config import UTIConfig
-from lumo_core.errors import MissingUpstreamError
+from lumo_core.errors import MissingUpstreamError, rebuild_hint
 from lumo_core.shard_checks import ShardScan, scan_shards
 from lumo_core.shards import iter_shard_samples, npy_load
 from lumo_core.token_space import AUDIO, IMAGE, TEXT, TokenSpace
@@ -21,16 +21,23 @@ from lumo_core.token_space import AUDIO, IMAGE, TEXT, TokenSpace
 def check_retokenize(shards_dir: Path, config: UTIConfig, n: int, tokenizer: Any = None, scan: ShardScan | None = None) -> CheckOutcome:
     """Tokenize a sample of rows again from the manifest and compare token_sha256."""
     from lumo_core.manifest import Reject, iter_manifest
-    from lumo_core.tokenization import encode_rows
-    from lumo_core.unified import UnifiedTokenizer
 
     shards_dir = Path(shards_dir)
+    if n == 0:
+        # Nothing to tokenize again: neither the shards (webdataset imports torch) nor the models
+        # are loaded for it.
+        return CheckOutcome(passed=True, description="audit.retokenize_samples is 0: nothing to tokenize again",
+                            metadata={"n_checked": 0, "n_mismatches": 0, "ids": [], "mismatches": []})
     recorded = (scan or scan_shards(shards_dir)).samples
     chosen = set(pick(sorted(recorded), n, config.audit.seed))
     run = json.loads((shards_dir / "run.json").read_bytes())
     manifest = Path(run["manifest"])
     if not manifest.is_file():
         raise MissingUpstreamError(f"{manifest}: the manifest the shards were made from is gone")
+    # The models: only once there is something to tokenize.
+    from lumo_core.tokenization import encode_rows
+    from lumo_core.unified import UnifiedTokenizer
+
     tokenizer = tokenizer or UnifiedTokenizer(config)
     rows = (row for row in iter_manifest(manifest, config, map_path=tokenizer.map_path) if not isinstance(row, Reject) and row.id in chosen)
     results = encode_rows(rows, tokenizer, config)
@@ -77,11 +84,18 @@ def check_runtime_sizes(token_space_dir: Path, config: UTIConfig, tokenizer: Any
     )
 
 
+def size_match_by_modality(outcome: CheckOutcome) -> dict[str, bool]:
+    """`check_runtime_sizes` per modality (its fields are named `<modality>_...`): the original
+    system's `runtime_size_match`."""
+    differing = {d["field"] for d in outcome.metadata["differences"]}
+    return {m: not any(field.startswith(f"{m}_") for field in differing) for m in (TEXT, IMAGE, AUDIO)}
+
+
 def check_tokenizers_deterministic(uti_audit_dir: Path) -> CheckOutcome:
     """What the UTI audit found when it encoded the probes twice (its report.json)."""
     path = Path(uti_audit_dir) / "report.json"
     if not path.is_file():
-        raise MissingUpstreamError(f"{path} not found: run the UTI audit first (`lumo audit-uti`)")
+        raise MissingUpstreamError(f"{path} not found: run the UTI audit first: {rebuild_hint('uti_audit', 'lumo audit-uti')}")
     report = json.loads(path.read_bytes())
     flags = report["deterministic"]
     return CheckOutcome(

@@ -57,6 +57,10 @@ class ModelConfig(StrictModel):
     # relative to the per-dimension spread of the text rows.
     new_row_noise: float = Field(default=0.02, ge=0.0)
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # One output head per modality (text with the specials, image, each audio codebook), each
+    # with its own softmax over its own id range (lumo_core.modality_heads); false: one shared
+    # softmax over the whole vocabulary.
+    modality_heads: bool = False
 
 
 class LoraSettings(StrictModel):
@@ -108,6 +112,9 @@ class DataConfig(StrictModel):
     pad_to_multiple_of: int = Field(default=8, gt=0)
     shuffle_buffer: int = Field(default=64, gt=0)
     num_workers: int = Field(default=0, ge=0)
+    # Tokenized JSONL to train from instead of the shards: a `lumo export-jsonl` folder (its
+    # train.jsonl) or a .jsonl file (lumo_core.tokenized_jsonl); None reads tokenized_shards.
+    jsonl: str | None = Field(default=None, min_length=1)
     curriculum: list[StageConfig] = Field(default_factory=_balanced_curriculum, min_length=1)
 
     @field_validator("curriculum")
@@ -203,11 +210,17 @@ class TrainConfig(StrictModel):
             )
         return self
 
+    def trajectory_settings(self) -> dict[str, Any]:
+        """Every setting that shapes the sequence of weights, as dotted keys; a checkpoint resumes
+        only into a run with the same ones. Logging, saving and device choices are left out, and
+        so is `train.max_steps`: a run may be continued to more steps (the learning-rate schedule
+        then follows the new total, see lumo_core.training)."""
+        recipe = self.model_dump(mode="json", exclude={"eval": True, "sampling": True, "train": {"max_steps", "device", "log_every", "save_every", "keep_checkpoints", "record_sample_ids", "torch_threads"}})
+        return _flatten(recipe)
+
     def trajectory_fingerprint(self) -> str:
-        """sha256 of every setting that shapes the sequence of weights; a checkpoint resumes only
-        into a run with the same fingerprint. Logging, saving and device choices are left out."""
-        recipe = self.model_dump(mode="json", exclude={"eval": True, "sampling": True, "train": {"device", "log_every", "save_every", "keep_checkpoints", "record_sample_ids", "torch_threads"}})
-        return sha256_hex(canonical_json_bytes(recipe))
+        """sha256 of `trajectory_settings`."""
+        return sha256_hex(canonical_json_bytes(self.trajectory_settings()))
 
 
 def load_train_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -224,6 +237,16 @@ def load_train_config(path: str | os.PathLike | None = None, overrides: dict[str
         return TrainConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(f"{source} with overrides {sorted(overrides)}", exc)) from exc
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _merge(target: dict[str, Any], path: list[str], value: Any) -> None:

@@ -6,8 +6,24 @@ DDP do not reweight tokens. Warm-up then cosine decay, gradient clipping, bf16 a
 
 Outputs go under lm_checkpoint/ in the layout of lumo_core.checkpoints (checkpoint-<step>/,
 `latest`, base/, final/, train_log.jsonl), which also writes and reads them.
-A run resumes from `latest` when the trajectory settings, the token space and the shards are
-the ones it was started with; otherwise it starts over.
+
+A run resumes from `latest` when the trajectory settings, the token space, the shards and the
+starting weights are the ones it was started with. A run never deletes a checkpoint: when they
+differ it refuses, naming the changed settings and the ways on:
+- `train.max_steps` is not part of that identity: a finished or stopped run continues to a larger
+  `max_steps`. The cosine schedule is then computed over the new total, as the Hugging Face
+  Trainer does on resume: from the checkpoint's step on, the learning rate is the one a run
+  started with the new `max_steps` would have there (it rises again from where the shorter
+  schedule had brought it). The finished run's final/ is kept as final-step<N>/, and its last
+  checkpoint is never pruned.
+- `new_run` (`lumo train --new-run`) moves the run folder whole to a sibling of its own name and
+  starts a new run; `init_from` (`lumo train --init-from PATH`) does the same and starts from any
+  checkpoint's weights (a model folder, or a LoRA checkpoint merged into its base), with a fresh
+  optimizer and schedule.
+
+Fresh runs are reproducible: the model, its LoRA adapters and the training RNG are seeded from
+`seed`, the same on every rank (DDP also broadcasts rank 0's weights), so two fresh runs with
+the same settings end in the same weights, bit for bit.
 
 Run several processes with `torchrun --nproc-per-node N -m lumo_core.torchrun_train` (gloo on
 CPU, nccl on CUDA; see lumo_core.distributed); every rank reads a disjoint part of the data (see
@@ -27,45 +43,79 @@ from lumo_core import checkpoints
 from lumo_core.checkpoints import BASE, FINAL, TRAIN_LOG
 from lumo_core.config import Settings
 from lumo_core.distributed import Distributed, resolve_device
-from lumo_core.errors import LumoError, MissingUpstreamError
+from lumo_core.errors import LumoError, MissingUpstreamError, rebuild_hint
+from lumo_core.lm_data import data_source_sha256
 from lumo_core.reporting import Reporter
 from lumo_core.token_space import TokenSpace, canonical_json_bytes, sha256_hex
 from lumo_core.train_config import TrainConfig, load_train_config
 
 
-def token_loss_sum(logits: Any, labels: Any) -> Any:
-    """Summed next-token cross-entropy over the supervised positions (labels are unshifted)."""
+def token_loss_sum(logits: Any, labels: Any, head_index: Any = None) -> Any:
+    """Summed next-token cross-entropy over the supervised positions (labels are unshifted).
+    With modality heads (`head_index`, see lumo_core.modality_heads) each target's softmax runs
+    over its own head's ids only."""
     import torch.nn.functional as F
 
+    from lumo_core.modality_heads import restrict_to_target_heads
     from lumo_core.sequences import IGNORE_INDEX
 
     # Shifting the labels left (not the logits right) avoids copying the logits.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    logits = restrict_to_target_heads(logits.float(), targets, head_index)
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def run_identity(config: TrainConfig, token_space: TokenSpace, shards_dir: Path) -> str:
-    """What a checkpoint must share with a run to be resumed by it."""
-    recipe = {
-        "trajectory": config.trajectory_fingerprint(),
+def run_recipe(config: TrainConfig, token_space: TokenSpace, shards_dir: Path, init_sha256: str | None = None) -> dict[str, Any]:
+    """What a checkpoint must share with a run to be resumed by it, as dotted keys."""
+    return {
+        **config.trajectory_settings(),
         "token_space_sha256": token_space.sha256,
-        "shards_index_sha256": sha256_hex((shards_dir / "index.json").read_bytes()),
+        # The shards' index.json, or the `data.jsonl` source's (lumo_core.lm_data).
+        "shards_index_sha256": data_source_sha256(config, shards_dir),
+        "init_from_weights_sha256": init_sha256,
     }
+
+
+def run_identity(recipe: dict[str, Any]) -> str:
     return sha256_hex(canonical_json_bytes(recipe))
+
+
+def changed_settings(recorded: dict[str, Any] | None, current: dict[str, Any]) -> str:
+    """`key old -> new` for each recipe entry that differs (a checkpoint that recorded only a
+    fingerprint names none)."""
+    if recorded is None:
+        return "the settings, token space or shards (this checkpoint recorded only their fingerprint)"
+
+    def shown(entries: dict[str, Any], key: str) -> str:
+        # A setting this version has and the checkpoint's did not (or the reverse) shows as such.
+        return json.dumps(entries[key], sort_keys=True) if key in entries else "(absent)"
+
+    keys = sorted(set(recorded) | set(current))
+    changes = [f"{key} {shown(recorded, key)} -> {shown(current, key)}" for key in keys if shown(recorded, key) != shown(current, key)]
+    listed = changes[:6] + ([f"and {len(changes) - 6} more"] if len(changes) > 6 else [])
+    return "; ".join(listed)
 
 
 class TrainingRun:
     """One training run of `config` on the shards, writing into `out_dir` (see module doc)."""
 
-    def __init__(self, config: TrainConfig, token_space: TokenSpace, shards_dir: Path, out_dir: Path, reporter: Reporter, dist: Distributed) -> None:
+    def __init__(
+        self, config: TrainConfig, token_space: TokenSpace, shards_dir: Path, out_dir: Path, reporter: Reporter, dist: Distributed,
+        init_from: Path | None = None, new_run: bool = False,
+    ) -> None:
         self.config = config
         self.token_space = token_space
         self.shards_dir = Path(shards_dir)
         self.out_dir = Path(out_dir)
         self.reporter = reporter
         self.dist = dist
-        self.identity = run_identity(config, token_space, self.shards_dir)
+        self.init_from = Path(init_from).resolve() if init_from is not None else None
+        self.new_run = new_run or init_from is not None
+        init_sha = checkpoints.weights_sha256(self.init_from) if self.init_from is not None else None
+        self.recipe = run_recipe(config, token_space, self.shards_dir, init_sha)
+        self.identity = run_identity(self.recipe)
         self.lora = config.finetune.method == "lora"
+        self.previous_run: Path | None = None
 
     # ------------------------------------------------------------------ helpers
     def _log(self, message: str) -> None:
@@ -73,23 +123,53 @@ class TrainingRun:
             self.reporter.log(message)
 
     def _resume_point(self) -> tuple[Path | None, dict[str, Any] | None]:
-        """The checkpoint to resume from, clearing a previous run's outputs when they belong to
-        another configuration, token space or shard set."""
+        """The checkpoint to resume from. A run folder holding another run's checkpoints is set
+        aside whole with `new_run`, and refused otherwise; only leftovers of a run that never
+        completed a checkpoint are cleared."""
         checkpoint, state = checkpoints.latest_state(self.out_dir)
-        # Every rank has read the pointer before rank 0 may clear the folder.
+        held = checkpoints.holds_models(self.out_dir)
+        # Every rank has read the folder before rank 0 may change it.
         self.dist.barrier()
+        max_steps = self.config.train.max_steps
         if state is not None and state["run_identity"] == self.identity:
             if state["world_size"] != self.dist.world_size:
                 raise LumoError(
                     f"{checkpoint} was written by {state['world_size']} processes, this run has {self.dist.world_size}: "
-                    f"resume with the same number, or delete {self.out_dir} to start over"
+                    f"resume with the same number, or start a new run from its weights with `lumo train --init-from {checkpoint}`"
+                )
+            if state["step"] > max_steps:
+                raise LumoError(
+                    f"{checkpoint} is at step {state['step']}, past train.max_steps {max_steps}: nothing was deleted; "
+                    f"set train.max_steps to {state['step']} or more to keep that run, or start a new run from one of its "
+                    f"checkpoints with `lumo train --init-from {self.out_dir}/checkpoint-<step>`"
                 )
             return checkpoint, state
-        leftovers = self.out_dir.is_dir() and any(self.out_dir.iterdir())
-        if self.dist.is_main and leftovers:
-            reason = "its settings, token space or shards differ from this run's" if state else "it holds no complete checkpoint"
-            self.reporter.log(f"starting over in {self.out_dir}: {reason}")
-            checkpoints.clear_run(self.out_dir)
+        if held and not self.new_run:
+            if state is not None:
+                found = f"a run at step {state['step']} whose settings differ from this run's: {changed_settings(state.get('recipe'), self.recipe)}"
+            else:
+                found = "checkpoints but no complete `latest` pointer, so they cannot be told to be this run's"
+            dirs = checkpoints.checkpoint_dirs(self.out_dir)
+            source = checkpoint or (dirs[-1] if dirs else self.out_dir / FINAL)
+            raise LumoError(
+                f"{self.out_dir} holds {found}. Nothing was deleted. "
+                f"Ways on: go back to its settings to resume it (train.max_steps may grow, to continue it); "
+                f"`lumo train --new-run` moves it whole to {checkpoints.kept_run_name(self.out_dir, state)} and starts this run; "
+                f"`lumo train --init-from {source}` does the same and starts from those weights; or train into another --output-dir"
+            )
+        if self.dist.is_main and self.out_dir.is_dir() and any(self.out_dir.iterdir()):
+            if held:
+                target = checkpoints.kept_run_name(self.out_dir, state)
+                checkpoints.set_run_aside(self.out_dir, target)
+                self.previous_run = target
+                self.reporter.log(f"the previous run in {self.out_dir} is kept whole as {target}; starting a new run")
+            else:
+                self.reporter.log(f"clearing {self.out_dir}: it holds no complete checkpoint, only leftovers of a run that stopped before one")
+                checkpoints.clear_leftovers(self.out_dir)
+        self.previous_run = self.dist.gather(self.previous_run)[0]
+        if self.previous_run is not None and self.init_from is not None and self.init_from.is_relative_to(self.out_dir.resolve()):
+            # The weights to start from were inside the folder just set aside.
+            self.init_from = self.previous_run.resolve() / self.init_from.relative_to(self.out_dir.resolve())
         self.dist.barrier()
         return None, None
 
@@ -99,14 +179,17 @@ class TrainingRun:
 
         from lumo_core.lm_model import apply_lora, build_model, load_lm
 
+        # Anything random in building the model is drawn from `seed`, the same on every rank.
+        torch.manual_seed(self.config.seed)
         attn = self.config.model.attn_implementation
+        init = checkpoints.load_weights(self.init_from, self.token_space, attn) if self.init_from is not None and checkpoint is None else None
         if not self.lora:
             if checkpoint is not None:
                 return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation=attn)
-            return build_model(self.config, self.token_space)
+            return build_model(self.config, self.token_space, init)
         base_dir = self.out_dir / BASE
         if checkpoint is None:
-            base = build_model(self.config, self.token_space)
+            base = build_model(self.config, self.token_space, init)
             if self.dist.is_main:
                 checkpoints.save_base(self.out_dir, base)
             self.dist.barrier()
@@ -122,12 +205,18 @@ class TrainingRun:
         import torch
         from transformers import get_scheduler
 
-        from lumo_core.lm_data import BatchPlan, TrainStream, make_loader, open_split
+        from lumo_core.lm_data import (
+            BatchPlan,
+            TrainStream,
+            make_loader,
+            open_train_split,
+        )
         from lumo_core.lm_model import (
             parameter_counts,
             trainable_digest,
             trainable_parameters,
         )
+        from lumo_core.modality_heads import model_head_index
 
         config, dist = self.config, self.dist
         if config.train.torch_threads:
@@ -136,7 +225,7 @@ class TrainingRun:
         if device.type == "cuda":
             # NCCL collectives (and all_gather_object) use the current device.
             torch.cuda.set_device(device)
-        split = open_split(self.shards_dir, "train", self.token_space.sha256)
+        split = open_train_split(config, self.shards_dir, self.token_space.sha256)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint, state = self._resume_point()
         finished = state is not None and state["step"] >= config.train.max_steps
@@ -145,7 +234,17 @@ class TrainingRun:
             self._log(f"{self.out_dir / FINAL} is already trained with these settings: nothing to do")
             return {**summary, "reused": True}
         start_step = state["step"] if state else 0
-        if checkpoint is not None:
+        continued_from = state.get("max_steps") if state and state.get("max_steps") != config.train.max_steps else None
+        if continued_from is not None:
+            kept = None
+            if dist.is_main and start_step == continued_from:
+                kept = checkpoints.keep_final(self.out_dir, start_step)
+            dist.barrier()
+            self._log(
+                f"continuing {checkpoint} (step {start_step}, trained to max_steps {continued_from}) to max_steps {config.train.max_steps}: "
+                f"the cosine schedule is recomputed over {config.train.max_steps} steps" + (f"; its final model is kept as {kept}" if kept else "")
+            )
+        elif checkpoint is not None:
             self._log(f"resuming from {checkpoint} (step {start_step})")
         if dist.is_main:
             checkpoints.truncate_jsonl(self.out_dir / TRAIN_LOG, start_step)
@@ -156,6 +255,9 @@ class TrainingRun:
 
         model = self._build(checkpoint).to(device)
         model.train()
+        head_index = model_head_index(model)
+        if head_index is not None:
+            head_index = head_index.to(device)
         params = [p for _, p in trainable_parameters(model)]
         optimizer = torch.optim.AdamW(
             params, lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
@@ -168,6 +270,10 @@ class TrainingRun:
         rank_state: dict[str, Any] = {"slot_states": {}, "tokens": 0, "pad_tokens": 0}
         if checkpoint is not None:
             rank_state = checkpoints.load_training_state(checkpoint, dist.rank, optimizer, scheduler, device)
+            # The optimizer holds the rate its last step set; take it from this run's schedule,
+            # which differs when max_steps changed (the same value otherwise).
+            for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base_lr * factor(scheduler.last_epoch)
         else:
             torch.manual_seed(config.seed + dist.rank)
 
@@ -204,7 +310,7 @@ class TrainingRun:
                 with (nullcontext() if syncing else ddp_model.no_sync()):
                     with autocast():
                         logits = ddp_model(**mb.model_inputs(device), use_cache=False).logits
-                    loss_sum = token_loss_sum(logits, mb.labels.to(device, non_blocking=True))
+                    loss_sum = token_loss_sum(logits, mb.labels.to(device, non_blocking=True), head_index)
                     # DDP averages gradients over ranks; scaling by world size turns that into a sum.
                     (loss_sum * dist.world_size / max(global_targets, 1.0)).backward()
                 step_loss += loss_sum.detach().double()
@@ -275,6 +381,10 @@ class TrainingRun:
             "packing": config.data.packing,
             "overlong_samples_skipped": dict(sorted(overlong.items())),
             "method": config.finetune.method,
+            "modality_heads": config.model.modality_heads,
+            "continued_from_max_steps": continued_from,
+            "init_from": str(self.init_from) if self.init_from is not None else None,
+            "previous_run_kept_as": str(self.previous_run) if self.previous_run is not None else None,
             "trainable_parameters": counts["trainable"],
             "total_parameters": counts["total"],
             "world_size": dist.world_size,
@@ -296,6 +406,7 @@ class TrainingRun:
         run_state = {
             "max_steps": self.config.train.max_steps,
             "run_identity": self.identity,
+            "recipe": self.recipe,
             "world_size": self.dist.world_size,
             "num_workers": self.config.data.num_workers,
             "method": self.config.finetune.method,
@@ -307,22 +418,27 @@ class TrainingRun:
         )
 
 
-def train_inputs(settings: Settings) -> tuple[TokenSpace, Path]:
-    """The token space and shard folder a training run needs, or MissingUpstreamError."""
+def train_inputs(settings: Settings, need_shards: bool = True) -> tuple[TokenSpace, Path]:
+    """The token space and shard folder a training run needs, or MissingUpstreamError
+    (`need_shards=False`: a run on `data.jsonl` needs no shards)."""
     token_space_path = settings.step_dir("token_space") / "token_space.json"
     if not token_space_path.is_file():
-        raise MissingUpstreamError(f"{token_space_path} not found: build the token space first (`lumo token-space`, the `token_space` asset)")
+        raise MissingUpstreamError(f"{token_space_path} not found: build the token space first: {rebuild_hint('token_space', 'lumo token-space')}")
     shards_dir = settings.step_dir("tokenized_shards")
-    if not (shards_dir / "index.json").is_file():
+    if need_shards and not (shards_dir / "index.json").is_file():
         raise MissingUpstreamError(
-            f"{shards_dir / 'index.json'} not found: tokenize first (`lumo tokenize`, or "
-            "`dagster asset materialize -m lumo_pipeline --select '*tokenized_shards'`)"
+            f"{shards_dir / 'index.json'} not found: tokenize first: "
+            f"{rebuild_hint('tokenized_shards', 'lumo tokenize')}"
         )
     return TokenSpace.read(token_space_path), shards_dir
 
 
-def run_train(settings: Settings, reporter: Reporter, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train (or resume training) the token LM on settings.output_dir/tokenized_shards.
+def run_train(
+    settings: Settings, reporter: Reporter, overrides: dict[str, Any] | None = None, init_from: str | Path | None = None, new_run: bool = False,
+) -> dict[str, Any]:
+    """Train (or resume, or continue) the token LM on settings.output_dir/tokenized_shards.
+    `new_run` sets a run of other settings aside instead of refusing; `init_from` starts a new run
+    from a checkpoint's weights (see the module doc).
 
     Under torchrun every rank calls this; rank 0 reports the materialization (the Dagster check
     `vocab_matches_token_space` is standalone: it reads the checkpoint's config.json)."""
@@ -333,10 +449,10 @@ def run_train(settings: Settings, reporter: Reporter, overrides: dict[str, Any] 
 
     hf_logging.disable_progress_bar()
     config = load_train_config(settings.train_config, overrides)
-    token_space, shards_dir = train_inputs(settings)
+    token_space, shards_dir = train_inputs(settings, need_shards=config.data.jsonl is None)
     dist = Distributed.start(config.train.device)
     try:
-        summary = TrainingRun(config, token_space, shards_dir, settings.step_dir("lm_checkpoint"), reporter, dist).run()
+        summary = TrainingRun(config, token_space, shards_dir, settings.step_dir("lm_checkpoint"), reporter, dist, init_from, new_run).run()
     finally:
         dist.stop()
     if not dist.is_main:

@@ -29,6 +29,8 @@ from dagster import (
     AssetIn,
     AssetKey,
     BetaWarning,
+    Config,
+    ConfigMapping,
     DataVersion,
     DynamicOut,
     DynamicOutput,
@@ -45,17 +47,20 @@ from dagster import (
     graph_asset,
     op,
 )
+from dagster import Field as DagsterField
 from dagster._core.errors import (
     DagsterPipesExecutionError,  # a `lumo` process that exited non-zero
 )
 from dagster_pipes import DagsterPipesError
+from pydantic import Field
 
 import lumo_core
 from lumo_core.config import Settings
-from lumo_core.errors import LumoError
+from lumo_core.errors import LumoError, dagster_hints
 from lumo_core.token_space import sha256_hex
 from lumo_core.tokenization import PIPELINE_VERSION
 from lumo_core.tokenize_run import start_run
+from lumo_pipeline.inputs import record_input_versions
 from lumo_pipeline.io_managers import (
     NO_STORE_IO_MANAGER_KEY,
     UNIT_IO_MANAGER_KEY,
@@ -78,18 +83,23 @@ class Step:
     # tokenize --unit K`), its plan and merge steps do not; `command` is the one-process equivalent.
     gpu: bool
     upstream: tuple[str, ...] = ()
+    # The input files it reads (lumo_pipeline.inputs): their versions are in its lineage.
+    inputs: tuple[str, ...] = ()
 
 
 STEPS = {
     step.asset: step
     for step in (
-        Step("token_space", ("token-space",), "token_space/token_space.json", gpu=False),
-        Step("manifest_audit", ("audit-manifest",), "manifest_audit/report.json", gpu=False),
-        Step("tokenized_shards", ("tokenize",), "tokenized_shards/index.json", gpu=True, upstream=("token_space", "manifest_audit")),
-        Step("tokenized_audit", ("audit-shards",), "tokenized_audit/report.json", gpu=True, upstream=("tokenized_shards", "token_space")),
-        Step("uti_audit", ("audit-uti",), "uti_audit/report.json", gpu=False, upstream=("token_space",)),
-        Step("lm_checkpoint", ("train",), "lm_checkpoint/final/model.safetensors", gpu=True, upstream=("tokenized_shards", "token_space")),
-        Step("lm_eval", ("eval",), "lm_eval/report.json", gpu=True, upstream=("lm_checkpoint", "tokenized_shards")),
+        Step("token_space", ("token-space",), "token_space/token_space.json", gpu=False, inputs=("uti_config",)),
+        Step("manifest_audit", ("audit-manifest",), "manifest_audit/report.json", gpu=False, inputs=("manifest", "uti_config")),
+        Step("tokenized_shards", ("tokenize",), "tokenized_shards/index.json", gpu=True, upstream=("token_space", "manifest_audit"),
+             inputs=("manifest", "uti_config")),
+        Step("tokenized_audit", ("audit-shards",), "tokenized_audit/report.json", gpu=True, upstream=("tokenized_shards", "token_space"),
+             inputs=("uti_config",)),
+        Step("uti_audit", ("audit-uti",), "uti_audit/report.json", gpu=False, upstream=("token_space",), inputs=("uti_config",)),
+        Step("lm_checkpoint", ("train",), "lm_checkpoint/final/model.safetensors", gpu=True, upstream=("tokenized_shards", "token_space"),
+             inputs=("train_config",)),
+        Step("lm_eval", ("eval",), "lm_eval/report.json", gpu=True, upstream=("lm_checkpoint", "tokenized_shards"), inputs=("train_config",)),
     )
 }
 
@@ -97,10 +107,25 @@ STEPS = {
 CODE_VERSIONS = {name: lumo_core.__version__ for name in STEPS} | {"tokenized_shards": f"{lumo_core.__version__}+pipeline{PIPELINE_VERSION}"}
 
 
+def ancestors(asset_name: str) -> set[str]:
+    """Every asset `asset_name` is built from, directly or not (the input files excluded: they
+    are observed, not built)."""
+    found: set[str] = set()
+    todo = list(STEPS[asset_name].upstream)
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo.extend(STEPS[name].upstream)
+    return found
+
+
 def build_command_hint(asset_name: str) -> str:
-    """The Dagster selection that builds `asset_name` with ALL its ancestors (`*x`; `+x` is only
-    one layer up, so `+lm_eval` would still miss tokenized_shards)."""
-    return f"dagster asset materialize -m lumo_pipeline --select '*{asset_name}'"
+    """The Dagster selection that builds `asset_name` with ALL its ancestors: `+x` (one layer
+    up) where that is all of them, as for tokenized_shards (CONTRACT 1); `*x` where it is not, since
+    `+lm_eval` would still miss tokenized_shards."""
+    one_layer = set(STEPS[asset_name].upstream) == ancestors(asset_name)
+    return f"dagster asset materialize -m lumo_pipeline --select {'+' + asset_name if one_layer else repr('*' + asset_name)}"
 
 
 def require_upstream(context: AssetExecutionContext | OpExecutionContext, settings: Settings, step: Step) -> None:
@@ -131,6 +156,7 @@ def require_upstream(context: AssetExecutionContext | OpExecutionContext, settin
 def run_step(context: AssetExecutionContext, lumo: LumoSettings, runner: LumoRunner, step: Step) -> MaterializeResult:
     settings = lumo.resolve()
     require_upstream(context, settings, step)
+    record_input_versions(context, settings, step.inputs)
     metadata, data_version = run_committing_command(context, settings, runner, step, step.command, gpu=step.gpu)
     return MaterializeResult(metadata=metadata, data_version=data_version)
 
@@ -174,7 +200,7 @@ def _lumo_asset(name: str, description: str):
 
     @asset(
         name=name,
-        deps=list(step.upstream),
+        deps=[*step.upstream, *step.inputs],
         code_version=CODE_VERSIONS[name],
         group_name=GROUP,
         description=description,
@@ -195,20 +221,29 @@ manifest_audit = _lumo_asset("manifest_audit", "Every manifest line checked (sch
 SHARDS = STEPS["tokenized_shards"]
 
 
+class RebuildConfig(Config):
+    """Run config of the tokenized_shards steps (set once for the asset: see FORCE_MAPPING)."""
+
+    force: bool = Field(default=False, description="rebuild even when up to date: every unit tokenized again from the media "
+                                                   "(token cache not read) and the shards rewritten")
+
+
 @op(
-    ins={name: In(Nothing) for name in SHARDS.upstream},
+    ins={name: In(Nothing) for name in (*SHARDS.upstream, *SHARDS.inputs)},
     out=DynamicOut(int, io_manager_key=UNIT_IO_MANAGER_KEY),
     description="Check the upstream assets, then one output per work unit still to tokenize (no models loaded).",
 )
-def plan_units(context: OpExecutionContext, lumo: LumoSettings) -> Iterator[DynamicOutput[int]]:
+def plan_units(context: OpExecutionContext, config: RebuildConfig, lumo: LumoSettings) -> Iterator[DynamicOutput[int]]:
     settings = lumo.resolve()
     require_upstream(context, settings, SHARDS)
+    record_input_versions(context, settings, SHARDS.inputs)
     try:
         # The manifest, config and token space, read as the units and the merge will: no models.
-        run, _ = start_run(settings, load_models=False)
+        with dagster_hints():
+            run, _ = start_run(settings, load_models=False)
     except LumoError as exc:
         raise Failure(description=f"cannot plan the work units of `{SHARDS.asset}`: {exc}") from exc
-    stale = run.stale_reason()
+    stale = "forced by the run config (force: true)" if config.force else run.stale_reason()
     if stale is None:
         pending: list[int] = []
         context.log.info(f"{run.out_dir} is up to date with the manifest, config and token space, and matches index.json: "
@@ -227,13 +262,16 @@ def plan_units(context: OpExecutionContext, lumo: LumoSettings) -> Iterator[Dyna
     out=Out(int, io_manager_key=UNIT_IO_MANAGER_KEY),
     pool=GPU_POOL,
     tags=GPU_OP_TAGS,
-    # A unit killed or failed is rerun on its own; its spool resumes where it stopped.
+    # A retry can help here: a unit process killed (preempted pod, OOM kill, SIGKILL) or stopped
+    # by a transient I/O error is rerun on its own and its spool resumes where it stopped; a
+    # unit refused because another run holds its lock may find it free. Bad rows never fail a
+    # unit (they are rejects), so a retry never repeats a data error.
     retry_policy=RetryPolicy(max_retries=2),
     description="`lumo tokenize --unit K`: one work unit's rows through the models into its own spool (no materialization).",
 )
-def tokenize_unit(context: OpExecutionContext, lumo: LumoSettings, runner: LumoRunner, unit: int) -> Output[int]:
+def tokenize_unit(context: OpExecutionContext, config: RebuildConfig, lumo: LumoSettings, runner: LumoRunner, unit: int) -> Output[int]:
     settings = lumo.resolve()
-    subcommand = ("tokenize", "--unit", str(unit))
+    subcommand = ("tokenize", "--unit", str(unit), *(["--force"] if config.force else []))
     context.log.info(f"running `lumo {' '.join(subcommand)}` ({runner.mode} mode) with outputs under {settings.output_dir}")
     try:
         # A unit reports no materialization: success is the process's exit status.
@@ -251,27 +289,39 @@ def tokenize_unit(context: OpExecutionContext, lumo: LumoSettings, runner: LumoR
 
 @op(
     out=Out(io_manager_key=NO_STORE_IO_MANAGER_KEY),
+    # No retry policy: a merge fails only on what a retry cannot change (a unit not complete, a
+    # damaged spool that the next run's units must rebuild, a full disk); a new run is the fix.
     description="`lumo tokenize --merge`: every unit's spool into the shards, rejects.jsonl, stats.json and index.json (last).",
 )
-def merge_units(context: OpExecutionContext, lumo: LumoSettings, runner: LumoRunner, units: list[int]) -> Output[None]:
+def merge_units(context: OpExecutionContext, config: RebuildConfig, lumo: LumoSettings, runner: LumoRunner, units: list[int]) -> Output[None]:
     settings = lumo.resolve()
-    metadata, data_version = run_committing_command(context, settings, runner, SHARDS, ("tokenize", "--merge"), gpu=False)
+    subcommand = ("tokenize", "--merge", *(["--force"] if config.force else []))
+    metadata, data_version = run_committing_command(context, settings, runner, SHARDS, subcommand, gpu=False)
     with warnings.catch_warnings():
         # `Output.data_version` is marked beta; it is how an op of a graph asset sets the version.
         warnings.simplefilter("ignore", BetaWarning)
         return Output(None, metadata={**metadata, "units_tokenized_in_this_run": len(units)}, data_version=data_version)
 
 
+# The launchpad's config of the asset: `ops: {tokenized_shards: {config: {force: true}}}` (or
+# run_configs/force_rebuild.yaml) reaches every step of the fan-out.
+FORCE_MAPPING = ConfigMapping(
+    config_fn=lambda config: {op_name: {"config": {"force": config["force"]}} for op_name in ("plan_units", "tokenize_unit", "merge_units")},
+    config_schema={"force": DagsterField(bool, default_value=False, description=RebuildConfig.model_fields["force"].description)},
+)
+
+
 @graph_asset(
     name=SHARDS.asset,
-    ins={name: AssetIn(dagster_type=Nothing) for name in SHARDS.upstream},
+    ins={name: AssetIn(dagster_type=Nothing) for name in (*SHARDS.upstream, *SHARDS.inputs)},
+    config=FORCE_MAPPING,
     code_version=CODE_VERSIONS[SHARDS.asset],
     group_name=GROUP,
     description="The manifest tokenized into deterministic train/eval WebDataset shards, index.json last: one step per work unit, then the merge.",
     kinds={"python", "pytorch"},
 )
-def tokenized_shards(token_space: None, manifest_audit: None) -> None:
-    units = plan_units(token_space=token_space, manifest_audit=manifest_audit)
+def tokenized_shards(token_space: None, manifest_audit: None, manifest: None, uti_config: None) -> None:
+    units = plan_units(token_space=token_space, manifest_audit=manifest_audit, manifest=manifest, uti_config=uti_config)
     return merge_units(units.map(tokenize_unit).collect())
 
 

@@ -19,6 +19,7 @@ from dagster import Definitions, ExecutorDefinition, in_process_executor
 
 from lumo_pipeline.assets import LUMO_ASSETS
 from lumo_pipeline.checks import LUMO_CHECKS
+from lumo_pipeline.inputs import INPUT_ASSETS, inputs_observed
 from lumo_pipeline.io_managers import io_manager_resources
 from lumo_pipeline.jobs import (
     manifest_changed,
@@ -39,11 +40,11 @@ def pipeline_resources(lumo: LumoSettings, runner: LumoRunner) -> dict[str, obje
 def build_definitions(lumo: LumoSettings, runner: LumoRunner, executor: ExecutorDefinition = in_process_executor) -> Definitions:
     """The code location; deployments swap the runner's mode or the executor (deploy/)."""
     return Definitions(
-        assets=LUMO_ASSETS,
+        assets=[*INPUT_ASSETS, *LUMO_ASSETS],
         asset_checks=LUMO_CHECKS,
         jobs=[reaudit_job, tokenization_job],
         schedules=[nightly_reaudit],
-        sensors=[manifest_changed],
+        sensors=[manifest_changed, inputs_observed],
         resources=pipeline_resources(lumo, runner),
         executor=executor,
     )

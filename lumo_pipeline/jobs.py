@@ -3,8 +3,8 @@
 - `reaudit_job`: the audit assets (tokenized_audit, uti_audit) and every asset check; never
   tokenized_shards itself, so a re-audit reads the shards and does not rewrite them.
 - `nightly_reaudit`: runs `reaudit_job` every night.
-- `manifest_changed`: watches the content (sha256) of the manifest and of the UTI config and, on
-  every change, requests the tokenization chain: token_space, manifest_audit, tokenized_shards and
+- `manifest_changed`: watches the content versions (lumo_core.input_versions) of the manifest
+  and of the UTI config and, on every change, requests the tokenization chain: token_space, manifest_audit, tokenized_shards and
   the audit below them. Its cursor (JSON) numbers the changes, so each change gets its own run key
   (Dagster silently drops a RunRequest whose run key was used before, which would skip a manifest
   put back to earlier content), and follows the run it launched: a failed run is requested again,
@@ -32,10 +32,9 @@ from dagster import (
     sensor,
 )
 
-from lumo_core.config import DEFAULT_UTI_CONFIG, embedded_path
+from lumo_core.input_versions import uti_config_version
 from lumo_core.manifest import manifest_sha256
 from lumo_core.sample_data import manifest_for
-from lumo_core.token_space import sha256_hex
 from lumo_pipeline.resources import LumoSettings
 
 REAUDIT_ASSETS = ("tokenized_audit", "uti_audit")
@@ -92,13 +91,6 @@ def last_tokenized_manifest_sha(context: SensorEvaluationContext) -> str | None:
     return None if value is None else str(value.value)
 
 
-def uti_config_sha256(settings: Any) -> str:
-    """The sha256 of the UTI config file's content (the embedded default when none is set); a
-    missing file hashes as empty, so the step that reads it reports the error."""
-    path = settings.uti_config or embedded_path(DEFAULT_UTI_CONFIG)
-    return sha256_hex(path.read_bytes()) if path.is_file() else sha256_hex(b"")
-
-
 def read_cursor(raw: str | None) -> dict[str, Any] | None:
     """The cursor as a dict: {"sha", "config", "seq", "pending"}. A cursor of an earlier version
     (the bare manifest sha256) keeps its manifest and leaves the config unknown."""
@@ -129,7 +121,7 @@ def _request(change: str, attempt: int, manifest: str, manifest_sha: str, config
     return RunRequest(
         run_key=change if attempt == 1 else f"{change}-attempt{attempt}",
         tags={CHANGE_TAG: change, ATTEMPT_TAG: str(attempt), "lumo/manifest_sha256": manifest_sha,
-              "lumo/manifest": manifest, "lumo/uti_config_sha256": config_sha},
+              "lumo/manifest": manifest, "lumo/uti_config_version": config_sha},
     )
 
 
@@ -169,7 +161,7 @@ def _follow_pending(context: SensorEvaluationContext, cursor: dict[str, Any], ma
     job=tokenization_job,
     minimum_interval_seconds=60,
     default_status=DefaultSensorStatus.STOPPED,
-    description="Requests the tokenization chain when the manifest's or the UTI config's content (sha256) changes; "
+    description="Requests the tokenization chain when the manifest's or the UTI config's content changes; "
                 f"retries a failed run up to {MAX_ATTEMPTS} attempts.",
 )
 def manifest_changed(context: SensorEvaluationContext, lumo: LumoSettings) -> SensorResult | SkipReason:
@@ -178,7 +170,8 @@ def manifest_changed(context: SensorEvaluationContext, lumo: LumoSettings) -> Se
     if not manifest.is_file():
         return SkipReason(f"manifest {manifest} does not exist")
     current = manifest_sha256(manifest)
-    config_sha = uti_config_sha256(settings)
+    # The config's validated content (lumo_core.input_versions): an edited comment is no change.
+    config_sha = uti_config_version(settings)
     cursor = read_cursor(context.cursor)
     if cursor is None:
         # Before the first tick the baseline is what the last tokenization read, so turning the

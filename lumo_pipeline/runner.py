@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -26,12 +27,18 @@ from dagster import (
     DagsterEventType,
     PipesClientCompletedInvocation,
     PipesSubprocessClient,
+    PreviewWarning,
 )
 from dagster._core.errors import DagsterError, DagsterPipesExecutionError
 from dagster_pipes import DagsterPipesError
 from pydantic import Field
 
-from lumo_core.config import Settings
+from lumo_core.config import Settings, cache_root
+
+# Dagster's own Pipes message handler reads `PipesMessageReader.expected_writer_count`, a property
+# marked @preview, once per Pipes session: every `lumo` step and check printed a PreviewWarning
+# (43 in one `dagster dev` log) about a property we never use. Silenced for that property only.
+warnings.filterwarnings("ignore", message=r".*expected_writer_count.*", category=PreviewWarning)
 
 # Where the steps that hold a GPU go in the scaled-out deployments: the `gpu` concurrency pool
 # (docker/dagster.yaml, deploy/k8s) and the Celery `gpu` queue (deploy/celery).
@@ -41,6 +48,12 @@ GPU_OP_TAGS = {"dagster-celery/queue": "gpu"}
 # Label put on every container a launch creates, so that it can be found and removed afterwards:
 # PipesDockerClient stops its container but leaves it behind.
 LAUNCH_LABEL = "lumo.launch"
+# Labels naming the Dagster run and step that started the container and the `lumo` subcommand it
+# runs: the engine's own record (`docker events`, `docker ps -a --filter label=...`) of which step
+# ran in which container.
+RUN_ID_LABEL = "lumo.run_id"
+STEP_LABEL = "lumo.step"
+COMMAND_LABEL = "lumo.command"
 
 
 class LumoRunner(ConfigurableResource):
@@ -55,9 +68,14 @@ class LumoRunner(ConfigurableResource):
         default_factory=dict,
         description="docker mode: host folder -> container folder, read-only (model weights, data roots named in the config)",
     )
+    host_paths: bool = Field(
+        default=False,
+        description="docker mode: mount every host folder at its own path instead of under container_root, so the paths the steps record (run.json, metadata) are the host's",
+    )
     cache_dir: str | None = Field(
         default=None,
-        description="docker mode: host folder mounted read-write as the container's LUMO_CACHE_DIR, so the builtin models are built once, not in every container",
+        description="docker mode: host folder mounted read-write as the container's LUMO_CACHE_DIR, so the builtin models are built once, "
+                    "not in every container (default: the host's LUMO_CACHE_DIR when the embedded sample manifest is used)",
     )
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for every step")
     run_as_host_user: bool = Field(default=True, description="docker mode: run as the host uid:gid so outputs stay owned by the user")
@@ -144,10 +162,22 @@ class DockerLaunch:
         for mount in self.container_kwargs["mounts"]:
             if not mount["ReadOnly"]:
                 Path(mount["Source"]).mkdir(parents=True, exist_ok=True)
+        labels = {**self.container_kwargs["labels"], **step_labels(context), COMMAND_LABEL: " ".join(self.command[1:])}
         try:
-            return self.client.run(context=context, image=self.image, command=self.command, env=self.env, container_kwargs=self.container_kwargs)
+            return self.client.run(context=context, image=self.image, command=self.command, env=self.env, container_kwargs={**self.container_kwargs, "labels": labels})
         finally:
+            # After a success, a failure and an interrupt (PipesDockerClient stops the container
+            # on the way out) alike.
             remove_launched_containers(context, self.launch_id)
+
+
+def step_labels(context: Any) -> dict[str, str]:
+    """The run id and step key of the step launching a container, as container labels."""
+    op_context = getattr(context, "op_execution_context", context)
+    try:
+        return {RUN_ID_LABEL: op_context.run_id, STEP_LABEL: op_context.get_step_execution_context().step.key}
+    except (AttributeError, DagsterError):  # a context without a run or step (a direct invocation)
+        return {}
 
 
 def build_launch(runner: LumoRunner, settings: Settings, subcommand: Sequence[str], gpu: bool) -> LocalLaunch | DockerLaunch:
@@ -180,10 +210,16 @@ def build_docker_launch(runner: LumoRunner, settings: Settings, subcommand: Sequ
     mounts: list[docker.types.Mount] = []
 
     def mount(host_dir: Path, container_dir: PurePosixPath, read_only: bool) -> None:
-        mounts.append(docker.types.Mount(target=str(container_dir), source=str(host_dir), type="bind", read_only=read_only))
+        target = str(host_dir) if runner.host_paths else str(container_dir)
+        if any(existing["Target"] == target for existing in mounts):  # host paths: one folder holding both configs
+            return
+        mounts.append(docker.types.Mount(target=target, source=str(host_dir), type="bind", read_only=read_only))
+
+    def inside(host_dir: Path, container_dir: PurePosixPath) -> PurePosixPath:
+        return PurePosixPath(host_dir) if runner.host_paths else container_dir
 
     mount(settings.output_dir, root / "outputs", read_only=False)
-    env = {"LUMO_OUTPUT_DIR": str(root / "outputs")}
+    env = {"LUMO_OUTPUT_DIR": str(inside(settings.output_dir, root / "outputs"))}
     # Folders, not files: relative media paths resolve against the manifest's folder.
     for variable, host_file, container_dir in (
         ("LUMO_MANIFEST", settings.manifest, root / "manifest"),
@@ -193,10 +229,14 @@ def build_docker_launch(runner: LumoRunner, settings: Settings, subcommand: Sequ
         if host_file is None:
             continue
         mount(host_file.parent, container_dir, read_only=True)
-        env[variable] = str(container_dir / host_file.name)
-    if runner.cache_dir:
-        mount(Path(runner.cache_dir), root / "cache", read_only=False)
-        env["LUMO_CACHE_DIR"] = str(root / "cache")
+        env[variable] = str(inside(host_file.parent, container_dir) / host_file.name)
+    # With no manifest set, the steps read the embedded sample, which lives in the cache: every
+    # container must see the same one (the checks' containers read the manifest run.json names),
+    # so the host's cache is shared unless a cache_dir is given.
+    cache_dir = runner.cache_dir or (str(cache_root()) if settings.manifest is None else None)
+    if cache_dir:
+        mount(Path(cache_dir), root / "cache", read_only=False)
+        env["LUMO_CACHE_DIR"] = str(inside(Path(cache_dir), root / "cache"))
     for host_dir, container_dir in sorted(runner.extra_mounts.items()):
         mount(Path(host_dir), PurePosixPath(container_dir), read_only=True)
 

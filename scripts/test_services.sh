@@ -3,14 +3,23 @@
 #   - a PostgreSQL server from Debian's packages, listening on loopback only, with a role that
 #     may create databases (tests/test_postgres_instance.py makes one per run and drops it);
 #   - Debian's Chromium (tests/test_ui_browser.py drives it headless; no browser download);
-#   - Debian's Redis server binary (tests/test_celery_cluster.py starts its own broker with it).
-# Idempotent: installs only what is missing, starts the cluster only when it is down.
-# Prints the environment the tests read, as `export` lines:
+#   - Debian's Redis server binary (tests/test_celery_cluster.py starts its own broker with it);
+#   - a Docker engine and the lumo-gpu image built on a local base (scripts/docker_engine.sh;
+#     tests/test_docker_runner.py runs the steps in it).
+# Idempotent: installs only what is missing, starts the cluster and the engine only when they are
+# down, reuses the images. Prints the environment the tests read, as `export` lines:
 #   eval "$(scripts/test_services.sh)" && make test
+# `scripts/test_services.sh stop` stops the daemons this script started (the Docker engine, by its
+# pid); .ci/run calls it when it ends.
 set -euo pipefail
 
+if [[ "${1:-start}" == stop ]]; then
+    exec bash "$(dirname "$0")/docker_engine.sh" stop
+fi
+
 PG_ROLE=lumo_test
-PACKAGES=(postgresql chromium redis-server)
+# docker.io and debootstrap for scripts/docker_engine.sh, in the same apt run.
+PACKAGES=(postgresql chromium redis-server docker.io debootstrap)
 
 log() { echo "test_services: $*" >&2; }
 
@@ -58,3 +67,4 @@ echo "export LUMO_TEST_PG_DSN='postgresql://${PG_ROLE}:${pg_password}@127.0.0.1:
 echo "export LUMO_TEST_CHROMIUM='$(command -v chromium)'"
 # Debian starts a Redis service at install; the tests use their own server on a free port.
 echo "export LUMO_TEST_REDIS='$(command -v redis-server)'"
+bash "$(dirname "$0")/docker_engine.sh" start

@@ -172,6 +172,18 @@ def test_decoding_trims_to_the_source_length(codec_24khz: EncodecAdapter, codec_
     assert codec_48khz.decode_batch([codes])[0].shape == (2, codec_48khz.covered_samples(codes.shape[1])) == (2, 50000 + meta["padding_samples"])
 
 
+def test_rows_per_call_is_the_fixed_batch_shape(codec_24khz: EncodecAdapter, codec_48khz: EncodecAdapter) -> None:
+    """Callers hand over at most `rows_per_call` inputs of one batch key per call: the 24 kHz
+    codec batches length buckets at its batch size; the 48 kHz one sees its padding, so one."""
+    assert (codec_24khz.rows_per_call, codec_48khz.rows_per_call) == (8, 1)
+    single = build_audio_adapter(AudioTokenizerConfig(path="builtin:encodec-24khz-tiny", bandwidth=6.0), "cpu", batch_size=1)
+    assert single.rows_per_call == 1
+    # The token space does not depend on the batch shape: one token space for every device.
+    assert single.describe() == codec_24khz.describe()
+    assert build_image_adapter(ImageTokenizerConfig(path="builtin:vq-tiny"), "cpu", batch_size=3).rows_per_call == 3
+    assert DummyAudioAdapter().rows_per_call == DummyImageAdapter().rows_per_call == 1
+
+
 def test_audio_describe_has_what_the_token_space_needs(codec_24khz: EncodecAdapter) -> None:
     described = codec_24khz.describe()
     assert {k: described[k] for k in ("codec", "sample_rate", "channels", "frame_rate", "n_codebooks", "codebook_size")} == {

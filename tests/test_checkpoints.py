@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from lumo_core.checkpoints import (
     TRAINER_STATE,
 )
 from lumo_core.distributed import Distributed
+from lumo_core.errors import LumoError
 
 
 class FakeModel:
@@ -101,8 +103,48 @@ def test_truncate_clear_and_final_summary(tmp_path):
     (tmp_path / FINAL / checkpoints.SUMMARY).write_text('{"run_identity": "run-1"}')
     assert checkpoints.final_summary(tmp_path) == {"run_identity": "run-1"}
     (tmp_path / "keep.txt").write_text("not ours")
-    checkpoints.clear_run(tmp_path)
+    # Checkpoints are never leftovers.
+    with pytest.raises(LumoError, match="holds checkpoints"):
+        checkpoints.clear_leftovers(tmp_path)
+    assert checkpoints.holds_models(tmp_path)
+    shutil.rmtree(tmp_path / "checkpoint-2")
+    shutil.rmtree(tmp_path / FINAL)
+    checkpoints.clear_leftovers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_pruning_spares_the_last_checkpoint_of_a_finished_run(tmp_path):
+    def save_run(step, max_steps):
+        model = FakeModel()
+        optimizer = torch.optim.SGD(model.layer.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        checkpoints.save_checkpoint(
+            tmp_path, step, model=model, optimizer=optimizer, scheduler=scheduler, rank_state={},
+            token_space=FakeTokenSpace(), run_state={"run_identity": "run-1", "world_size": 1, "max_steps": max_steps}, dist=Distributed(), keep=1,
+        )
+
+    for step in (2, 4):
+        save_run(step, 4)
+    # Continued to 8 steps: checkpoint-4 ended the first run and stays.
+    for step in (6, 8):
+        save_run(step, 8)
+    assert [p.name for p in checkpoints.checkpoint_dirs(tmp_path)] == ["checkpoint-4", "checkpoint-8"]
+    assert checkpoints.is_run_end(tmp_path / "checkpoint-4") and checkpoints.is_run_end(tmp_path / "checkpoint-8")
+
+
+def test_a_run_set_aside_keeps_every_byte_under_its_own_name(tmp_path):
+    out = tmp_path / "lm_checkpoint"
+    out.mkdir()
+    save(out, 2)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    _, state = checkpoints.latest_state(out)
+    target = checkpoints.kept_run_name(out, state)
+    assert target.name == "lm_checkpoint-step2-run-1"
+    checkpoints.set_run_aside(out, target)
+    assert {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    assert out.is_dir() and not any(out.iterdir())
+    target.with_name("lm_checkpoint-step2-run-1-2").mkdir()
+    assert checkpoints.kept_run_name(out, state).name == "lm_checkpoint-step2-run-1-3"
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
@@ -112,8 +154,8 @@ def test_the_torchrun_entry_point_is_lumo_train_and_only_rank_0_opens_pipes_and_
 
     seen = {}
 
-    def fake_run_train(settings, reporter, overrides=None):
-        seen.update(open_pipes=reporter.open_pipes, overrides=overrides, output_dir=settings.output_dir)
+    def fake_run_train(settings, reporter, overrides=None, init_from=None, new_run=False):
+        seen.update(open_pipes=reporter.open_pipes, overrides=overrides, output_dir=settings.output_dir, init_from=init_from, new_run=new_run)
         return {"steps": 3}
 
     monkeypatch.setattr(lumo_core.training, "run_train", fake_run_train)
@@ -121,7 +163,7 @@ def test_the_torchrun_entry_point_is_lumo_train_and_only_rank_0_opens_pipes_and_
     monkeypatch.setenv("LUMO_OUTPUT_DIR", str(tmp_path))
     monkeypatch.setenv("LUMO_MANIFEST", str(tmp_path / "manifest.jsonl"))
     assert main(["--set", "train.max_steps=3", "--set", "optim.lr=0.5"]) == 0
-    assert seen == {"open_pipes": rank == "0", "overrides": {"train.max_steps": 3, "optim.lr": 0.5}, "output_dir": tmp_path}
+    assert seen == {"open_pipes": rank == "0", "overrides": {"train.max_steps": 3, "optim.lr": 0.5}, "output_dir": tmp_path, "init_from": None, "new_run": False}
     out = capsys.readouterr().out
     assert (json.loads(out) == {"steps": 3}) if rank == "0" else out == ""
 

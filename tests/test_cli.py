@@ -93,6 +93,14 @@ def test_bench_tokenize_prints_its_report_as_the_last_line(tmp_path):
     for key in ("samples_per_s", "efficiency", "speedup_vs_per_sample", "audio_seconds_per_s", "images_per_s", "peak_memory_ratio"):
         assert report[key] > 0, key
     assert report["samples"] == 12 and report["peak_memory_mb"]["rows"] == [4, 40]
+    # Every row is encoded (the repeated sample media does not come from the token cache), and
+    # the per-modality padding shares and stage seconds are there: `auto` on CPU pads nothing.
+    assert report["rows_encoded"] == 12
+    assert report["batch_recipe"] == {"image_batch_size": 1, "audio_batch_size": 1, "model_calls_at_once": report["batch_recipe"]["model_calls_at_once"], "torch_threads_per_call": 1}
+    assert report["padding_share"] == {"image": 0.0, "audio": 0.0} and report["model_call_rows"] == {"image": 6, "audio": 6}
+    stages = report["stage_seconds"]
+    assert set(stages) == {"decode_in_workers", "model_calls", "model_calls_wall", "spool", "shard_writing", "units_total"}
+    assert all(stages[name][m] > 0 for name in ("decode_in_workers", "model_calls") for m in ("image", "audio"))
 
 
 def test_a_manifest_whose_rows_are_all_rejected_is_data_and_fails_the_reject_rate_check_at_error(tmp_path):

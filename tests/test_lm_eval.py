@@ -11,6 +11,7 @@ import soundfile
 from PIL import Image
 
 from lumo_core.errors import MissingUpstreamError, TokenSpaceError
+from lumo_core.fileio import file_sha256
 from lumo_core.lm_eval import run_eval
 from lumo_core.token_space import TokenSpace
 from lumo_core.training import run_train
@@ -37,7 +38,15 @@ def test_eval_reports_losses_accuracy_curve_and_decoded_samples(tmp_path, tokeni
     assert all(0 <= v["accuracy"] <= 1 and v["n"] > 0 for v in accuracy.values())
 
     assert (out / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
-    assert len(report["samples"]) == 4 and all(s["spans_closed"] for s in report["samples"])
+    assert len(report["samples"]) == 4 and all(s["complete"] for s in report["samples"])
+    # The evaluated weights and the generated ids are on record: each answer is its task's one
+    # target span, its closer and the end token (the task grammar of `lumo generate`).
+    assert report["weights_sha256"] == file_sha256(settings.step_dir("lm_checkpoint") / "final" / "model.safetensors") == summary["weights_sha256"]
+    eos = TokenSpace.read(settings.step_dir("token_space")).special_id("<|eos_mm|>")
+    for sample in report["samples"]:
+        (span,) = sample["spans"]
+        assert span["modality"] == {"t2i": "image", "t2a": "audio", "i2t": "text", "a2t": "text"}[sample["task"]]
+        assert sample["generated_ids"] == span["ids"] + sample["generated_ids"][-2:] and sample["generated_ids"][-1] == eos
     files = [out / "samples" / name for sample in report["samples"] for name in sample["files"]]
     space = TokenSpace.read(settings.step_dir("token_space"))
     assert any(f.suffix == ".png" for f in files) and any(f.suffix == ".wav" for f in files) and any(f.suffix == ".txt" for f in files)

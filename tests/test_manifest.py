@@ -49,7 +49,9 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, s
     _opened.clear()
     _recording[0] = True
     try:
-        report = audit_manifest(manifest, UTIConfig(), out_dir)
+        # Media checked in this process (num_workers: 0), where the recorder sees every open;
+        # test_outputs_are_byte_identical_across_runs audits again with the default worker.
+        report = audit_manifest(manifest, UTIConfig(pipeline={"num_workers": 0}), out_dir)
     finally:
         _recording[0] = False
     return manifest, expected, report, out_dir
@@ -215,3 +217,85 @@ def test_duplicate_ids_are_found_across_the_on_disk_registry(tmp_path, monkeypat
         11: "duplicate_id: first seen on line 2",
         12: "duplicate_id: first seen on line 9",
     }
+
+
+# --------------------------------------------------------------- what one line may cost
+def test_each_limit_rejects_with_a_reason_that_names_it(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+
+    def row(sample_id: str, text: str = "x", **extra: object) -> bytes:
+        return json.dumps({"id": sample_id, "task": "t2i", "text": text, "image": "a.png", **extra}).encode()
+
+    lines = [
+        row("too-long", meta="y" * 7000),
+        b'{"id": "deep", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        row("caption", text="z" * 51),
+        b'{"id": "nan", "task": "t2i", "text": "x", "image": "a.png", "v": NaN}',
+        b'{"id": "inf", "task": "t2i", "text": "x", "image": "a.png", "v": 1e999}',
+        b'{"id": "digits", "task": "t2i", "text": "x", "image": "a.png", "v": ' + b"7" * 5000 + b"}",
+        row("nul")[:-1] + b', "k": "a\x00b"}',
+        '{"id": "utf16"}'.encode("utf-16"),
+        row("deep-enough", meta=[[[["fine"]]]]),
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(b"\n".join(lines) + b"\n")
+    config = UTIConfig(limits={"max_line_bytes": 6000, "max_caption_chars": 50})
+    parsed = list(iter_manifest(manifest, config))
+    assert [item.line for item in parsed] == list(range(1, len(lines) + 1))
+    reasons = [item.reason if isinstance(item, Reject) else "row" for item in parsed]
+    # The nested line is long too: the length limit is met first, unread.
+    assert reasons[0] == f"line_too_long: {len(lines[0])} bytes exceeds limits.max_line_bytes (6000); skipped unread"
+    assert reasons[1].startswith(f"line_too_long: {len(lines[1])} bytes")
+    assert reasons[2] == "caption_too_long: 51 characters exceeds limits.max_caption_chars (50)"
+    assert reasons[3] == "malformed_json: NaN is not a JSON number"
+    assert reasons[4] == "malformed_json: 1e999 overflows a 64-bit float"
+    assert reasons[5].startswith("malformed_json: Exceeds the limit (4300 digits)")
+    assert reasons[6] == f"malformed_json: NUL byte at byte {lines[6].index(bytes(1)) + 1}"
+    assert reasons[7].startswith("malformed_json: not UTF-8 (byte 1;")
+    assert reasons[8] == "row"
+    deep = list(iter_manifest(manifest, UTIConfig()))[1]
+    assert deep.reason == "json_too_deep: nesting depth over limits.max_json_depth (64)"
+
+
+def test_nesting_is_measured_outside_strings(tmp_path: Path) -> None:
+    from lumo_core.manifest import json_depth
+
+    assert json_depth(b'{"a": "[[[[[[[[[[[[[[[[[[[[[["}', 3) <= 3
+    assert json_depth(b'{"a": "\\"[[[[[[", "b": [[[[1]]]]}', 3) == 5
+    assert json_depth(b"[" * 10 + b'"unclosed [[[[[[[[[[', 3) == 10
+
+
+def test_a_64_mib_line_is_skipped_without_holding_it(tmp_path: Path) -> None:
+    import tracemalloc
+
+    manifest = tmp_path / "m.jsonl"
+    with open(manifest, "wb") as handle:
+        handle.write(b'{"id": "huge", "text": "')
+        for _ in range(64):
+            handle.write(b"a" * (1 << 20))
+        handle.write(b'"}\n{"id": "after", "task": "t2i", "text": "x", "image": "a.png"}\n')
+    tracemalloc.start()
+    try:
+        parsed = list(iter_manifest(manifest, UTIConfig()))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert parsed[0].reason.startswith(f"line_too_long: {64 * (1 << 20) + 26} bytes exceeds limits.max_line_bytes (1048576)")
+    assert parsed[1].id == "after" and len(parsed) == 2
+    assert peak < 8 << 20, f"peak {peak} bytes while reading a 64 MiB line"
+
+
+def test_audit_manifest_command_survives_nesting_past_the_recursion_limit(tmp_path: Path) -> None:
+    """The line that made `lumo audit-manifest` die with RecursionError (issue 11)."""
+    import subprocess
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    manifest = tmp_path / "m.jsonl"
+    good = json.dumps({"id": "good", "task": "t2i", "text": "x", "image": "a.png"}).encode()
+    manifest.write_bytes(b"[" * 50_000 + b"]" * 50_000 + b"\n" + good + b"\n")
+    env = {**os.environ, "LUMO_OUTPUT_DIR": str(tmp_path / "out"), "LUMO_MANIFEST": str(manifest)}
+    env.pop("LUMO_UTI_CONFIG", None)
+    result = subprocess.run([sys.executable, "-m", "lumo_core.cli", "audit-manifest"], env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["n_lines"] == 2 and report["n_ok"] == 1 and report["reject_reasons"] == {"json_too_deep": 1}

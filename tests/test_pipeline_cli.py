@@ -5,6 +5,7 @@ location running units side by side); the missing-upstream failure; and the in-c
 point run with the environment the docker runner gives a container."""
 
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -72,7 +73,8 @@ def test_missing_upstream_fails_before_work_and_names_the_command(tmp_path):
     assert completed.returncode != 0
     output = completed.stdout + completed.stderr
     assert "upstream asset `token_space` was never materialized" in output
-    assert "dagster asset materialize -m lumo_pipeline --select '*tokenized_shards'" in output
+    # CONTRACT 1's command: one layer up is every ancestor of tokenized_shards.
+    assert "dagster asset materialize -m lumo_pipeline --select +tokenized_shards" in output
     assert not (tmp_path / "outputs" / "tokenized_shards").exists()
 
 
@@ -197,3 +199,31 @@ def test_in_container_entry_point_reports_back_through_pipes(tmp_path):
     [evaluation] = result.get_asset_check_evaluations()
     assert evaluation.check_name == "runtime_size_match" and evaluation.passed
     assert "differences" in evaluation.metadata
+
+
+@pytest.mark.slow
+def test_the_project_is_a_dg_project(cli_built):
+    """`dg check defs`, `dg list defs` and `dg launch --assets tokenized_shards` (dagster-dg-cli)
+    load the same code location as `dagster ... -m lumo_pipeline`, and launch into the same
+    instance."""
+    tmp_path, first = cli_built
+    assert first.returncode == 0, first.stderr[-4000:]
+    root = Path(lumo_pipeline.__file__).resolve().parents[1]
+    dg = str(Path(sys.executable).parent / "dg")
+    env = {**dagster_env(tmp_path), "VIRTUAL_ENV": str(Path(sys.executable).parents[1])}
+
+    def run_dg(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([dg, *args], check=False, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+
+    checked = run_dg("check", "defs")
+    assert checked.returncode == 0 and "All definitions loaded successfully" in checked.stdout + checked.stderr, checked.stderr[-4000:]
+    listed = run_dg("list", "defs", "--json")
+    assert listed.returncode == 0, listed.stderr[-4000:]
+    assets = {entry["asset_key"] for entry in json.loads(listed.stdout)["assets"]}
+    assert {"token_space", "manifest_audit", "tokenized_shards", "lm_checkpoint", "manifest", "uti_config"} <= assets
+    launched = run_dg("launch", "--assets", "tokenized_shards")
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    with DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
+        latest = instance.get_runs(limit=1)[0]
+        assert set(latest.asset_selection or ()) == {AssetKey("tokenized_shards")}
+        assert instance.get_latest_materialization_event(AssetKey("tokenized_shards")).run_id == latest.run_id

@@ -50,7 +50,9 @@ def test_loading_definitions_imports_no_heavy_library():
 def test_definitions_are_loadable_with_the_contract_names():
     Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
-    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == ASSETS
+    assert {key.to_user_string() for key in graph.materializable_asset_keys} == ASSETS
+    # The input files are in the graph too, as observable source assets.
+    assert {key.to_user_string() for key in graph.observable_asset_keys} == {"manifest", "uti_config", "train_config"}
     assert {(key.asset_key.to_user_string(), key.name) for key in graph.asset_check_keys} == CHECKS
 
 
@@ -60,12 +62,12 @@ def test_lineage_is_declared():
     def parents(name: str) -> set[str]:
         return {key.to_user_string() for key in graph.get(AssetKey(name)).parent_keys}
 
-    assert parents("tokenized_shards") == {"token_space", "manifest_audit"}
+    assert parents("tokenized_shards") == {"token_space", "manifest_audit", "manifest", "uti_config"}
     assert "tokenized_shards" in parents("tokenized_audit")
-    assert parents("uti_audit") == {"token_space"}
-    assert parents("lm_checkpoint") == {"tokenized_shards", "token_space"}
-    assert parents("lm_eval") == {"lm_checkpoint", "tokenized_shards"}
-    assert parents("token_space") == set() and parents("manifest_audit") == set()
+    assert parents("uti_audit") == {"token_space", "uti_config"}
+    assert parents("lm_checkpoint") == {"tokenized_shards", "token_space", "train_config"}
+    assert parents("lm_eval") == {"lm_checkpoint", "tokenized_shards", "train_config"}
+    assert parents("token_space") == {"uti_config"} and parents("manifest_audit") == {"manifest", "uti_config"}
 
 
 def test_every_asset_has_a_code_version():
@@ -80,7 +82,7 @@ def test_tokenized_shards_is_a_fan_out_with_gpus_on_the_unit_steps_only():
     assert set(ops) == {"plan_units", "tokenize_unit", "merge_units"}
     plan, unit, merge = ops["plan_units"], ops["tokenize_unit"], ops["merge_units"]
     assert plan.output_defs[0].is_dynamic and plan.output_defs[0].io_manager_key == UNIT_IO_MANAGER_KEY
-    assert set(plan.input_dict) == {"token_space", "manifest_audit"}
+    assert set(plan.input_dict) == {"token_space", "manifest_audit", "manifest", "uti_config"}
     assert (unit.pool, dict(unit.tags)) == (GPU_POOL, GPU_OP_TAGS)
     assert unit.retry_policy is not None and unit.retry_policy.max_retries == 2
     assert unit.output_defs[0].io_manager_key == UNIT_IO_MANAGER_KEY

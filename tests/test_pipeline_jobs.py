@@ -20,6 +20,8 @@ from dagster import (
     op,
 )
 
+from lumo_core.config import Settings
+from lumo_core.input_versions import uti_config_version
 from lumo_pipeline import jobs
 from lumo_pipeline.jobs import (
     MAX_ATTEMPTS,
@@ -184,8 +186,9 @@ def test_a_uti_config_change_requests_a_run(manifest, tmp_path):
     changed = _evaluate(manifest, instance, cursor=first.cursor, uti_config=config)
     [request] = changed.run_requests
     assert request.run_key == f"{_sha(manifest)}-2"
-    assert request.tags["lumo/uti_config_sha256"] == _sha(config) != first.run_requests[0].tags["lumo/uti_config_sha256"]
-    assert json.loads(changed.cursor)["config"] == _sha(config)
+    version = uti_config_version(Settings.from_env(uti_config=config))
+    assert request.tags["lumo/uti_config_version"] == version != first.run_requests[0].tags["lumo/uti_config_version"]
+    assert json.loads(changed.cursor)["config"] == version
 
 
 def test_a_cursor_of_the_earlier_format_is_read(manifest):

@@ -150,3 +150,14 @@ def test_docker_mode_is_run_configuration(clean_env):
     job = build_definitions(LumoSettings.from_environment(), LumoRunner()).resolve_implicit_global_asset_job_def()
     validated = validate_run_config(job, run_config)
     assert validated["resources"]["runner"]["config"]["mode"] == "docker"
+
+
+def test_docker_launch_on_the_embedded_sample_shares_the_host_cache(clean_env, tmp_path, monkeypatch):
+    """The embedded sample lives in the cache: every step's and check's container must read the
+    same file, the one run.json names, so the host's cache is mounted when no manifest is set."""
+    monkeypatch.setenv("LUMO_CACHE_DIR", str(tmp_path / "cache"))
+    settings = LumoSettings(output_dir=str(tmp_path / "out")).resolve()
+    launch = build_launch(LumoRunner(mode="docker", run_as_host_user=False), settings, ["tokenize"], gpu=True)
+    assert launch.env["LUMO_CACHE_DIR"] == "/lumo/cache"
+    [cache] = [m for m in launch.container_kwargs["mounts"] if m["Target"] == "/lumo/cache"]
+    assert cache["Source"] == str(tmp_path / "cache") and not cache["ReadOnly"]

@@ -298,6 +298,13 @@ def test_completed_shards_are_reused(tmp_path, sample_manifest, dummy_config):
     summary = write_split_shards(spool, out, "train", 7, 1_000_000)
     assert summary["reused_shards"] == 1
     assert [s["sha256"] for s in summary["shards"]] == [s["sha256"] for s in index["splits"]["train"]["shards"]]
+    # A shard under its final name whose bytes are not the spool's (damaged on disk) is written again.
+    damaged = bytearray((out / first_name).read_bytes())
+    damaged[600] ^= 0x01
+    (out / first_name).write_bytes(bytes(damaged))
+    again = write_split_shards(spool, out, "train", 7, 1_000_000)
+    assert again["reused_shards"] == len(again["shards"]) - 1
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in index["splits"]["train"]["shards"]]
 
 
 def test_a_changed_dataset_card_is_caught(tmp_path, sample_manifest, dummy_config):

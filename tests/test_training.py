@@ -58,11 +58,15 @@ def test_a_short_run_lowers_the_loss_and_saves_a_checkpoint_that_loads_with_the_
     assert materialization["data_version"] == summary["weights_file_sha256"]
     assert materialization["metadata"]["vocab_size"] == space.vocab_size_total
 
-    # Same settings again: nothing to do. Changed settings: a fresh run, not a resume.
+    # Same settings again: nothing to do. Changed settings: refused, nothing deleted (see
+    # tests/test_training_runs.py); with new_run, a fresh run and the old one kept aside.
     assert run_train(settings, RecordingReporter())["reused"] is True
-    changed = run_train(settings, RecordingReporter(), overrides={"optim.lr": 0.02, "train.max_steps": 2})
+    with pytest.raises(LumoError, match="optim.lr 0.01 -> 0.02"):
+        run_train(settings, RecordingReporter(), overrides={"optim.lr": 0.02, "train.max_steps": 2})
+    changed = run_train(settings, RecordingReporter(), overrides={"optim.lr": 0.02, "train.max_steps": 2}, new_run=True)
     assert changed["resumed_from_step"] is None and changed["reused"] is False
     assert len(train_log(settings)) == 2
+    assert (Path(changed["previous_run_kept_as"]) / "checkpoint-8" / "model.safetensors").is_file()
 
 
 def test_resuming_from_a_checkpoint_gives_the_weights_of_an_uninterrupted_run(tmp_path, tokenized_sample):
@@ -183,9 +187,8 @@ def test_lora_trains_only_the_adapters_and_the_new_token_rows(tmp_path, tokenize
     assert all(torch.equal(resumed[name], final[name]) for name in final)
 
 
-@pytest.mark.slow
-def test_two_processes_under_torchrun_train_on_disjoint_data_and_end_in_sync(tmp_path, tokenized_sample):
-    settings = lm_outputs(tmp_path, tokenized_sample, {"train": {"max_steps": 4, "record_sample_ids": True}})
+def torchrun_train(settings) -> dict:
+    """`lumo train` in 2 processes under torchrun (gloo); its JSON summary."""
     env = {
         **os.environ,
         "LUMO_OUTPUT_DIR": str(settings.output_dir),
@@ -194,9 +197,15 @@ def test_two_processes_under_torchrun_train_on_disjoint_data_and_end_in_sync(tmp
         "OMP_NUM_THREADS": "1",
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lumo_core.torchrun_train"]
-    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_train_on_disjoint_data_and_end_in_sync(tmp_path, tokenized_sample):
+    settings = lm_outputs(tmp_path, tokenized_sample, {"train": {"max_steps": 4, "record_sample_ids": True}})
+    summary = torchrun_train(settings)
     assert summary["world_size"] == 2 and summary["weights_in_sync"] is True
     assert len(summary["rank_weights_sha256"]) == 2 and summary["vocab_matches_token_space"] is True
 
@@ -206,6 +215,12 @@ def test_two_processes_under_torchrun_train_on_disjoint_data_and_end_in_sync(tmp
     assert not set(seen[0]) & set(seen[1])
     assert len(train_log(settings)) == 4
     assert Path(summary["checkpoint"], "model.safetensors").is_file()
+
+    # A second fresh run with the same settings ends in the same weights, bit for bit (LoRA:
+    # tests/test_training_runs.py).
+    again = lm_outputs(tmp_path / "again", tokenized_sample, {"train": {"max_steps": 4, "record_sample_ids": True}})
+    assert torchrun_train(again)["rank_weights_sha256"] == summary["rank_weights_sha256"]
+    assert Path(summary["checkpoint"], "model.safetensors").read_bytes() == (again.step_dir("lm_checkpoint") / "final" / "model.safetensors").read_bytes()
 
 
 @pytest.mark.slow

@@ -25,6 +25,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
 LUMO_ASSETS = ("token_space", "manifest_audit", "tokenized_shards", "tokenized_audit", "uti_audit", "lm_checkpoint", "lm_eval")
+# The input files, observable source assets: observed, never materialized.
+INPUT_ASSETS = ("manifest", "uti_config", "train_config")
 TARGET = "tokenized_shards"
 # The machine's network is closed: without these, Chromium keeps opening connections it is refused.
 CHROMIUM_ARGS = [
@@ -73,6 +75,7 @@ ASSET_GRAPH_QUERY = """
   }
   assetNodes {
     assetKey { path }
+    isMaterializable
     dependencyKeys { path }
     assetChecksOrError { ... on AssetChecks { checks { name } } }
   }
@@ -147,7 +150,9 @@ def page(webserver: str):
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(base_url=webserver, viewport={"width": 1600, "height": 1000})
+            # Large enough that the graph of 10 nodes (the input files included), zoomed to fit,
+            # still draws each node's status line: zoomed out further, the UI leaves it out.
+            context = browser.new_context(base_url=webserver, viewport={"width": 2400, "height": 1500})
             context.set_default_timeout(UI_TIMEOUT_MS)
             yield context.new_page()
         finally:
@@ -184,9 +189,9 @@ def test_user_sees_assets_materializes_tokenized_shards_and_sees_checks_pass(pag
     expect.set_options(timeout=UI_TIMEOUT_MS)
     page.goto("/asset-groups")
     graph_nodes = page.locator("svg foreignObject")
-    for asset in LUMO_ASSETS:
+    for asset in LUMO_ASSETS + INPUT_ASSETS:
         expect(graph_nodes.filter(has=page.get_by_text(asset, exact=True))).to_be_visible()
-    expect(graph_nodes).to_have_count(len(LUMO_ASSETS))
+    expect(graph_nodes).to_have_count(len(LUMO_ASSETS) + len(INPUT_ASSETS))
     # A fresh instance: once the statuses have loaded, every node says so.
     expect(graph_nodes.get_by_text("Never materialized")).to_have_count(len(LUMO_ASSETS))
     screenshot(page, "1-asset-graph")
@@ -196,7 +201,11 @@ def test_user_sees_assets_materializes_tokenized_shards_and_sees_checks_pass(pag
     (repository,) = location["locationOrLoadError"]["repositories"]
     dependencies = {node["assetKey"]["path"][0]: [dep["path"][0] for dep in node["dependencyKeys"]] for node in data["assetNodes"]}
     checks = {node["assetKey"]["path"][0]: [check["name"] for check in node["assetChecksOrError"]["checks"]] for node in data["assetNodes"]}
-    selection = sorted(upstream_closure(TARGET, dependencies))
+    # What "Materialize" with its upstream does in the UI: the input files are observed by each
+    # step, not materialized.
+    materializable = {node["assetKey"]["path"][0] for node in data["assetNodes"] if node["isMaterializable"]}
+    assert materializable == set(LUMO_ASSETS)
+    selection = sorted(upstream_closure(TARGET, dependencies) & materializable)
     launched = graphql(
         page,
         LAUNCH_MUTATION,

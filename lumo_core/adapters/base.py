@@ -45,6 +45,9 @@ class ImageAdapter(ABC):
     codebook_size: int
     tokens_per_image: int
     resolution: tuple[int, int]  # (height, width) the model sees
+    # The fixed batch shape of one model call (see `pad_rows`): callers that hand over at most
+    # this many inputs at a time make one call each; 1 means nothing is ever padded.
+    rows_per_call: int = 1
 
     @abstractmethod
     def preprocessor(self) -> Callable[[Any], np.ndarray]:
@@ -75,6 +78,9 @@ class AudioAdapter(ABC):
     sample_rate: int
     channels: int
     frame_rate: float
+    # The fixed batch shape of one model call: at most this many inputs of one `batch_key`
+    # make one call; 1 means nothing is ever padded in the batch dimension.
+    rows_per_call: int = 1
 
     @abstractmethod
     def preprocessor(self) -> Callable[[np.ndarray, int], np.ndarray]:
@@ -130,6 +136,18 @@ def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
         return array
     padding = np.zeros((rows - array.shape[0], *array.shape[1:]), dtype=array.dtype)
     return np.concatenate([array, padding])
+
+
+def deterministic_device(device: str) -> None:
+    """On a CUDA device, let cuDNN pick neither the fastest-measured nor a non-deterministic
+    algorithm: an autotuned choice can differ between runs and change the last bits of a
+    convolution, enough to flip a nearest code (same reason as `pad_rows`)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def to_codec_format(waveform: np.ndarray, sample_rate: int, channels: int, target_rate: int) -> np.ndarray:

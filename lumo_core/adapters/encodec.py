@@ -9,7 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from lumo_core.adapters.base import AudioAdapter, _from_pretrained, to_codec_format
+from lumo_core.adapters.base import (
+    AudioAdapter,
+    _from_pretrained,
+    deterministic_device,
+    to_codec_format,
+)
 from lumo_core.errors import ConfigError
 
 
@@ -68,6 +73,7 @@ class EncodecAdapter(AudioAdapter):
         self.name = name
         self.device = device
         self.batch_size = batch_size
+        deterministic_device(device)
         self.model = _from_pretrained(EncodecModel, path, "audio codec").to(device).eval()
         config = self.model.config
         self.sample_rate = int(config.sampling_rate)
@@ -85,7 +91,7 @@ class EncodecAdapter(AudioAdapter):
         # Every model call sees `_batch_rows` inputs of one padded length (see `pad_rows`). Codecs
         # that see their padding can only batch equal lengths, which real data rarely has, so
         # they encode one input per call rather than pay for empty rows.
-        self._batch_rows = batch_size if self._padding_is_invisible else 1
+        self._batch_rows = self.rows_per_call = batch_size if self._padding_is_invisible else 1
 
     def preprocessor(self) -> Callable[[np.ndarray, int], np.ndarray]:
         return partial(to_codec_format, channels=self.channels, target_rate=self.sample_rate)

@@ -45,7 +45,7 @@ def build_image_adapter(config: ImageTokenizerConfig, device: str, batch_size: i
     if config.kind == "seed":
         if config.resolution not in (None, SeedImageAdapter.resolution[0]):
             raise ConfigError(f"tokenizers.image.resolution: SEED takes {SeedImageAdapter.resolution[0]} px, got {config.resolution}")
-        return SeedImageAdapter(config.path, model_identity(config.path), device, config.model_code_path, config.unclip_path, config.resample)
+        return SeedImageAdapter(config.path, model_identity(config.path), device, config.model_code_path, config.unclip_path, config.resample, batch_size)
     return VQImageAdapter(resolve_model_path(config.path), model_identity(config.path), device, config.resolution, batch_size)
 
 

@@ -14,6 +14,8 @@ import numpy as np
 from lumo_core.adapters.base import (
     ImageAdapter,
     _from_pretrained,
+    deterministic_device,
+    pad_rows,
     squash_clip_normalise,
 )
 from lumo_core.errors import AdapterLoadError
@@ -69,12 +71,15 @@ class SeedImageAdapter(ImageAdapter):
     DECODE_GUIDANCE = 10.0
     DECODE_SEED = 0
 
-    def __init__(self, checkpoint: str, name: str, device: str, model_code_path: str | None, unclip_path: str | None, resample: str) -> None:
+    def __init__(self, checkpoint: str, name: str, device: str, model_code_path: str | None, unclip_path: str | None, resample: str,
+                 batch_size: int = 1) -> None:
         import torch
 
         checkpoint_file, code_root, self.unclip_path = locate_seed_files(checkpoint, model_code_path, unclip_path)
         self.name = name
         self.device = device
+        self.batch_size = self.rows_per_call = batch_size
+        deterministic_device(device)
         self.resample = resample
         self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
         if str(code_root) not in sys.path:
@@ -102,9 +107,14 @@ class SeedImageAdapter(ImageAdapter):
         pixels = np.asarray(pixels, dtype=np.float32)
         if pixels.ndim != 4 or pixels.shape[1:] != (3, *self.resolution):
             raise ValueError(f"pixels must be shaped [batch, 3, 224, 224] (run the preprocessor), got {list(pixels.shape)}")
-        with torch.inference_mode():
-            indices, _ = self.model.get_codebook_indices(torch.from_numpy(pixels).to(device=self.device, dtype=self.dtype))
-        return indices.reshape(pixels.shape[0], -1).to("cpu").numpy().astype(np.int64)
+        codes = []
+        for start in range(0, pixels.shape[0], self.batch_size):
+            chunk = pixels[start : start + self.batch_size]
+            batch = torch.from_numpy(np.ascontiguousarray(pad_rows(chunk, self.batch_size))).to(device=self.device, dtype=self.dtype)
+            with torch.inference_mode():
+                indices, _ = self.model.get_codebook_indices(batch)
+            codes.append(indices.reshape(self.batch_size, -1)[: chunk.shape[0]].to("cpu").numpy().astype(np.int64))
+        return np.concatenate(codes)
 
     def decode_batch(self, codes: np.ndarray) -> list[Any]:
         import torch

@@ -12,6 +12,7 @@ from lumo_core.adapters.base import (
     ImageAdapter,
     _from_pretrained,
     _to_pil_images,
+    deterministic_device,
     fit_to_unit_range,
     pad_rows,
 )
@@ -27,7 +28,8 @@ class VQImageAdapter(ImageAdapter):
 
         self.name = name
         self.device = device
-        self.batch_size = batch_size
+        self.batch_size = self.rows_per_call = batch_size
+        deterministic_device(device)
         self.model = _from_pretrained(VQModel, path, "VQ image tokenizer").to(device).eval()
         config = self.model.config
         self.downsample = 2 ** (len(config.block_out_channels) - 1)

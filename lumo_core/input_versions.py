@@ -1,0 +1,56 @@
+"""Content versions of Lumo's three inputs: the manifest, the UTI config and the training config.
+
+The Dagster layer records them as the data versions of the input assets (lumo_pipeline.inputs),
+so an asset shows as unsynced the moment an input it was built from changes. A config's version
+is the sha256 of its validated content in canonical JSON: a comment, the key order or a default
+written out does not change it; any setting that does change a value does, whichever part of
+the outputs it shapes (split.eval_fraction, a codec's bandwidth, a batch size). The manifest's
+version is the sha256 of its bytes, the same digest manifest_audit and the shards record.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lumo_core.config import Settings, load_uti_config
+from lumo_core.errors import ConfigError
+from lumo_core.fileio import file_sha256
+from lumo_core.sample_data import SAMPLE_VERSION
+from lumo_core.token_space import canonical_json_bytes, sha256_hex
+from lumo_core.train_config import load_train_config
+
+MISSING = "missing"
+
+
+def manifest_version(settings: Settings) -> str:
+    """sha256 of the manifest file; the embedded sample is named by its generator's version (it
+    is generated on first use, and reading a version must not write it)."""
+    if settings.manifest is None:
+        return f"embedded-sample-{SAMPLE_VERSION}"
+    return file_sha256(settings.manifest) if Path(settings.manifest).is_file() else MISSING
+
+
+def uti_config_version(settings: Settings) -> str:
+    return _config_version(settings.uti_config, load_uti_config)
+
+
+def train_config_version(settings: Settings) -> str:
+    return _config_version(settings.train_config, load_train_config)
+
+
+def _config_version(path: Path | None, load) -> str:
+    """sha256 of the validated config in canonical JSON. A config that fails validation gets
+    the sha256 of its bytes, marked invalid: it still changes the version, and the step that
+    reads it reports the error with the field."""
+    if path is not None and not Path(path).is_file():
+        return MISSING
+    try:
+        config = load(path)
+    except ConfigError:
+        return f"invalid-{file_sha256(path)}" if path is not None else "invalid"
+    return sha256_hex(canonical_json_bytes(config.model_dump(mode="json")))
+
+
+def input_versions(settings: Settings) -> dict[str, str]:
+    """The version of every input, keyed by its asset name in Dagster."""
+    return {"manifest": manifest_version(settings), "uti_config": uti_config_version(settings), "train_config": train_config_version(settings)}
