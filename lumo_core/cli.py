@@ -236,13 +236,27 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
     raise StopRequested("stopped by SIGTERM; completed work is kept: run the same command again to resume")
 
 
+def _default_sigterm_in_forked_child() -> None:
+    """A child forked while the handler is set (a data-loader worker, a library's fork pool) dies
+    of SIGTERM as the kernel delivers it. With a Python handler it would not: a signal that lands
+    just before the child blocks in a lock or a read is only looked at once that call returns, and
+    `multiprocessing.Pool.terminate()` then waits forever for the child to exit."""
+    if signal.getsignal(signal.SIGTERM) is _stop_on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_forked_child)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = args.command if args.command != "bench" else f"bench {args.bench}"
     # Under torchrun every rank runs this; only rank 0 reports to Dagster and prints the summary.
     is_main_process = os.environ.get("RANK", "0") == "0"
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    # main() also runs inside other programs (tests, notebooks): the handler is theirs again on return.
+    handler_installed = threading.current_thread() is threading.main_thread()
+    if handler_installed:
+        previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         settings = Settings.from_env(output_dir=args.output_dir, manifest=args.manifest, uti_config=args.uti_config, train_config=args.train_config)
         with Reporter(name, open_pipes=is_main_process) as reporter:
@@ -250,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     except LumoError as exc:
         print(f"lumo {name}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if handler_installed:
+            # None: the previous handler was set outside Python and cannot be put back.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_handler is None else previous_handler)
     if is_main_process:
         print(json.dumps(summary, sort_keys=True, default=str))
     return 0

@@ -125,3 +125,31 @@ def test_a_manifest_whose_rows_are_all_rejected_is_data_and_fails_the_reject_rat
     from lumo_core.shard_checks import check_reject_rate
 
     assert check_reject_rate(tmp_path / "out" / "tokenized_shards", 0.05, 0.5).severity == "ERROR"
+
+
+def test_main_in_process_hands_sigterm_back_and_forked_children_do_not_keep_it(tmp_path):
+    """`lumo` run in-process (tests, notebooks) must not leave its SIGTERM handler behind, and a
+    child forked while it is set gets the default action back: with a Python handler, a signal that
+    lands just before a fork-pool worker blocks is missed, and `Pool.terminate()` waits forever
+    (it hung the test run)."""
+    import signal
+
+    from lumo_core import cli
+
+    def own_handler(signum, frame):
+        raise AssertionError("not called")
+
+    previous = signal.signal(signal.SIGTERM, own_handler)
+    try:
+        assert cli.main(["token-space", "--output-dir", str(tmp_path)]) == 0
+        assert signal.getsignal(signal.SIGTERM) is own_handler
+
+        signal.signal(signal.SIGTERM, cli._stop_on_sigterm)
+        pid = os.fork()
+        if pid == 0:  # the child only reports its disposition: nothing else is safe after a fork here
+            os._exit(0 if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the forked child still had lumo's SIGTERM handler"
+        assert signal.getsignal(signal.SIGTERM) is cli._stop_on_sigterm
+    finally:
+        signal.signal(signal.SIGTERM, previous)

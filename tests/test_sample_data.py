@@ -169,8 +169,10 @@ def test_existing_set_is_reused_and_leftovers_of_a_killed_build_are_replaced(sam
 
 def test_concurrent_builders_agree(sample_manifest: Path, tmp_path: Path) -> None:
     target = tmp_path / "shared"
-    with multiprocessing.get_context("fork").Pool(2) as pool:
-        results = pool.map(ensure_sample_manifest, [target, target])
+    # spawn, not fork: a fork of the many-threaded test process is not safe; and a bounded wait, so
+    # that a deadlock fails this test instead of holding the whole run.
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        results = pool.map_async(ensure_sample_manifest, [target, target]).get(timeout=300)
     assert results == [target / MANIFEST_NAME] * 2
     assert file_hashes(target) == file_hashes(sample_manifest.parent)
     assert not list(target.glob(".staging-*"))
