@@ -1,6 +1,7 @@
 """The tokenizing chain on a real Celery cluster: deploy/celery's code location and executor
-config, a Redis broker, two `dagster-celery` worker processes and an instance in PostgreSQL, all
-on this machine. The run's events must show both workers executing work units, and the shards
+config, a Redis broker, three `dagster-celery` worker processes (one for the `dagster` queue, two
+for the `gpu` queue) and an instance in PostgreSQL, all on this machine. The run's events must
+show both GPU workers executing work units, and the shards
 must be the in-process run's, byte for byte.
 
 Needs LUMO_TEST_PG_DSN (a PostgreSQL role that may create databases) and LUMO_TEST_REDIS (the
@@ -26,7 +27,11 @@ from tests.test_tokenization import shard_bytes
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-WORKERS = ("lumo-worker-a", "lumo-worker-b")
+# As deploy/celery/compose.yaml lays it out: one worker for the `dagster` queue (plan, merge,
+# checks), and GPU workers that take only the `gpu` queue (the work units), one step at a time.
+# With a worker taking both queues, a busy moment on the checks could leave every unit to the other.
+GPU_WORKERS = ("lumo-gpu-worker-a", "lumo-gpu-worker-b")
+WORKERS = {"lumo-worker": "dagster", **{name: "gpu" for name in GPU_WORKERS}}
 
 
 def free_port() -> int:
@@ -57,12 +62,11 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
         process.wait(timeout=20)
 
 
-def start_worker(name: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+def start_worker(name: str, queue: str, env: dict[str, str], log: Path) -> subprocess.Popen:
     command = [str(BIN / "dagster-celery"), "worker", "start", "--app", "dagster_celery.app", "--name", name,
-               "--config-yaml", str(ROOT / "deploy" / "celery" / "executor.yaml"), "--queue", "dagster,gpu",
+               "--config-yaml", str(ROOT / "deploy" / "celery" / "executor.yaml"), "--queue", queue,
                "--", "--concurrency=1", "--pool=solo"]
-    # One --queue with both names: dagster-celery passes each --queue as its own -Q, and celery
-    # keeps only the last. Its own session: the worker starts celery as a child, both must go.
+    # Its own session: the worker starts celery as a child, both must go.
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -91,12 +95,17 @@ def test_units_run_on_two_celery_workers_and_the_shards_equal_the_in_process_run
     for variable in ("LUMO_MANIFEST", "LUMO_UTI_CONFIG", "LUMO_TRAIN_CONFIG"):
         base_env.pop(variable, None)
     cluster_env = {**base_env, "LUMO_OUTPUT_DIR": str(cluster_out)}
-    workers = [start_worker(name, cluster_env, tmp_path / f"{name}.log") for name in WORKERS]
+    # The instance's schema first, once: workers started together on an empty database race to
+    # create it, and the loser dies of "type ... already exists" (docs/deploy.md says the same).
+    subprocess.run([str(BIN / "dagster"), "instance", "migrate"], cwd=tmp_path, env=cluster_env, check=True, capture_output=True, timeout=300)
+    workers = [start_worker(name, queue, cluster_env, tmp_path / f"{name}.log") for name, queue in WORKERS.items()]
     try:
-        # Both workers must be consuming before the run submits its units, or the first one up
+        # Every worker must be consuming before the run submits its units, or the first one up
         # takes them all.
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while not all("ready." in (tmp_path / f"{name}.log").read_text(errors="replace") for name in WORKERS):
+            for name, process in zip(WORKERS, workers):
+                assert process.poll() is None, f"{name} exited: " + (tmp_path / f"{name}.log").read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "the Celery workers did not start"
             time.sleep(0.5)
         materialize = subprocess.run(
@@ -121,7 +130,7 @@ def test_units_run_on_two_celery_workers_and_the_shards_equal_the_in_process_run
             if "Celery worker" in metadata and "tokenize_unit" in step:
                 workers_of_units[step] = str(metadata["Celery worker"].value)
     assert len(workers_of_units) >= 2, workers_of_units
-    assert {host.split("@")[0] for host in workers_of_units.values()} == set(WORKERS), workers_of_units
+    assert {host.split("@")[0] for host in workers_of_units.values()} == set(GPU_WORKERS), f"{workers_of_units}\n{logs}"
 
     # The same chain in one process, with the plain CLI: the same bytes.
     local_env = {**base_env, "LUMO_OUTPUT_DIR": str(local_out)}
