@@ -1,8 +1,8 @@
 """The tokenizing chain on a real Celery cluster: deploy/celery's code location and executor
 config, a Redis broker, three `dagster-celery` worker processes (one for the `dagster` queue, two
 for the `gpu` queue) and an instance in PostgreSQL, all on this machine. The run's events must
-show both GPU workers executing work units, and the shards
-must be the in-process run's, byte for byte.
+show both GPU workers executing work units, and the shards must be the in-process run's, byte
+for byte.
 
 Needs LUMO_TEST_PG_DSN (a PostgreSQL role that may create databases) and LUMO_TEST_REDIS (the
 redis-server binary): `.ci/run` and `eval "$(scripts/test_services.sh)"` set both.
@@ -29,7 +29,6 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 # As deploy/celery/compose.yaml lays it out: one worker for the `dagster` queue (plan, merge,
 # checks), and GPU workers that take only the `gpu` queue (the work units), one step at a time.
-# With a worker taking both queues, a busy moment on the checks could leave every unit to the other.
 GPU_WORKERS = ("lumo-gpu-worker-a", "lumo-gpu-worker-b")
 WORKERS = {"lumo-worker": "dagster", **{name: "gpu" for name in GPU_WORKERS}}
 
@@ -102,14 +101,17 @@ def test_units_run_on_two_celery_workers_and_the_shards_equal_the_in_process_run
     # default of one, the units run one after another and which worker takes each is chance.
     subprocess.run([str(BIN / "dagster"), "instance", "concurrency", "set", "gpu", str(len(GPU_WORKERS))],
                    cwd=tmp_path, env=cluster_env, check=True, capture_output=True, timeout=120)
+    def log_of(name: str) -> str:
+        return (tmp_path / f"{name}.log").read_text(errors="replace")
+
     workers = [start_worker(name, queue, cluster_env, tmp_path / f"{name}.log") for name, queue in WORKERS.items()]
     try:
         # Every worker must be consuming before the run submits its units, or the first one up
         # takes them all.
         deadline = time.monotonic() + 180
-        while not all("ready." in (tmp_path / f"{name}.log").read_text(errors="replace") for name in WORKERS):
+        while not all("ready." in log_of(name) for name in WORKERS):
             for name, process in zip(WORKERS, workers):
-                assert process.poll() is None, f"{name} exited: " + (tmp_path / f"{name}.log").read_text(errors="replace")[-3000:]
+                assert process.poll() is None, f"{name} exited: " + log_of(name)[-3000:]
             assert time.monotonic() < deadline, "the Celery workers did not start"
             time.sleep(0.5)
         materialize = subprocess.run(
@@ -119,7 +121,7 @@ def test_units_run_on_two_celery_workers_and_the_shards_equal_the_in_process_run
     finally:
         for worker in workers:
             stop(worker)
-    logs = "\n".join((tmp_path / f"{name}.log").read_text(errors="replace")[-3000:] for name in WORKERS)
+    logs = "\n".join(log_of(name)[-3000:] for name in WORKERS)
     assert materialize.returncode == 0, materialize.stderr[-3000:] + logs
 
     for name, value in pg_database.items():
