@@ -19,12 +19,12 @@ from typing import Any
 from lumo_core.config import TASKS, Settings
 from lumo_core.errors import LumoError, StopRequested
 from lumo_core.reporting import Reporter
-from lumo_core.token_space import sha256_hex
+from lumo_core.uti.token_space import sha256_hex
 
 
 def cmd_token_space(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
     from lumo_core.config import load_uti_config
-    from lumo_core.unified import UnifiedTokenizer
+    from lumo_core.uti.unified import UnifiedTokenizer
 
     tokenizer = UnifiedTokenizer(load_uti_config(settings.uti_config))
     space = tokenizer.token_space
@@ -43,8 +43,8 @@ def cmd_token_space(settings: Settings, reporter: Reporter, args: argparse.Names
 
 def cmd_audit_manifest(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
     from lumo_core.config import load_uti_config
-    from lumo_core.manifest import audit_manifest
     from lumo_core.sample_data import manifest_for
+    from lumo_core.tokenize.manifest import audit_manifest
 
     config = load_uti_config(settings.uti_config)
     manifest = manifest_for(settings)
@@ -57,13 +57,13 @@ def cmd_audit_manifest(settings: Settings, reporter: Reporter, args: argparse.Na
 
 
 def cmd_check(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
-    from lumo_core.check_registry import run_check
+    from lumo_core.audit.registry import run_check
 
     return run_check(args.check_name, settings, reporter)
 
 
 def cmd_tokenize(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
-    from lumo_core.tokenize_run import merge_units, start_run, tokenize, tokenize_unit
+    from lumo_core.tokenize.run import merge_units, start_run, tokenize, tokenize_unit
 
     if args.unit is not None:
         # One unit reports no materialization: the merge commits the asset.
@@ -78,31 +78,31 @@ def cmd_tokenize(settings: Settings, reporter: Reporter, args: argparse.Namespac
 
 
 def cmd_audit_shards(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
-    from lumo_core.audits import audit_shards
+    from lumo_core.audit.audits import audit_shards
 
     return audit_shards(settings, reporter)
 
 
 def cmd_audit_uti(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
-    from lumo_core.audits import audit_uti
+    from lumo_core.audit.audits import audit_uti
 
     return audit_uti(settings, reporter)
 
 
 def cmd_train(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
-    from lumo_core.training import run_train
+    from lumo_core.lm.training import run_train
 
     return run_train(settings, reporter, overrides=_overrides(args), init_from=args.init_from, new_run=args.new_run)
 
 
 def cmd_eval(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
-    from lumo_core.lm_eval import run_eval
+    from lumo_core.lm.eval import run_eval
 
     return run_eval(settings, reporter, overrides=_overrides(args))
 
 
 def cmd_generate(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
-    from lumo_core.generate_run import run_generate
+    from lumo_core.lm.generate_run import run_generate
 
     summary = run_generate(
         settings, reporter, args.task, text=args.text, image=args.image, audio=args.audio, out_dir=args.out, checkpoint=args.checkpoint,
@@ -117,25 +117,25 @@ def cmd_generate(settings: Settings, reporter: Reporter, args: argparse.Namespac
 
 
 def cmd_export_jsonl(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
-    from lumo_core.tokenized_jsonl import run_export_jsonl
+    from lumo_core.tokenize.jsonl_export import run_export_jsonl
 
     return run_export_jsonl(settings, reporter, out_dir=args.out)
 
 
 def cmd_bench_tokenize(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
-    from lumo_core.bench_tokenize import run_bench_tokenize
+    from lumo_core.bench.tokenize import run_bench_tokenize
 
     return run_bench_tokenize(settings, reporter, samples=args.samples, preset=args.preset, memory_rows=args.memory_rows)
 
 
 def cmd_bench_scale(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
-    from lumo_core.bench_scale import run_bench_scale
+    from lumo_core.bench.scale import run_bench_scale
 
     return run_bench_scale(settings, reporter, rows=args.rows, incremental_rows=args.incremental_rows, memory_rows=args.memory_rows)
 
 
 def cmd_bench_train(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
-    from lumo_core.bench_train import run_bench_train
+    from lumo_core.bench.train import run_bench_train
 
     return run_bench_train(settings, reporter, args=_overrides(args))
 
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export-jsonl", parents=[common], help="write the tokenized shards as tokenized JSONL, one file per split")
     export.add_argument("--out", type=Path, metavar="DIR", help="the export folder (default: LUMO_OUTPUT_DIR/tokenized_jsonl)")
     export.set_defaults(handler=cmd_export_jsonl)
-    from lumo_core.check_registry import CHECKS
+    from lumo_core.audit.registry import CHECKS
 
     check = sub.add_parser("check", parents=[common], help="run one asset check of CONTRACT section 7 and print its outcome")
     check.add_argument("check_name", choices=sorted(CHECKS))

@@ -47,7 +47,7 @@ class StrictModel(BaseModel):
 class TextTokenizerConfig(StrictModel):
     kind: Literal["hf", "dummy"] = "hf"
     # A local folder, a hub name (online machines only) or `builtin:<name>` (built here from a
-    # fixed seed, see lumo_core.embedded).
+    # fixed seed, see lumo_core.uti.embedded).
     path: str = "builtin:bpe-tiny"
     vocab_size: int | None = Field(default=None, description="dummy adapter only")
 
@@ -132,7 +132,7 @@ class LimitsConfig(StrictModel):
 
 # `auto` batch sizes (rows per model call), by device. On CPU one row per call: batching buys
 # nothing there (the convolutions are compute-bound) and every padded row is paid in full, so the
-# calls run side by side instead, one torch thread each (lumo_core.tokenization.SampleEncoder).
+# calls run side by side instead, one torch thread each (lumo_core.tokenize.pipeline.SampleEncoder).
 # On a GPU a large fixed shape; only the last batch of each length bucket is padded. Measured
 # figures: README, "Measured figures".
 AUTO_BATCH_SIZES = {"cpu": {"image_batch_size": 1, "audio_batch_size": 1}, "gpu": {"image_batch_size": 32, "audio_batch_size": 16}}
@@ -157,10 +157,10 @@ class PipelineConfig(StrictModel):
     # Tokenized rows are committed to the crash-safe spool in groups of this many.
     commit_every_rows: int = Field(default=256, gt=0)
     # The manifest is split into this many work units by a hash of each row's id; each unit is
-    # a Dagster step of its own (lumo_core.work_units). Recorded in the run's recipe; the shards
+    # a Dagster step of its own (lumo_core.tokenize.units). Recorded in the run's recipe; the shards
     # do not depend on it. Keep it in the hundreds at most: one step per unit.
     work_units: int = Field(default=4, ge=1, le=4096)
-    # The per-row token cache (lumo_core.token_cache); default: <output dir>/token_cache. Point
+    # The per-row token cache (lumo_core.tokenize.token_cache); default: <output dir>/token_cache. Point
     # several runs or machines at one folder to share it.
     token_cache_dir: str | None = None
     # A media worker that spends longer than this on one file is killed and replaced; the row is
@@ -300,7 +300,7 @@ class Settings(BaseSettings):
     manifest: Path | None = None
     uti_config: Path | None = None
     train_config: Path | None = None
-    # Built stand-in models and the sample data set (lumo_core.embedded, lumo_core.sample_data).
+    # Built stand-in models and the sample data set (lumo_core.uti.embedded, lumo_core.sample_data).
     cache_dir: Path = Path.home() / ".cache" / "lumo"
 
     @classmethod

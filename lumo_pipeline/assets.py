@@ -7,7 +7,7 @@ sha256 of the file that commits its output (token_space.json, index.json, report
 marks downstream assets stale when an upstream really changed, and not otherwise.
 
 `tokenized_shards` is the one graph-backed asset: a dynamic fan-out over the work units of
-lumo_core.work_units, so that each unit is a step of its own and the executor (multiprocess,
+lumo_core.tokenize.units, so that each unit is a step of its own and the executor (multiprocess,
 celery_executor, k8s_job_executor) runs units side by side, each retried alone:
 
     plan_units ──► tokenize_unit[unit_00000] ─┐
@@ -48,18 +48,16 @@ from dagster import (
     op,
 )
 from dagster import Field as DagsterField
-from dagster._core.errors import (
-    DagsterPipesExecutionError,  # a `lumo` process that exited non-zero
-)
 from dagster_pipes import DagsterPipesError
 from pydantic import Field
 
 import lumo_core
 from lumo_core.config import Settings
 from lumo_core.errors import LumoError, dagster_hints
-from lumo_core.token_space import sha256_hex
-from lumo_core.tokenization import PIPELINE_VERSION
-from lumo_core.tokenize_run import start_run
+from lumo_core.tokenize.pipeline import PIPELINE_VERSION
+from lumo_core.tokenize.run import start_run
+from lumo_core.uti.token_space import sha256_hex
+from lumo_pipeline.dagster_compat import DagsterPipesExecutionError  # a `lumo` process that exited non-zero
 from lumo_pipeline.inputs import record_input_versions
 from lumo_pipeline.io_managers import (
     NO_STORE_IO_MANAGER_KEY,

@@ -1,5 +1,5 @@
 """The asset checks of CONTRACT section 7, each a standalone `@asset_check` (so a re-audit can run
-checks alone), built in a loop from lumo_core.check_registry: the registry decides each check's
+checks alone), built in a loop from lumo_core.audit.registry: the registry decides each check's
 asset, severity and blocking; each result's metadata explains a failure.
 
 Checks that only read files compute in this process. Those that load the tokenizers
@@ -22,14 +22,14 @@ from dagster import (
     MetadataValue,
     asset_check,
 )
-from dagster._core.errors import DagsterPipesExecutionError
 from dagster_pipes import DagsterPipesError
 
-from lumo_core.check_outcome import CheckOutcome
-from lumo_core.check_registry import CHECKS, CheckSpec, compute_check
+from lumo_core.audit.outcome import CheckOutcome
+from lumo_core.audit.registry import CHECKS, CheckSpec, compute_check
 from lumo_core.config import Settings
 from lumo_core.errors import LumoError
 from lumo_pipeline.assets import STEPS, build_command_hint
+from lumo_pipeline.dagster_compat import DagsterPipesExecutionError
 from lumo_pipeline.metadata import as_dagster_metadata
 from lumo_pipeline.resources import LumoSettings
 from lumo_pipeline.runner import GPU_OP_TAGS, GPU_POOL, LumoRunner, failure_reason

@@ -33,10 +33,6 @@ from dagster import (
     observable_source_asset,
     sensor,
 )
-from dagster._core.definitions.data_version import (
-    DATA_VERSION_TAG,
-    extract_data_version_from_entry,
-)
 
 from lumo_core.config import Settings
 from lumo_core.input_versions import (
@@ -44,6 +40,7 @@ from lumo_core.input_versions import (
     train_config_version,
     uti_config_version,
 )
+from lumo_pipeline.dagster_compat import DATA_VERSION_TAG, extract_data_version_from_entry
 from lumo_pipeline.resources import LumoSettings
 
 # The group of the assets built from them: with a second group, the UI's global graph shows both

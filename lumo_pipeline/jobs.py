@@ -33,8 +33,8 @@ from dagster import (
 )
 
 from lumo_core.input_versions import uti_config_version
-from lumo_core.manifest import manifest_sha256
 from lumo_core.sample_data import manifest_for
+from lumo_core.tokenize.manifest import manifest_sha256
 from lumo_pipeline.resources import LumoSettings
 
 REAUDIT_ASSETS = ("tokenized_audit", "uti_audit")

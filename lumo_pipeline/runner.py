@@ -24,16 +24,17 @@ from typing import Any, Literal
 
 from dagster import (
     ConfigurableResource,
+    DagsterError,
     DagsterEventType,
     PipesClientCompletedInvocation,
     PipesSubprocessClient,
     PreviewWarning,
 )
-from dagster._core.errors import DagsterError, DagsterPipesExecutionError
 from dagster_pipes import DagsterPipesError
 from pydantic import Field
 
 from lumo_core.config import Settings, cache_root
+from lumo_pipeline.dagster_compat import DagsterPipesExecutionError
 
 # Dagster's own Pipes message handler reads `PipesMessageReader.expected_writer_count`, a property
 # marked @preview, once per Pipes session: every `lumo` step and check printed a PreviewWarning

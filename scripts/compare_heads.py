@@ -5,10 +5,10 @@
 Builds the demo shards once (`lumo token-space`, `lumo tokenize`: the embedded sample and
 tokenizers), then for each design runs `lumo train` and `lumo eval` through the CLI into its own
 output folder, with `model.modality_heads` false or true and every other setting equal. The
-checkpoints are scored on the eval split with lumo_core.lm_eval.evaluate_lm:
+checkpoints are scored on the eval split with lumo_core.lm.eval.evaluate_lm:
 - the shared head over the `whole vocabulary`, as `lumo eval` scores it;
 - both designs `per head`: each target's softmax over its own head's ids
-  (lumo_core.modality_heads), the loss the heads model is trained with. For the shared head this
+  (lumo_core.lm.heads), the loss the heads model is trained with. For the shared head this
   is the same model renormalised, which separates what training with heads changes from what the
   narrower softmax alone gives. (A heads model's logits are never normalised across heads, so a
   whole-vocabulary score of it measures nothing.)
@@ -44,7 +44,7 @@ class PerHeadScoring:
     def __init__(self, model: Any, token_space: Any) -> None:
         import torch
 
-        from lumo_core.modality_heads import head_index, heads_for
+        from lumo_core.lm.heads import head_index, heads_for
 
         self.model = model
         self.config = model.config
@@ -53,8 +53,8 @@ class PerHeadScoring:
     def __call__(self, input_ids: Any, **kwargs: Any) -> Any:
         import torch.nn.functional as F
 
-        from lumo_core.modality_heads import restrict_to_target_heads
-        from lumo_core.sequences import IGNORE_INDEX
+        from lumo_core.lm.heads import restrict_to_target_heads
+        from lumo_core.uti.sequences import IGNORE_INDEX
 
         output = self.model(input_ids=input_ids, **kwargs)
         targets = F.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -63,10 +63,10 @@ class PerHeadScoring:
 
 
 def score(output_dir: Path, per_head: bool) -> dict[str, Any]:
-    from lumo_core.lm_data import open_split
-    from lumo_core.lm_eval import evaluate_lm
-    from lumo_core.lm_model import load_lm
-    from lumo_core.token_space import TokenSpace
+    from lumo_core.lm.data import open_split
+    from lumo_core.lm.eval import evaluate_lm
+    from lumo_core.lm.model import load_lm
+    from lumo_core.uti.token_space import TokenSpace
 
     space = TokenSpace.read(output_dir / "token_space")
     model = load_lm(output_dir / "lm_checkpoint" / "final")

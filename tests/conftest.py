@@ -17,7 +17,7 @@ pytest_plugins = ["tests.lm_fixtures"]
 
 @pytest.fixture(scope="session", autouse=True)
 def lumo_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Point LUMO_CACHE_DIR at a folder of this run, so the builtin models (lumo_core.embedded)
+    """Point LUMO_CACHE_DIR at a folder of this run, so the builtin models (lumo_core.uti.embedded)
     and the sample data are built once per run and never read from a stale user cache.
     pytest-xdist workers share the folder (their temp roots have one parent); the builders'
     file locks make their concurrent first use safe."""

@@ -59,7 +59,7 @@ def tokenized_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Output folder holding token_space/ and tokenized_shards/ of the embedded sample."""
     from lumo_core.cli import cmd_token_space
     from lumo_core.sample_data import ensure_sample_manifest
-    from lumo_core.tokenize_run import tokenize
+    from lumo_core.tokenize.run import tokenize
 
     root = tmp_path_factory.getbasetemp() / "lm-sample"
     root.mkdir(exist_ok=True)

@@ -14,28 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lumo_core import embedded
-from lumo_core.adapters.base import CLIP_MEAN, CLIP_STD, squash_clip_normalise
-from lumo_core.adapters.encodec import (
-    EncodecAdapter,
-    choose_encodec_bandwidth,
-    encodec_bandwidth_table,
-)
-from lumo_core.adapters.factory import (
-    build_adapters,
-    build_audio_adapter,
-    build_image_adapter,
-    build_text_adapter,
-    check_device,
-)
-from lumo_core.adapters.seed import SeedImageAdapter
-from lumo_core.adapters.testing import (
-    DummyAudioAdapter,
-    DummyImageAdapter,
-    DummyTextAdapter,
-)
-from lumo_core.adapters.text import HFTextAdapter
-from lumo_core.adapters.vq import VQImageAdapter
 from lumo_core.config import (
     AudioTokenizerConfig,
     ImageTokenizerConfig,
@@ -45,7 +23,29 @@ from lumo_core.config import (
     load_uti_config,
 )
 from lumo_core.errors import AdapterLoadError, ConfigError
-from lumo_core.token_space import canonical_json_bytes, sha256_hex
+from lumo_core.uti import embedded
+from lumo_core.uti.adapters.base import CLIP_MEAN, CLIP_STD, squash_clip_normalise
+from lumo_core.uti.adapters.encodec import (
+    EncodecAdapter,
+    choose_encodec_bandwidth,
+    encodec_bandwidth_table,
+)
+from lumo_core.uti.adapters.factory import (
+    build_adapters,
+    build_audio_adapter,
+    build_image_adapter,
+    build_text_adapter,
+    check_device,
+)
+from lumo_core.uti.adapters.seed import SeedImageAdapter
+from lumo_core.uti.adapters.testing import (
+    DummyAudioAdapter,
+    DummyImageAdapter,
+    DummyTextAdapter,
+)
+from lumo_core.uti.adapters.text import HFTextAdapter
+from lumo_core.uti.adapters.vq import VQImageAdapter
+from lumo_core.uti.token_space import canonical_json_bytes, sha256_hex
 
 # The published EnCodec tables: kbps -> codebooks.
 TABLE_24KHZ = {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}
@@ -410,7 +410,7 @@ def test_example_configs_validate(name: str) -> None:
 def test_each_adapter_module_imports_alone_without_heavy_libraries(module: str) -> None:
     code = (
         "import importlib, sys\n"
-        f"importlib.import_module('lumo_core.adapters.{module}')\n"
+        f"importlib.import_module('lumo_core.uti.adapters.{module}')\n"
         "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -418,8 +418,8 @@ def test_each_adapter_module_imports_alone_without_heavy_libraries(module: str) 
 
 
 def test_the_package_re_exports_its_public_names() -> None:
-    import lumo_core.adapters as package
-    from lumo_core.adapters import base, factory, testing
+    import lumo_core.uti.adapters as package
+    from lumo_core.uti.adapters import base, factory, testing
 
     assert package.build_adapters is factory.build_adapters and package.pad_rows is base.pad_rows
     assert (package.TextAdapter, package.ImageAdapter, package.AudioAdapter) == (base.TextAdapter, base.ImageAdapter, base.AudioAdapter)

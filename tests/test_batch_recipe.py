@@ -25,9 +25,9 @@ from lumo_core.config import (
     load_uti_config,
 )
 from lumo_core.errors import ConfigError
-from lumo_core.model_calls import ModelCalls, calls_at_once, usable_cores
 from lumo_core.sample_data import ensure_sample_manifest
-from lumo_core.tokenization import (
+from lumo_core.tokenize.model_calls import ModelCalls, calls_at_once, usable_cores
+from lumo_core.tokenize.pipeline import (
     PipelineTimings,
     SampleEncoder,
     cache_recipe_for,
@@ -104,8 +104,8 @@ def test_cpu_calls_run_side_by_side_on_one_torch_thread_each() -> None:
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_encoder_counts_call_rows_and_padding_per_modality(tmp_path: Path, sample_manifest: Path, recipe: str) -> None:
-    from lumo_core.manifest import Reject, iter_manifest
-    from lumo_core.unified import UnifiedTokenizer
+    from lumo_core.tokenize.manifest import Reject, iter_manifest
+    from lumo_core.uti.unified import UnifiedTokenizer
 
     config = load_uti_config(write_config(tmp_path / "uti.yaml", recipe))
     tokenizer = UnifiedTokenizer(config)
@@ -138,7 +138,7 @@ def test_shuffled_manifest_gives_identical_shards_and_retokenize_matches(tmp_pat
     """With the embedded EnCodec and VQ models on LUMO_TEST_DEVICE, batch partners and the order
     of the calls change with the manifest order: the shards must not, and rows tokenized again
     (`retokenize_matches`, every sample) must give the recorded tokens."""
-    from lumo_core.tokenizer_checks import check_retokenize
+    from lumo_core.audit.tokenizer_checks import check_retokenize
 
     config = write_config(tmp_path / "uti.yaml", recipe)
     lines = sample_manifest.read_text().splitlines()

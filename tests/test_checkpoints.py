@@ -1,4 +1,4 @@
-"""The checkpoint layout (lumo_core.checkpoints) without a training run, and the torchrun entry
+"""The checkpoint layout (lumo_core.lm.checkpoints) without a training run, and the torchrun entry
 point: only rank 0 opens Pipes and prints the summary."""
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ import shutil
 import pytest
 import torch
 
-from lumo_core import checkpoints
-from lumo_core.checkpoints import (
+from lumo_core.errors import LumoError
+from lumo_core.lm import checkpoints
+from lumo_core.lm.checkpoints import (
     FINAL,
     LATEST,
     STATE_FORMAT_VERSION,
     TRAIN_LOG,
     TRAINER_STATE,
 )
-from lumo_core.distributed import Distributed
-from lumo_core.errors import LumoError
+from lumo_core.lm.distributed import Distributed
 
 
 class FakeModel:
@@ -149,7 +149,7 @@ def test_a_run_set_aside_keeps_every_byte_under_its_own_name(tmp_path):
 
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_the_torchrun_entry_point_is_lumo_train_and_only_rank_0_opens_pipes_and_prints(tmp_path, monkeypatch, capsys, rank):
-    import lumo_core.training
+    import lumo_core.lm.training
     from lumo_core.torchrun_train import main
 
     seen = {}
@@ -158,7 +158,7 @@ def test_the_torchrun_entry_point_is_lumo_train_and_only_rank_0_opens_pipes_and_
         seen.update(open_pipes=reporter.open_pipes, overrides=overrides, output_dir=settings.output_dir, init_from=init_from, new_run=new_run)
         return {"steps": 3}
 
-    monkeypatch.setattr(lumo_core.training, "run_train", fake_run_train)
+    monkeypatch.setattr(lumo_core.lm.training, "run_train", fake_run_train)
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("LUMO_OUTPUT_DIR", str(tmp_path))
     monkeypatch.setenv("LUMO_MANIFEST", str(tmp_path / "manifest.jsonl"))

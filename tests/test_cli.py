@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lumo_core.token_space import TokenSpace
+from lumo_core.uti.token_space import TokenSpace
 from tests.manifests import write_hostile_manifest
 
 LUMO = str(Path(sys.executable).with_name("lumo"))
@@ -122,7 +122,7 @@ def test_a_manifest_whose_rows_are_all_rejected_is_data_and_fails_the_reject_rat
     assert check.returncode == 0, check.stderr
     outcome = json.loads(check.stdout.strip().splitlines()[-1])
     assert not outcome["passed"] and outcome["description"].startswith("0 samples")
-    from lumo_core.shard_checks import check_reject_rate
+    from lumo_core.audit.shard_checks import check_reject_rate
 
     assert check_reject_rate(tmp_path / "out" / "tokenized_shards", 0.05, 0.5).severity == "ERROR"
 

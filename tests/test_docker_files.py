@@ -181,7 +181,7 @@ def test_webserver_publishes_on_loopback_unless_told_otherwise() -> None:
 
 
 def test_instance_config_passes_dagsters_schema_with_credentials_from_env(tmp_path: Path) -> None:
-    from dagster._core.instance.config import dagster_instance_config
+    from lumo_pipeline.dagster_compat import dagster_instance_config
 
     shutil.copy(DOCKER / "dagster.yaml", tmp_path / "dagster.yaml")
     config, custom_class = dagster_instance_config(str(tmp_path))

@@ -36,11 +36,11 @@ from typing import Any
 import pytest
 import yaml
 from dagster import AssetSelection, DagsterEventType, DagsterInstance, materialize
-from dagster._core.definitions.dependency import NodeHandle
 
 from lumo_core.sample_data import ensure_sample_manifest
 from lumo_pipeline.assets import LUMO_ASSETS
 from lumo_pipeline.checks import LUMO_CHECKS
+from lumo_pipeline.dagster_compat import NodeHandle
 from lumo_pipeline.definitions import build_definitions, pipeline_resources
 from lumo_pipeline.resources import LumoSettings
 from lumo_pipeline.runner import COMMAND_LABEL, RUN_ID_LABEL, STEP_LABEL, LumoRunner

@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lumo_core.audit.shard_checks import check_rows_accounted
 from lumo_core.config import load_uti_config
-from lumo_core.decode_workers import FAULTS_ENV, HANG_MAGIC, SIGKILL_MAGIC
 from lumo_core.errors import LockHeldError, LumoError
 from lumo_core.fileio import exclusive_lock
-from lumo_core.manifest import audit_manifest
 from lumo_core.reporting import Reporter
 from lumo_core.sample_data import ensure_sample_manifest
-from lumo_core.shard_checks import check_rows_accounted
-from lumo_core.tokenize_run import merge_units, start_run, tokenize, tokenize_unit
+from lumo_core.tokenize.decode_workers import FAULTS_ENV, HANG_MAGIC, SIGKILL_MAGIC
+from lumo_core.tokenize.manifest import audit_manifest
+from lumo_core.tokenize.run import merge_units, start_run, tokenize, tokenize_unit
 from tests.manifests import write_hostile_manifest
 from tests.test_tokenization import DUMMY_CONFIG, _spooled_rows, run_lumo, shard_bytes
 from tests.test_work_units import settings_for

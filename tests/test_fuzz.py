@@ -27,8 +27,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from lumo_core import errors
+from lumo_core.audit.shard_checks import check_rows_accounted
 from lumo_core.config import UTIConfig, load_uti_config
-from lumo_core.manifest import (
+from lumo_core.reporting import Reporter
+from lumo_core.tokenize.manifest import (
     STRUCTURAL_REASONS,
     ManifestRow,
     Reject,
@@ -37,9 +39,7 @@ from lumo_core.manifest import (
     count_lines,
     iter_manifest,
 )
-from lumo_core.reporting import Reporter
-from lumo_core.shard_checks import check_rows_accounted
-from lumo_core.tokenization import PreparedRow, init_media_decoding, prepare_row
+from lumo_core.tokenize.pipeline import PreparedRow, init_media_decoding, prepare_row
 from tests.test_tokenization import DUMMY_CONFIG
 from tests.test_work_units import settings_for
 
@@ -187,7 +187,7 @@ def mutate(data: bytes, kind: str, draw_positions: list[int], other: bytes) -> b
 @pytest.fixture(scope="module")
 def media_worker(tmp_path_factory):
     """This process set up as a media worker (dummy adapters' preprocessing, no cache)."""
-    from lumo_core.unified import UnifiedTokenizer
+    from lumo_core.uti.unified import UnifiedTokenizer
 
     path = tmp_path_factory.mktemp("cfg") / "uti.yaml"
     path.write_text(DUMMY_CONFIG + "limits: {max_image_pixels: 250000, max_audio_seconds: 2.0}\n")
@@ -245,7 +245,7 @@ def test_a_fuzzed_manifest_through_the_audit_and_tokenize_accounts_for_every_lin
     report = audit_manifest(manifest, load_uti_config(config), tmp_path / "audit")
     assert report["n_lines"] == 300 and report["n_ok"] + report["n_rejected"] == 300
     assert set(report["reject_reasons"]) <= KNOWN_REASONS
-    from lumo_core.tokenize_run import tokenize
+    from lumo_core.tokenize.run import tokenize
 
     summary = tokenize(settings_for(tmp_path / "out", manifest, config), Reporter("fuzz"))
     assert summary["n_samples"] + summary["n_rejected"] == 300

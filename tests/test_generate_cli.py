@@ -19,7 +19,7 @@ from PIL import Image
 
 from lumo_core.cli import main
 from lumo_core.fileio import file_sha256
-from lumo_core.token_space import TokenSpace
+from lumo_core.uti.token_space import TokenSpace
 
 LUMO = str(Path(sys.executable).with_name("lumo"))
 TARGET = {"t2i": "image", "t2a": "audio", "i2t": "text", "a2t": "text"}

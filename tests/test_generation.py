@@ -10,24 +10,24 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from lumo_core.adapters.testing import (
-    DummyAudioAdapter,
-    DummyImageAdapter,
-    DummyTextAdapter,
-)
 from lumo_core.config import DEFAULT_SPECIAL_TOKENS
 from lumo_core.errors import LumoError, TokenSpaceError
-from lumo_core.generation import (
+from lumo_core.lm.data import iter_split, open_split
+from lumo_core.lm.eval import sample_prompt
+from lumo_core.lm.generation import (
     ModalitySpanConstraint,
     SpanGrammar,
     closed_spans,
     generate,
 )
-from lumo_core.lm_data import iter_split, open_split
-from lumo_core.lm_eval import sample_prompt
-from lumo_core.lm_model import build_model
-from lumo_core.token_space import TokenSpace
-from lumo_core.train_config import SamplingConfig, load_train_config
+from lumo_core.lm.model import build_model
+from lumo_core.lm.train_config import SamplingConfig, load_train_config
+from lumo_core.uti.adapters.testing import (
+    DummyAudioAdapter,
+    DummyImageAdapter,
+    DummyTextAdapter,
+)
+from lumo_core.uti.token_space import TokenSpace
 from tests.lm_fixtures import lm_outputs
 
 SPACES = {

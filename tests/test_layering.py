@@ -37,7 +37,7 @@ def imported_names(path: Path, name: str) -> set[str]:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
             found.add(base)
-            # `from lumo_core import audits` imports the module lumo_core.audits.
+            # `from lumo_core.audit import audits` imports the module lumo_core.audit.audits.
             found.update(f"{base}.{alias.name}" for alias in node.names)
     return found
 
@@ -48,7 +48,7 @@ def project_import_graph() -> dict[str, set[str]]:
     for name, path in known.items():
         targets = set()
         for imported in imported_names(path, name):
-            # The nearest known module: `lumo_core.adapters.base.pad_rows` -> lumo_core.adapters.base.
+            # The nearest known module: `lumo_core.uti.adapters.base.pad_rows` -> lumo_core.uti.adapters.base.
             while imported and imported not in known:
                 imported = imported.rpartition(".")[0]
             # A package's __init__ importing its own submodules is how packages work, not a circle.
@@ -109,3 +109,43 @@ def test_lumo_core_never_imports_dagster_or_the_dagster_layer(name: str):
     imported = imported_names(modules()[name], name)
     forbidden = sorted(i for i in imported if i.split(".")[0] in ("dagster", "lumo_pipeline") or i.startswith("dagster_") and i.split(".")[0] != "dagster_pipes")
     assert forbidden == []
+
+
+# lumo_core's layers, lowest first: a module may import its own layer and the layers below, never
+# one above. Top-level modules not named here are the base layer (config, errors, fileio, ...).
+LAYERS = ("base", "uti", "tokenize", "lm", "audit", "bench", "entry")
+ENTRY_MODULES = {"lumo_core.cli", "lumo_core.torchrun_train", "lumo_core.input_versions"}
+
+
+def layer_of(name: str) -> str:
+    if name in ENTRY_MODULES:
+        return "entry"
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[1] in LAYERS:
+        return parts[1]
+    return "base"
+
+
+def test_layer_of_names_every_package():
+    assert layer_of("lumo_core.uti.adapters.vq") == "uti"
+    assert layer_of("lumo_core.fileio") == "base"
+    assert layer_of("lumo_core.cli") == "entry"
+    packages = {path.parent.name for path in (ROOT / "lumo_core").glob("*/__init__.py")}
+    assert packages - {"data"} <= set(LAYERS), "a new package under lumo_core needs its place in LAYERS"
+
+
+def test_no_package_imports_a_higher_layer():
+    graph = project_import_graph()
+    upward = sorted(
+        f"{source} ({layer_of(source)}) imports {target} ({layer_of(target)})"
+        for source, targets in graph.items()
+        if source.startswith("lumo_core")
+        for target in targets
+        if target.startswith("lumo_core") and LAYERS.index(layer_of(target)) > LAYERS.index(layer_of(source))
+    )
+    assert upward == []
+
+
+def test_at_most_twelve_modules_at_the_top_of_lumo_core():
+    top = sorted(path.name for path in (ROOT / "lumo_core").glob("*.py"))
+    assert len(top) <= 12, top

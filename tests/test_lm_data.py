@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from lumo_core.config import TASKS
 from lumo_core.errors import LumoError, MissingUpstreamError, TokenSpaceError
-from lumo_core.lm_data import (
+from lumo_core.lm.data import (
     BatchPlan,
     TaskStream,
     TokenSample,
@@ -33,9 +33,9 @@ from lumo_core.lm_data import (
     open_split,
     owner,
 )
-from lumo_core.sequences import IGNORE_INDEX
-from lumo_core.token_space import TokenSpace
-from lumo_core.train_config import load_train_config
+from lumo_core.lm.train_config import load_train_config
+from lumo_core.uti.sequences import IGNORE_INDEX
+from lumo_core.uti.token_space import TokenSpace
 from tests.lm_fixtures import lm_outputs
 
 

@@ -12,9 +12,9 @@ from PIL import Image
 
 from lumo_core.errors import MissingUpstreamError, TokenSpaceError
 from lumo_core.fileio import file_sha256
-from lumo_core.lm_eval import run_eval
-from lumo_core.token_space import TokenSpace
-from lumo_core.training import run_train
+from lumo_core.lm.eval import run_eval
+from lumo_core.lm.training import run_train
+from lumo_core.uti.token_space import TokenSpace
 from tests.lm_fixtures import RecordingReporter, lm_outputs
 
 

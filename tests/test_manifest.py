@@ -14,7 +14,7 @@ from PIL import Image
 
 from lumo_core.config import UTIConfig
 from lumo_core.errors import ManifestError
-from lumo_core.manifest import (
+from lumo_core.tokenize.manifest import (
     STRUCTURAL_REASONS,
     ManifestRow,
     Reject,
@@ -206,8 +206,7 @@ def test_empty_manifest_gives_an_empty_report(tmp_path: Path) -> None:
 
 def test_duplicate_ids_are_found_across_the_on_disk_registry(tmp_path, monkeypatch) -> None:
     """Ids spill from the in-memory batch to the SQLite registry: a duplicate far apart is caught."""
-    from lumo_core import manifest as manifest_module
-
+    from lumo_core.tokenize import manifest as manifest_module
     monkeypatch.setattr(manifest_module._IdRegistry, "BATCH", 3)
     manifest = tmp_path / "m.jsonl"
     ids = [f"row-{k}" for k in range(10)] + ["row-1", "row-8", "row-10"]
@@ -258,7 +257,7 @@ def test_each_limit_rejects_with_a_reason_that_names_it(tmp_path: Path) -> None:
 
 
 def test_nesting_is_measured_outside_strings(tmp_path: Path) -> None:
-    from lumo_core.manifest import json_depth
+    from lumo_core.tokenize.manifest import json_depth
 
     assert json_depth(b'{"a": "[[[[[[[[[[[[[[[[[[[[[["}', 3) <= 3
     assert json_depth(b'{"a": "\\"[[[[[[", "b": [[[[1]]]]}', 3) == 5

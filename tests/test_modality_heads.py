@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lumo_core.checkpoints import load_weights
-from lumo_core.generation import (
+from lumo_core.lm.checkpoints import load_weights
+from lumo_core.lm.generation import (
     IN_AUDIO,
     IN_IMAGE,
     IN_TEXT,
@@ -21,8 +21,7 @@ from lumo_core.generation import (
     SpanState,
     generate,
 )
-from lumo_core.lm_model import check_vocab, load_lm
-from lumo_core.modality_heads import (
+from lumo_core.lm.heads import (
     HEADS_ATTR,
     head_index,
     heads_for,
@@ -30,9 +29,10 @@ from lumo_core.modality_heads import (
     model_head_index,
     restrict_to_target_heads,
 )
-from lumo_core.token_space import TokenSpace
-from lumo_core.train_config import SamplingConfig
-from lumo_core.training import run_train, token_loss_sum
+from lumo_core.lm.model import check_vocab, load_lm
+from lumo_core.lm.train_config import SamplingConfig
+from lumo_core.lm.training import run_train, token_loss_sum
+from lumo_core.uti.token_space import TokenSpace
 from tests.lm_fixtures import RecordingReporter, lm_outputs
 
 
@@ -108,8 +108,8 @@ def test_the_loss_of_a_target_is_a_softmax_over_its_own_heads_ids_only(space):
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_a_model_trained_with_heads_saves_loads_evaluates_and_samples_under_the_grammar(tmp_path, tokenized_sample, space, method):
-    from lumo_core.lm_data import iter_split, open_split
-    from lumo_core.lm_eval import sample_prompt
+    from lumo_core.lm.data import iter_split, open_split
+    from lumo_core.lm.eval import sample_prompt
 
     overrides = {"model": {"modality_heads": True}, "train": {"max_steps": 4, "save_every": 2}}
     if method == "lora":

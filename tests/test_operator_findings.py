@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from lumo_core.audit.shard_checks import check_ids_in_range, scan_shards
 from lumo_core.config import load_uti_config
 from lumo_core.errors import LumoError, dagster_hints
-from lumo_core.manifest import Reject, iter_manifest
-from lumo_core.shard_checks import check_ids_in_range, scan_shards
-from lumo_core.token_space import TokenSpace
-from lumo_core.tokenize_run import start_run
+from lumo_core.tokenize.manifest import Reject, iter_manifest
+from lumo_core.tokenize.run import start_run
+from lumo_core.uti.token_space import TokenSpace
 from tests.lm_fixtures import lm_outputs
 
 
@@ -79,7 +79,7 @@ def test_retokenize_with_nothing_to_check_loads_no_model(tmp_path, tokenized_sam
         "import json, sys\n"
         "from pathlib import Path\n"
         "from lumo_core.config import load_uti_config\n"
-        "from lumo_core.tokenizer_checks import check_retokenize\n"
+        "from lumo_core.audit.tokenizer_checks import check_retokenize\n"
         f"outcome = check_retokenize(Path({str(settings.output_dir / 'tokenized_shards')!r}), load_uti_config({str(config)!r}), 0)\n"
         "print(json.dumps([outcome.passed, outcome.description, 'torch' in sys.modules]))\n"
     )

@@ -13,9 +13,9 @@ import pytest
 from dagster import AssetCheckSeverity, MetadataValue
 from PIL import Image
 
-from lumo_core.checkpoint_checks import check_vocab_matches_token_space
-from lumo_core.lm_model import TOKEN_SPACE_ATTR
-from lumo_core.token_space import TokenSpace
+from lumo_core.audit.checkpoint_checks import check_vocab_matches_token_space
+from lumo_core.lm.model import TOKEN_SPACE_ATTR
+from lumo_core.uti.token_space import TokenSpace
 from lumo_pipeline.checks import evaluate
 from lumo_pipeline.metadata import as_dagster_metadata
 from lumo_pipeline.plots import (

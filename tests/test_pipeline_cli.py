@@ -29,7 +29,7 @@ from dagster import (
 
 import lumo_pipeline
 from lumo_core.config import load_uti_config
-from lumo_core.token_space import sha256_hex
+from lumo_core.uti.token_space import sha256_hex
 from lumo_pipeline.resources import LumoSettings
 from lumo_pipeline.runner import DockerLaunch, LumoRunner, build_launch
 

@@ -26,7 +26,7 @@ from dagster import (
 )
 
 from lumo_core.config import load_uti_config
-from lumo_core.token_space import sha256_hex
+from lumo_core.uti.token_space import sha256_hex
 from lumo_pipeline.assets import LUMO_ASSETS, STEPS
 from lumo_pipeline.checks import LUMO_CHECKS
 from lumo_pipeline.definitions import build_definitions, pipeline_resources
@@ -224,7 +224,7 @@ def tamper_recorded_token_sha(output_dir: Path, retokenized_ids: list[str]) -> d
             path = output_dir / "tokenized_shards" / shard["name"]
             found = {}
 
-            def edit(samples: dict[str, dict[str, bytes]]) -> None:
+            def edit(samples: dict[str, dict[str, bytes]], shard: dict = shard, found: dict = found) -> None:
                 for members in samples.values():
                     info = json.loads(members["json"])
                     if info["id"] == target:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -71,7 +71,7 @@ def _launch(instance: DagsterInstance, result: SensorResult, status: DagsterRunS
 
 def test_nightly_reaudit_requests_one_reaudit_run_a_night():
     assert nightly_reaudit.job_name == "reaudit_job"
-    context = build_schedule_context(scheduled_execution_time=datetime(2026, 1, 2, 3, 0, tzinfo=timezone.utc))
+    context = build_schedule_context(scheduled_execution_time=datetime(2026, 1, 2, 3, 0, tzinfo=UTC))
     requests = nightly_reaudit.evaluate_tick(context).run_requests
     assert len(requests) == 1
     assert (nightly_reaudit.cron_schedule, nightly_reaudit.execution_timezone) == ("0 3 * * *", "UTC")

@@ -20,13 +20,13 @@ from dagster import (
     build_output_context,
     materialize,
 )
-from dagster._core.errors import DagsterPipesExecutionError
 from pydantic import Field
 
 from lumo_core.config import Settings, embedded_path
-from lumo_core.token_space import TokenSpace
-from lumo_core.tokenize_run import start_run
+from lumo_core.tokenize.run import start_run
+from lumo_core.uti.token_space import TokenSpace
 from lumo_pipeline.assets import LUMO_ASSETS
+from lumo_pipeline.dagster_compat import DagsterPipesExecutionError
 from lumo_pipeline.definitions import pipeline_resources
 from lumo_pipeline.io_managers import (
     NoStoreIOManager,

@@ -30,10 +30,9 @@ def test_tokenization_chain_records_runs_materializations_and_checks_in_postgres
     pg_database: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dagster import AssetCheckKey, AssetKey, DagsterInstance, DagsterRunStatus
-    from dagster._core.storage.asset_check_execution_record import (
-        AssetCheckExecutionRecordStatus,
-    )
     from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
+
+    from lumo_pipeline.dagster_compat import AssetCheckExecutionRecordStatus
 
     dagster_home = tmp_path / "dagster_home"
     dagster_home.mkdir()

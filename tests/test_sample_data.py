@@ -14,13 +14,13 @@ import soundfile
 from PIL import Image
 
 from lumo_core.config import TASKS, UTIConfig
-from lumo_core.manifest import ManifestRow, check_media, iter_manifest
 from lumo_core.sample_data import (
     COLOURS,
     MANIFEST_NAME,
     POSITIONS,
     ensure_sample_manifest,
 )
+from lumo_core.tokenize.manifest import ManifestRow, check_media, iter_manifest
 
 SINGLE_SHAPE = re.compile(r"^An? (small|large) (\w+) (\w+) on a (\w+) background, (.+)\.$")
 TWO_SHAPES = re.compile(r"^An? (small|large) (\w+) (\w+) (.+) and an? (small|large) (\w+) (\w+) (.+), on a (\w+) background\.$")

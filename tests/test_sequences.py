@@ -4,20 +4,20 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lumo_core.adapters.testing import (
+from lumo_core.config import DEFAULT_SPECIAL_TOKENS, UTIConfig
+from lumo_core.uti.adapters.testing import (
     DummyAudioAdapter,
     DummyImageAdapter,
     DummyTextAdapter,
 )
-from lumo_core.config import DEFAULT_SPECIAL_TOKENS, UTIConfig
-from lumo_core.sequences import (
+from lumo_core.uti.sequences import (
     IGNORE_INDEX,
     SequenceBuilder,
     find_spans,
     sample_key,
     split_of,
 )
-from lumo_core.token_space import TokenSpace
+from lumo_core.uti.token_space import TokenSpace
 
 
 def make_space() -> TokenSpace:

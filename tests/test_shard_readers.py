@@ -24,8 +24,8 @@ import soundfile
 import yaml
 from PIL import Image
 
-from lumo_core.shards import CARD_NAME, MEDIA_FIELDS, SAMPLE_MEMBERS, SPLITS
-from lumo_core.token_space import TokenSpace
+from lumo_core.tokenize.shards import CARD_NAME, MEDIA_FIELDS, SAMPLE_MEMBERS, SPLITS
+from lumo_core.uti.token_space import TokenSpace
 from tests.manifests import write_hostile_manifest
 from tests.test_tokenization import DUMMY_CONFIG, HOSTILE_CONFIG, tokenize_in_process
 
@@ -100,7 +100,7 @@ def _audio_first_manifest(directory: Path) -> Path:
     split holds only audio samples: `datasets` infers its schema from those (the first 5 samples
     of one split's first shard)."""
     from lumo_core.config import UTIConfig
-    from lumo_core.sequences import split_of
+    from lumo_core.uti.sequences import split_of
 
     split = UTIConfig.model_validate(yaml.safe_load(DUMMY_CONFIG)).split
     per_shard = yaml.safe_load(DUMMY_CONFIG)["shards"]["max_samples_per_shard"]
@@ -308,8 +308,7 @@ def test_audio_first_shards_hold_only_audio(builds):
 
 
 def test_dataset_card_is_written_before_the_index_and_listed(tmp_path, monkeypatch):
-    from lumo_core import tokenize_run
-
+    from lumo_core.tokenize import run as tokenize_run
     seen = []
     original = tokenize_run.write_index
 
@@ -341,7 +340,7 @@ def test_a_split_without_samples_is_left_out_of_the_card(tmp_path):
     """A pattern that matches no shard would fail the whole folder load: the card names only
     the splits that have shards."""
     from lumo_core.config import UTIConfig
-    from lumo_core.sequences import split_of
+    from lumo_core.uti.sequences import split_of
 
     split = UTIConfig.model_validate(yaml.safe_load(DUMMY_CONFIG)).split
 
@@ -363,7 +362,7 @@ def test_a_split_without_samples_is_left_out_of_the_card(tmp_path):
 
 
 def test_media_facts_have_one_schema():
-    from lumo_core.shards import sample_media
+    from lumo_core.tokenize.shards import sample_media
 
     audio = {"source_sample_rate": 48000, "source_channels": 2, "duration_s": 2, "source_sha256": "ab", "sample_rate": 48000,
              "frames": 150, "padding_samples": 0, "chunk_scales": [0.25, 0.5], "last_chunk_pad_frames": 3}

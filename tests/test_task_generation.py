@@ -13,15 +13,15 @@ from hypothesis import strategies as st
 
 from lumo_core.config import TASKS, load_uti_config
 from lumo_core.errors import LumoError, TokenSpaceError
-from lumo_core.generate_run import generate_sample
-from lumo_core.generation import ModalitySpanConstraint, TaskGrammar, generate
-from lumo_core.lm_data import iter_split, open_split
-from lumo_core.lm_eval import sample_prompt
-from lumo_core.lm_model import build_model
-from lumo_core.sequences import SequenceBuilder
-from lumo_core.token_space import TokenSpace
-from lumo_core.train_config import SamplingConfig, load_train_config
-from lumo_core.unified import UnifiedTokenizer
+from lumo_core.lm.data import iter_split, open_split
+from lumo_core.lm.eval import sample_prompt
+from lumo_core.lm.generate_run import generate_sample
+from lumo_core.lm.generation import ModalitySpanConstraint, TaskGrammar, generate
+from lumo_core.lm.model import build_model
+from lumo_core.lm.train_config import SamplingConfig, load_train_config
+from lumo_core.uti.sequences import SequenceBuilder
+from lumo_core.uti.token_space import TokenSpace
+from lumo_core.uti.unified import UnifiedTokenizer
 from tests.lm_fixtures import lm_outputs
 
 TARGET = {"t2i": "image", "t2a": "audio", "i2t": "text", "a2t": "text"}

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from lumo_core.config import DEFAULT_SPECIAL_TOKENS
 from lumo_core.errors import TokenSpaceError
-from lumo_core.token_space import (
+from lumo_core.uti.token_space import (
     AUDIO,
     IMAGE,
     MODALITY_CODE,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lumo_core.shard_checks import (
+from lumo_core.audit.shard_checks import (
     check_ids_in_range,
     check_rows_accounted,
     check_shards_match_index,
@@ -26,8 +26,8 @@ from lumo_core.shard_checks import (
 from lumo_core.config import Settings, load_uti_config
 from lumo_core.reporting import Reporter
 from lumo_core.sample_data import ensure_sample_manifest
-from lumo_core.sequences import IGNORE_INDEX
-from lumo_core.token_space import TokenSpace
+from lumo_core.uti.sequences import IGNORE_INDEX
+from lumo_core.uti.token_space import TokenSpace
 from tests.manifests import write_hostile_manifest
 
 DUMMY_CONFIG = """
@@ -68,7 +68,7 @@ def run_lumo(*args: str, output_dir: Path, manifest: Path, config: Path | None, 
 
 def tokenize_in_process(output_dir: Path, manifest: Path, config: Path) -> dict:
     from lumo_core.cli import cmd_token_space
-    from lumo_core.tokenize_run import tokenize
+    from lumo_core.tokenize.run import tokenize
 
     settings = Settings(output_dir=output_dir, manifest=manifest, uti_config=config, train_config=None)
     with Reporter("test") as reporter:
@@ -278,14 +278,14 @@ def test_completed_shards_are_reused(tmp_path, sample_manifest, dummy_config):
     """A shard already complete under its final name (from a run that crashed later) is kept."""
     import webdataset
 
-    from lumo_core.shards import Spool, SpooledSample, write_split_shards
+    from lumo_core.tokenize.shards import Spool, SpooledSample, write_split_shards
 
     tokenize_in_process(tmp_path / "ref", sample_manifest, dummy_config)
     ref = tmp_path / "ref" / "tokenized_shards"
     spool = Spool(tmp_path / "spool.sqlite")
     index = json.loads((ref / "index.json").read_text())
     rows = []
-    for number, entry in enumerate(index["splits"]["train"]["shards"]):
+    for entry in index["splits"]["train"]["shards"]:
         for sample in webdataset.WebDataset(str(ref / entry["name"]), shardshuffle=False):
             members = {k: v for k, v in sample.items() if not k.startswith("__")}
             info = json.loads(members["json"])

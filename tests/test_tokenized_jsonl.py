@@ -13,17 +13,17 @@ from safetensors.torch import load_file
 
 from lumo_core.cli import main
 from lumo_core.errors import LumoError, TokenSpaceError
-from lumo_core.lm_data import (
+from lumo_core.lm.data import (
     BatchPlan,
     iter_micro_batches,
     iter_split,
     open_jsonl_split,
     open_split,
 )
-from lumo_core.token_space import TokenSpace
-from lumo_core.tokenized_jsonl import export_jsonl
-from lumo_core.train_config import load_train_config
-from lumo_core.training import run_train
+from lumo_core.lm.train_config import load_train_config
+from lumo_core.lm.training import run_train
+from lumo_core.tokenize.jsonl_export import export_jsonl
+from lumo_core.uti.token_space import TokenSpace
 from tests.lm_fixtures import RecordingReporter, lm_outputs
 
 

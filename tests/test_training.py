@@ -20,10 +20,10 @@ from lumo_core.errors import (
     MissingUpstreamError,
     TokenSpaceError,
 )
-from lumo_core.lm_model import apply_lora, build_model, new_token_ids
-from lumo_core.token_space import TokenSpace
-from lumo_core.train_config import load_train_config
-from lumo_core.training import run_train
+from lumo_core.lm.model import apply_lora, build_model, new_token_ids
+from lumo_core.lm.train_config import load_train_config
+from lumo_core.lm.training import run_train
+from lumo_core.uti.token_space import TokenSpace
 from tests.lm_fixtures import RecordingReporter, lm_outputs
 
 
@@ -225,7 +225,7 @@ def test_two_processes_under_torchrun_train_on_disjoint_data_and_end_in_sync(tmp
 
 @pytest.mark.slow
 def test_bench_train_reports_throughput_against_the_hf_trainer_and_padding_shares(tmp_path, tokenized_sample):
-    from lumo_core.bench_train import run_bench_train
+    from lumo_core.bench.train import run_bench_train
 
     settings = lm_outputs(tmp_path, tokenized_sample)
     report = run_bench_train(settings, RecordingReporter(), {"steps": 5, "skip_steps": 1, "repeats": 1})

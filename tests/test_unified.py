@@ -30,8 +30,8 @@ from lumo_core.errors import (
     UnreadableMediaError,
 )
 from lumo_core.fileio import file_sha256
-from lumo_core.token_space import AUDIO, IMAGE, TEXT, TokenSpace
-from lumo_core.unified import UnifiedTokenizer
+from lumo_core.uti.token_space import AUDIO, IMAGE, TEXT, TokenSpace
+from lumo_core.uti.unified import UnifiedTokenizer
 
 SENTENCE = "A red circle above a blue square, then a C major chord for one second."
 
@@ -317,7 +317,7 @@ def test_config_from_a_yaml_path_and_torch_threads(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- determinism
 ENCODE_SCRIPT = """
 import hashlib, json, sys
-from lumo_core.unified import UnifiedTokenizer
+from lumo_core.uti.unified import UnifiedTokenizer
 tokenizer = UnifiedTokenizer.from_config_path(None)
 encoded = {"text": tokenizer.encode_text(sys.argv[1]), "image": tokenizer.encode_image(sys.argv[2]), "audio": tokenizer.encode_audio(sys.argv[3])}
 print(json.dumps({k: hashlib.sha256(v.ids.astype("<i8").tobytes()).hexdigest() for k, v in encoded.items()}))

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-from lumo_core.audits import audit_uti
-from lumo_core.token_space import TokenSpace
+from lumo_core.audit.audits import audit_uti
+from lumo_core.uti.token_space import TokenSpace
 from tests.lm_fixtures import RecordingReporter, lm_outputs
 
 

@@ -26,9 +26,9 @@ from lumo_core.config import Settings, load_uti_config
 from lumo_core.errors import LumoError
 from lumo_core.reporting import Reporter
 from lumo_core.sample_data import ensure_sample_manifest
-from lumo_core.tokenize_run import merge_units, start_run, tokenize, tokenize_unit
-from lumo_core.unified import UnifiedTokenizer
-from lumo_core.work_units import unit_of, unit_of_line
+from lumo_core.tokenize.run import merge_units, start_run, tokenize, tokenize_unit
+from lumo_core.tokenize.units import unit_of, unit_of_line
+from lumo_core.uti.unified import UnifiedTokenizer
 from tests.test_tokenization import DUMMY_CONFIG, _spooled_rows, run_lumo, shard_bytes
 
 
@@ -65,7 +65,7 @@ def test_a_rows_unit_depends_on_its_id_alone(tmp_path_factory, ids: list[str], s
     for order in (ids, shuffled + ["another row", "and one more"]):
         manifest = folder / f"m{len(assignments)}.jsonl"
         manifest.write_text("".join(json.dumps({"id": i, "task": "t2i", "text": "x", "image": "a.png"}) + "\n" for i in order))
-        from lumo_core.manifest import iter_manifest
+        from lumo_core.tokenize.manifest import iter_manifest
 
         rows = {r.id: unit_of_line(r.id, r.line, units) for r in iter_manifest(manifest, load_uti_config(None)) if r.id in ids}
         assignments.append(rows)

@@ -1,0 +1,1 @@
+"""`lumo bench tokenize|train|scale`: benchmarks that print their figures as one JSON line."""
