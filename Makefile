@@ -1,4 +1,5 @@
 # The two quickstart commands (README): `make demo` and `make test`. Both are idempotent.
+# For the edit-test loop: `make test-fast` (no services, a few minutes) and `make lint`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 DEMO_ENV := DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.dagster} LUMO_OUTPUT_DIR=$${LUMO_OUTPUT_DIR:-$(CURDIR)/outputs}
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast lint format bench clean
 
 $(BIN)/lumo: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,20 @@ demo: setup
 test: setup
 	env -u DAGSTER_HOME -u LUMO_OUTPUT_DIR -u LUMO_MANIFEST -u LUMO_UTI_CONFIG -u LUMO_TRAIN_CONFIG \
 	  $(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# The unit tier: no PostgreSQL, Redis, Chromium or Docker, and none of the tests that start real
+# processes end to end (markers `integration` and `slow`, pyproject.toml).
+test-fast: setup
+	env -u DAGSTER_HOME -u LUMO_OUTPUT_DIR -u LUMO_MANIFEST -u LUMO_UTI_CONFIG -u LUMO_TRAIN_CONFIG \
+	  $(BIN)/python -m pytest -n 2 --dist loadfile -m "not integration and not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: demo
 	$(DEMO_ENV) $(BIN)/lumo bench tokenize

@@ -1,6 +1,6 @@
 """The `lumo` command: the same work as the Dagster assets, without Dagster.
 
-Each subcommand reads the settings of CONTRACT section 2 (flags override them), prints a JSON
+Each subcommand reads the settings of docs/contract.md §2 (flags override them), prints a JSON
 summary on the last line of stdout, and exits 0 when its work completed (rejected rows are data,
 not failures). When the run cannot proceed it exits 2 with a one-line reason on stderr.
 """
@@ -18,8 +18,8 @@ from typing import Any
 
 from lumo_core.config import TASKS, Settings
 from lumo_core.errors import LumoError, StopRequested
+from lumo_core.fileio import sha256_hex
 from lumo_core.reporting import Reporter
-from lumo_core.uti.token_space import sha256_hex
 
 
 def cmd_token_space(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def cmd_token_space(settings: Settings, reporter: Reporter, args: argparse.Names
 
     tokenizer = UnifiedTokenizer(load_uti_config(settings.uti_config))
     space = tokenizer.token_space
-    path = space.write(settings.step_dir("token_space"))
+    path = space.write(settings.layout.token_space)
     summary = {
         "path": str(path),
         "sha256": space.sha256,
@@ -50,8 +50,8 @@ def cmd_audit_manifest(settings: Settings, reporter: Reporter, args: argparse.Na
     manifest = manifest_for(settings)
     if not manifest.is_file():
         raise LumoError(f"{manifest}: manifest file not found")
-    report = audit_manifest(manifest, config, settings.step_dir("manifest_audit"), map_path=config.map_path)
-    report_sha = sha256_hex((settings.step_dir("manifest_audit") / "report.json").read_bytes())
+    report = audit_manifest(manifest, config, settings.layout.manifest_audit, map_path=config.map_path)
+    report_sha = sha256_hex((settings.layout.manifest_audit / "report.json").read_bytes())
     reporter.report_materialization({**report, "report_sha256": report_sha}, data_version=report_sha)
     return report
 
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=cmd_export_jsonl)
     from lumo_core.audit.registry import CHECKS
 
-    check = sub.add_parser("check", parents=[common], help="run one asset check of CONTRACT section 7 and print its outcome")
+    check = sub.add_parser("check", parents=[common], help="run one asset check of docs/contract.md §7 and print its outcome")
     check.add_argument("check_name", choices=sorted(CHECKS))
     check.set_defaults(handler=cmd_check)
     bench = sub.add_parser("bench", help="benchmarks (print a JSON report on the last line)")

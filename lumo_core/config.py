@@ -1,5 +1,5 @@
 """Configuration: the UTI config (tokenizers, token space, templates, dataset pipeline) as
-pydantic models read from YAML, and the environment settings of CONTRACT section 2
+pydantic models read from YAML, and the environment settings of docs/contract.md §2
 (pydantic-settings).
 
 Errors name the file and the field (`tokenizers.audio.bandwidth: ...`).
@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lumo_core.errors import ConfigError
+from lumo_core.layout import OutputLayout
 
 DEFAULT_SPECIAL_TOKENS = [
     "<|pad_mm|>",
@@ -37,6 +38,8 @@ DEFAULT_SPECIAL_TOKENS = [
 ]
 
 TASKS = ("t2i", "t2a", "i2t", "a2t")
+# The medium each task carries beside its text.
+TASK_MEDIA = {"t2i": "image", "i2t": "image", "t2a": "audio", "a2t": "audio"}
 SEGMENT_NAMES = ("text", "image", "audio")
 
 
@@ -194,7 +197,7 @@ class AuditConfig(StrictModel):
     reject_rate_warn: float = Field(default=0.05, ge=0.0, le=1.0)
     # Share of rejected manifest lines above which the (blocking) reject-rate check fails at
     # ERROR, so nothing downstream of the shards runs in that Dagster run; shards with 0 samples
-    # fail it too. `lumo tokenize` itself still exits 0: rejected rows are data (CONTRACT 1).
+    # fail it too. `lumo tokenize` itself still exits 0: rejected rows are data (docs/contract.md §1).
     reject_rate_fail: float = Field(default=0.5, ge=0.0, le=1.0)
     seed: int = 0
 
@@ -289,7 +292,7 @@ def _load_model(model: type[BaseModel], source: Path) -> BaseModel:
 
 
 class Settings(BaseSettings):
-    """The environment settings of CONTRACT section 2: `LUMO_<FIELD>` variables, read by
+    """The environment settings of docs/contract.md §2: `LUMO_<FIELD>` variables, read by
     pydantic-settings (an empty variable counts as unset). Reading them has no side effects:
     `manifest` stays None for the embedded sample, which the commands that read the manifest
     write when they need it (lumo_core.sample_data.manifest_for)."""
@@ -311,8 +314,20 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             raise ConfigError(_format_validation_error("settings (LUMO_* variables and flags)", exc)) from exc
 
-    def step_dir(self, step: str) -> Path:
-        return self.output_dir / step
+    def to_env(self) -> dict[str, str]:
+        """The LUMO_* variables that make a child `lumo` process see exactly these settings (the
+        one settings-to-environment mapping; the Docker runner maps the same paths into its mounts)."""
+        env = {"LUMO_OUTPUT_DIR": str(self.output_dir)}
+        for name in ("manifest", "uti_config", "train_config"):
+            value = getattr(self, name)
+            if value is not None:
+                env[f"LUMO_{name.upper()}"] = str(value)
+        return env
+
+    @property
+    def layout(self) -> OutputLayout:
+        """Every step's folder under the output root (lumo_core.layout)."""
+        return OutputLayout(self.output_dir)
 
 
 def cache_root() -> Path:

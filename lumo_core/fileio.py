@@ -19,6 +19,15 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 
+def canonical_json_bytes(obj: object) -> bytes:
+    """Canonical JSON: sorted keys, two-space indent, UTF-8, trailing newline."""
+    return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
     """Write to a temporary name beside `path`, fsync, then rename: readers see the old file or
     the whole new one, never a part. Out of space: DiskFullError, and no temporary file left."""

@@ -14,10 +14,9 @@ from pathlib import Path
 
 from lumo_core.config import Settings, load_uti_config
 from lumo_core.errors import ConfigError
-from lumo_core.fileio import file_sha256
+from lumo_core.fileio import canonical_json_bytes, file_sha256, sha256_hex
 from lumo_core.lm.train_config import load_train_config
 from lumo_core.sample_data import SAMPLE_VERSION
-from lumo_core.uti.token_space import canonical_json_bytes, sha256_hex
 
 MISSING = "missing"
 

@@ -54,9 +54,9 @@ from pydantic import Field
 import lumo_core
 from lumo_core.config import Settings
 from lumo_core.errors import LumoError, dagster_hints
+from lumo_core.fileio import sha256_hex
 from lumo_core.tokenize.pipeline import PIPELINE_VERSION
 from lumo_core.tokenize.run import start_run
-from lumo_core.uti.token_space import sha256_hex
 from lumo_pipeline.dagster_compat import DagsterPipesExecutionError  # a `lumo` process that exited non-zero
 from lumo_pipeline.inputs import record_input_versions
 from lumo_pipeline.io_managers import (
@@ -75,8 +75,7 @@ GROUP = "lumo"
 class Step:
     asset: str
     command: tuple[str, ...]
-    # Relative to the output root: the file written last, whose sha256 is the data version.
-    commit_file: str
+    # The file written last, whose sha256 is the data version, is named by lumo_core.layout.
     # Whether the step's `lumo` process gets GPUs. tokenized_shards: its unit steps do (`lumo
     # tokenize --unit K`), its plan and merge steps do not; `command` is the one-process equivalent.
     gpu: bool
@@ -88,16 +87,16 @@ class Step:
 STEPS = {
     step.asset: step
     for step in (
-        Step("token_space", ("token-space",), "token_space/token_space.json", gpu=False, inputs=("uti_config",)),
-        Step("manifest_audit", ("audit-manifest",), "manifest_audit/report.json", gpu=False, inputs=("manifest", "uti_config")),
-        Step("tokenized_shards", ("tokenize",), "tokenized_shards/index.json", gpu=True, upstream=("token_space", "manifest_audit"),
+        Step("token_space", ("token-space",), gpu=False, inputs=("uti_config",)),
+        Step("manifest_audit", ("audit-manifest",), gpu=False, inputs=("manifest", "uti_config")),
+        Step("tokenized_shards", ("tokenize",), gpu=True, upstream=("token_space", "manifest_audit"),
              inputs=("manifest", "uti_config")),
-        Step("tokenized_audit", ("audit-shards",), "tokenized_audit/report.json", gpu=True, upstream=("tokenized_shards", "token_space"),
+        Step("tokenized_audit", ("audit-shards",), gpu=True, upstream=("tokenized_shards", "token_space"),
              inputs=("uti_config",)),
-        Step("uti_audit", ("audit-uti",), "uti_audit/report.json", gpu=False, upstream=("token_space",), inputs=("uti_config",)),
-        Step("lm_checkpoint", ("train",), "lm_checkpoint/final/model.safetensors", gpu=True, upstream=("tokenized_shards", "token_space"),
+        Step("uti_audit", ("audit-uti",), gpu=False, upstream=("token_space",), inputs=("uti_config",)),
+        Step("lm_checkpoint", ("train",), gpu=True, upstream=("tokenized_shards", "token_space"),
              inputs=("train_config",)),
-        Step("lm_eval", ("eval",), "lm_eval/report.json", gpu=True, upstream=("lm_checkpoint", "tokenized_shards"), inputs=("train_config",)),
+        Step("lm_eval", ("eval",), gpu=True, upstream=("lm_checkpoint", "tokenized_shards"), inputs=("train_config",)),
     )
 }
 
@@ -120,7 +119,7 @@ def ancestors(asset_name: str) -> set[str]:
 
 def build_command_hint(asset_name: str) -> str:
     """The Dagster selection that builds `asset_name` with ALL its ancestors: `+x` (one layer
-    up) where that is all of them, as for tokenized_shards (CONTRACT 1); `*x` where it is not, since
+    up) where that is all of them, as for tokenized_shards (docs/contract.md §1); `*x` where it is not, since
     `+lm_eval` would still miss tokenized_shards."""
     one_layer = set(STEPS[asset_name].upstream) == ancestors(asset_name)
     return f"dagster asset materialize -m lumo_pipeline --select {'+' + asset_name if one_layer else repr('*' + asset_name)}"
@@ -131,7 +130,7 @@ def require_upstream(context: AssetExecutionContext | OpExecutionContext, settin
     the failure names every such upstream asset once."""
     missing: dict[str, str] = {}
     for name in step.upstream:
-        commit_file = settings.output_dir / STEPS[name].commit_file
+        commit_file = settings.layout.commit_file(name)
         if context.instance.get_latest_materialization_event(AssetKey(name)) is None:
             missing[name] = f"upstream asset `{name}` was never materialized"
         elif not commit_file.is_file():
@@ -145,7 +144,7 @@ def require_upstream(context: AssetExecutionContext | OpExecutionContext, settin
             # The first one, as before; all of them in `missing_assets`.
             "missing_asset": next(iter(missing)),
             "missing_assets": MetadataValue.json(sorted(missing)),
-            "expected_file": MetadataValue.path(str(settings.output_dir / STEPS[next(iter(missing))].commit_file)),
+            "expected_file": MetadataValue.path(str(settings.layout.commit_file(next(iter(missing))))),
             "build_command": hint,
         },
     )
@@ -179,7 +178,7 @@ def run_committing_command(
     if reported.check_results:
         # The standalone asset checks decide; a check the step computed on the side is not one.
         context.log.warning(f"`{command}` reported check results, ignored: {sorted(r.check_name for r in reported.check_results)}")
-    commit_file = settings.output_dir / step.commit_file
+    commit_file = settings.layout.commit_file(step.asset)
     if not commit_file.is_file():
         raise Failure(description=f"`{command}` reported success but {commit_file} does not exist (in docker mode: is the output folder mounted?)")
     content_sha = sha256_hex(commit_file.read_bytes())

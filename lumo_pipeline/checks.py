@@ -1,4 +1,4 @@
-"""The asset checks of CONTRACT section 7, each a standalone `@asset_check` (so a re-audit can run
+"""The asset checks of docs/contract.md §7, each a standalone `@asset_check` (so a re-audit can run
 checks alone), built in a loop from lumo_core.audit.registry: the registry decides each check's
 asset, severity and blocking; each result's metadata explains a failure.
 
@@ -28,7 +28,7 @@ from lumo_core.audit.outcome import CheckOutcome
 from lumo_core.audit.registry import CHECKS, CheckSpec, compute_check
 from lumo_core.config import Settings
 from lumo_core.errors import LumoError
-from lumo_pipeline.assets import STEPS, build_command_hint
+from lumo_pipeline.assets import build_command_hint
 from lumo_pipeline.dagster_compat import DagsterPipesExecutionError
 from lumo_pipeline.metadata import as_dagster_metadata
 from lumo_pipeline.resources import LumoSettings
@@ -38,7 +38,7 @@ from lumo_pipeline.runner import GPU_OP_TAGS, GPU_POOL, LumoRunner, failure_reas
 def never_materialized(settings: Settings, asset_name: str, instance: DagsterInstance | None = None) -> str | None:
     """Why `asset_name` counts as never materialized (its commit file is absent, or the instance
     has no materialization of it), or None when it was."""
-    commit_file = settings.output_dir / STEPS[asset_name].commit_file
+    commit_file = settings.layout.commit_file(asset_name)
     if not commit_file.is_file():
         return f"{commit_file} not found"
     if instance is not None and instance.get_latest_materialization_event(AssetKey(asset_name)) is None:
@@ -60,7 +60,7 @@ def skipped(settings: Settings, asset_name: str, why: str) -> AssetCheckResult:
         severity=AssetCheckSeverity.WARN,
         description=f"skipped: {asset_name} was never materialized ({why}); build it with `{hint}`",
         metadata={"skipped": MetadataValue.bool(True), "reason": MetadataValue.text(why), "build_command": MetadataValue.text(hint),
-                  "checked": MetadataValue.path(str(settings.output_dir / STEPS[asset_name].commit_file))},
+                  "checked": MetadataValue.path(str(settings.layout.commit_file(asset_name)))},
     )
 
 
@@ -91,7 +91,7 @@ def evaluate(
         # An outcome may decide its own severity (reject_rate: WARN, or ERROR past the fail threshold).
         severity=AssetCheckSeverity[outcome.severity] if outcome.severity else severity,
         description=outcome.description,
-        metadata={**as_dagster_metadata(outcome.metadata), "checked": MetadataValue.path(str(settings.output_dir / STEPS[asset_name].commit_file))},
+        metadata={**as_dagster_metadata(outcome.metadata), "checked": MetadataValue.path(str(settings.layout.commit_file(asset_name)))},
     )
 
 
@@ -117,7 +117,7 @@ def evaluate_in_runner(context: AssetCheckExecutionContext, lumo: LumoSettings, 
         passed=reported.passed,
         severity=reported.severity,
         description=None if description is None else str(description.value),
-        metadata={**reported.metadata, "checked": MetadataValue.path(str(settings.output_dir / STEPS[asset_name].commit_file))},
+        metadata={**reported.metadata, "checked": MetadataValue.path(str(settings.layout.commit_file(asset_name)))},
     )
 
 

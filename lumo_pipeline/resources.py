@@ -1,4 +1,4 @@
-"""The settings resource: CONTRACT section 2 as a Dagster resource.
+"""The settings resource: docs/contract.md §2 as a Dagster resource.
 
 Every field is optional. A field bound to an environment variable uses `EnvVar`, so the UI shows
 where the value comes from; an unset variable is simply not bound (Dagster errors on an `EnvVar`
@@ -17,7 +17,7 @@ from pydantic import Field
 from lumo_core.config import Settings
 
 SETTINGS_FIELDS = ("output_dir", "manifest", "uti_config", "train_config")
-# Resource field -> environment variable (CONTRACT section 2), as lumo_core's Settings names them.
+# Resource field -> environment variable (docs/contract.md §2), as lumo_core's Settings names them.
 SETTINGS_ENV_VARS = {field: f"{Settings.model_config['env_prefix']}{field.upper()}" for field in SETTINGS_FIELDS}
 
 

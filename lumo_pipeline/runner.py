@@ -187,18 +187,9 @@ def build_launch(runner: LumoRunner, settings: Settings, subcommand: Sequence[st
         return LocalLaunch(
             client=PipesSubprocessClient(),
             command=[sys.executable, "-m", "lumo_core.cli", *subcommand],
-            env={**settings_env(settings), **runner.env},
+            env={**settings.to_env(), **runner.env},
         )
     return build_docker_launch(runner, settings, subcommand, gpu)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The LUMO_* variables that make a `lumo` process see exactly these settings."""
-    env = {"LUMO_OUTPUT_DIR": str(settings.output_dir)}
-    for variable, value in (("LUMO_MANIFEST", settings.manifest), ("LUMO_UTI_CONFIG", settings.uti_config), ("LUMO_TRAIN_CONFIG", settings.train_config)):
-        if value is not None:
-            env[variable] = str(value)
-    return env
 
 
 def build_docker_launch(runner: LumoRunner, settings: Settings, subcommand: Sequence[str], gpu: bool) -> DockerLaunch:

@@ -38,7 +38,7 @@ tail -1 "$OUT/bench.out" > "$OUT/bench.json"
 
 step "byte identity and retokenize on the GPU recipe"
 tests_rc=0
-LUMO_TEST_DEVICE=cuda timeout 180 "$VENV/bin/python" -m pytest tests/test_batch_recipe.py -q -p no:cacheprovider > "$OUT/tests.log" 2>&1 || tests_rc=$?
+LUMO_TEST_DEVICE=cuda timeout 180 "$VENV/bin/python" -m pytest tests/tokenize/test_batch_recipe.py -q -p no:cacheprovider > "$OUT/tests.log" 2>&1 || tests_rc=$?
 tail -5 "$OUT/tests.log"
 
 step "one bf16 training step on the GPU"

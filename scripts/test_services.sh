@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs and starts what the service tests need, on this machine, as root:
 #   - a PostgreSQL server from Debian's packages, listening on loopback only, with a role that
-#     may create databases (tests/test_postgres_instance.py makes one per run and drops it);
-#   - Debian's Chromium (tests/test_ui_browser.py drives it headless; no browser download);
-#   - Debian's Redis server binary (tests/test_celery_cluster.py starts its own broker with it);
+#     may create databases (tests/integration/test_postgres_instance.py makes one per run and drops it);
+#   - Debian's Chromium (tests/integration/test_ui_browser.py drives it headless; no browser download);
+#   - Debian's Redis server binary (tests/integration/test_celery_cluster.py starts its own broker with it);
 #   - a Docker engine and the lumo-gpu image built on a local base (scripts/docker_engine.sh;
-#     tests/test_docker_runner.py runs the steps in it).
+#     tests/integration/test_docker_runner.py runs the steps in it).
 # Idempotent: installs only what is missing, starts the cluster and the engine only when they are
 # down, reuses the images. Prints the environment the tests read, as `export` lines:
 #   eval "$(scripts/test_services.sh)" && make test

@@ -60,3 +60,14 @@ def pg_database() -> Iterator[dict[str, str]]:
             cursor.execute(f'DROP DATABASE "{db_name}" WITH (FORCE)')
     finally:
         admin.close()
+
+
+INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests under tests/integration/ need a real service (PostgreSQL, Redis, Chromium, a Docker
+    engine): they carry the `integration` marker, which `make test-fast` leaves out."""
+    for item in items:
+        if INTEGRATION_DIR in item.path.parents:
+            item.add_marker(pytest.mark.integration)

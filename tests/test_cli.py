@@ -104,10 +104,10 @@ def test_bench_tokenize_prints_its_report_as_the_last_line(tmp_path):
 
 
 def test_a_manifest_whose_rows_are_all_rejected_is_data_and_fails_the_reject_rate_check_at_error(tmp_path):
-    """Rejected rows are data (CONTRACT 1): `lumo tokenize` exits 0 and commits index.json. The
+    """Rejected rows are data (docs/contract.md §1): `lumo tokenize` exits 0 and commits index.json. The
     blocking reject-rate check then fails at ERROR (0 samples, or a share over
     audit.reject_rate_fail), so nothing downstream of the shards runs on them."""
-    from tests.test_tokenization import DUMMY_CONFIG
+    from tests.tokenize.test_tokenization import DUMMY_CONFIG
 
     config = tmp_path / "uti.yaml"
     config.write_text(DUMMY_CONFIG)

@@ -30,8 +30,8 @@ from lumo_core.tokenize.decode_workers import FAULTS_ENV, HANG_MAGIC, SIGKILL_MA
 from lumo_core.tokenize.manifest import audit_manifest
 from lumo_core.tokenize.run import merge_units, start_run, tokenize, tokenize_unit
 from tests.manifests import write_hostile_manifest
-from tests.test_tokenization import DUMMY_CONFIG, _spooled_rows, run_lumo, shard_bytes
-from tests.test_work_units import settings_for
+from tests.tokenize.test_tokenization import DUMMY_CONFIG, _spooled_rows, run_lumo, shard_bytes
+from tests.tokenize.test_work_units import settings_for
 
 # Faults injected and survived in this module, by kind (printed for the figures table
 # when FAULT_REPORT names a file).

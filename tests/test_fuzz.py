@@ -40,8 +40,8 @@ from lumo_core.tokenize.manifest import (
     iter_manifest,
 )
 from lumo_core.tokenize.pipeline import PreparedRow, init_media_decoding, prepare_row
-from tests.test_tokenization import DUMMY_CONFIG
-from tests.test_work_units import settings_for
+from tests.tokenize.test_tokenization import DUMMY_CONFIG
+from tests.tokenize.test_work_units import settings_for
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
 MEDIA_REASONS = {cls.reason for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.MediaError)}

@@ -27,15 +27,13 @@ from lumo_core.audit.tokenizer_checks import (
     size_match_by_modality,
 )
 from lumo_core.config import Settings, load_uti_config
-from lumo_core.fileio import atomic_write_bytes
+from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, sha256_hex
 from lumo_core.tokenize.shards import read_index
 from lumo_core.uti.token_space import (
     AUDIO,
     IMAGE,
     TEXT,
     TokenSpace,
-    canonical_json_bytes,
-    sha256_hex,
 )
 
 
@@ -44,10 +42,10 @@ def audit_shards(settings: Settings, reporter: Any) -> dict[str, Any]:
     from lumo_core.uti.unified import UnifiedTokenizer
 
     config = load_uti_config(settings.uti_config)
-    shards_dir = settings.step_dir("tokenized_shards")
+    shards_dir = settings.layout.tokenized_shards
     read_index(shards_dir)
-    space = TokenSpace.read_output(settings.step_dir("token_space"))
-    out_dir = settings.step_dir("tokenized_audit")
+    space = TokenSpace.read_output(settings.layout.token_space)
+    out_dir = settings.layout.tokenized_audit
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = UnifiedTokenizer(config)
     # One pass over the shards serves every per-sample check and picks the spot-checks.
@@ -93,9 +91,9 @@ def audit_uti(settings: Settings, reporter: Any) -> dict[str, Any]:
     from lumo_core.uti.unified import UnifiedTokenizer
 
     config = load_uti_config(settings.uti_config)
-    space_dir = settings.step_dir("token_space")
+    space_dir = settings.layout.token_space
     space = TokenSpace.read_output(space_dir)
-    out_dir = settings.step_dir("uti_audit")
+    out_dir = settings.layout.uti_audit
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = UnifiedTokenizer(config)
     text = "A red circle and a C major chord, played for one and a half seconds."

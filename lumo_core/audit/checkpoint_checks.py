@@ -15,13 +15,13 @@ from lumo_core.uti.token_space import TokenSpace
 def check_vocab_matches_token_space(settings: Settings) -> CheckOutcome:
     """The checkpoint's config.json (vocab_size and the token space it was trained for) against
     token_space.json."""
-    config_path = settings.step_dir("lm_checkpoint") / FINAL / "config.json"
+    config_path = settings.layout.lm_checkpoint / FINAL / "config.json"
     if not config_path.is_file():
         raise MissingUpstreamError(f"{config_path} not found: train first: {rebuild_hint('lm_checkpoint', 'lumo train')}")
     model_config = json.loads(config_path.read_bytes())
     vocab_size = model_config.get("text_config", model_config).get("vocab_size")
     trained_for = model_config.get(TOKEN_SPACE_ATTR)
-    space = TokenSpace.read_output(settings.step_dir("token_space"))
+    space = TokenSpace.read_output(settings.layout.token_space)
     problems = []
     if vocab_size != space.vocab_size_total:
         problems.append({"field": "vocab_size", "expected": space.vocab_size_total, "found": vocab_size})

@@ -1,4 +1,4 @@
-"""The asset checks of CONTRACT section 7, in one registry: name, the asset it checks, severity,
+"""The asset checks of docs/contract.md §7, in one registry: name, the asset it checks, severity,
 whether it blocks downstream assets, whether it loads the models, and how to compute it.
 
 `lumo check NAME` and the Dagster `@asset_check`s (lumo_pipeline.checks, built from this table in
@@ -44,20 +44,20 @@ class CheckSpec:
 
 
 def _shards(settings: Settings):
-    return settings.step_dir("tokenized_shards")
+    return settings.layout.tokenized_shards
 
 
 def _space(settings: Settings) -> TokenSpace:
-    return TokenSpace.read_output(settings.step_dir("token_space"))
+    return TokenSpace.read_output(settings.layout.token_space)
 
 
 CHECKS: dict[str, CheckSpec] = {
     spec.name: spec
     for spec in (
         CheckSpec("runtime_size_match", "token_space", "Sizes recorded in token_space.json equal those of the loaded tokenizers.",
-                  lambda s, c: check_runtime_sizes(s.step_dir("token_space"), c), needs_models=True),
+                  lambda s, c: check_runtime_sizes(s.layout.token_space, c), needs_models=True),
         CheckSpec("tokenizers_deterministic", "uti_audit", "Text, image and audio encode twice to equal ids.",
-                  lambda s, c: check_tokenizers_deterministic(s.step_dir("uti_audit"))),
+                  lambda s, c: check_tokenizers_deterministic(s.layout.uti_audit)),
         CheckSpec("ids_in_range", "tokenized_shards", "Every span's ids lie inside its modality's range of the token space.",
                   lambda s, c: check_ids_in_range(_shards(s), _space(s)), blocking=True),
         CheckSpec("rows_accounted", "tokenized_shards", "Samples + rejects = manifest lines: no row vanished.",

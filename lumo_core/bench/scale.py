@@ -39,7 +39,7 @@ from lumo_core.config import (
     load_uti_config,
 )
 
-# The dummy adapters (tests/test_tokenization.py's DUMMY_CONFIG): the config of the memory
+# The dummy adapters (tests/tokenize/test_tokenization.py's DUMMY_CONFIG): the config of the memory
 # measurement only (it audits and assigns units; it loads no models).
 MEMORY_CONFIG: dict[str, Any] = {
     "tokenizers": {
@@ -159,7 +159,7 @@ def timed_build(output_dir: Path, manifest: Path, config_path: Path, tokenizer: 
     from lumo_core.tokenize.run import tokenize
 
     settings = Settings(output_dir=output_dir, manifest=manifest, uti_config=config_path, train_config=None)
-    tokenizer.token_space.write(settings.step_dir("token_space"))
+    tokenizer.token_space.write(settings.layout.token_space)
     with Reporter("bench scale") as reporter:
         started = time.perf_counter()
         summary = tokenize(settings, reporter, tokenizer=tokenizer, workers=workers)

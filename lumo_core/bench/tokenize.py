@@ -60,7 +60,7 @@ def _pipeline(output_dir: Path, manifest: Path, config_path: Path, tokenizer: An
     from lumo_core.tokenize.run import merge_units, start_run, tokenize_units
 
     settings = Settings(output_dir=output_dir, manifest=manifest, uti_config=config_path, train_config=None)
-    tokenizer.token_space.write(settings.step_dir("token_space"))
+    tokenizer.token_space.write(settings.layout.token_space)
     with Reporter("bench tokenize") as reporter:
         started = time.perf_counter()
         # As if every row's media were new: the scaled manifest repeats the sample set's media

@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lumo_core.errors import LumoError
-from lumo_core.fileio import atomic_write_bytes
-from lumo_core.uti.token_space import canonical_json_bytes
+from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes
 
 if TYPE_CHECKING:
     from lumo_core.lm.distributed import Distributed

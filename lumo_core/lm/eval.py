@@ -33,13 +33,12 @@ from lumo_core.errors import (
     TokenSpaceError,
     rebuild_hint,
 )
+from lumo_core.fileio import canonical_json_bytes, sha256_hex
 from lumo_core.lm.train_config import SamplingConfig, load_train_config
 from lumo_core.reporting import Reporter, markdown
 from lumo_core.uti.token_space import (
     MODALITIES,
     TokenSpace,
-    canonical_json_bytes,
-    sha256_hex,
 )
 
 SPAN_OPENERS = ("<|soi|>", "<|soa|>", "<|sot|>")
@@ -199,7 +198,7 @@ def run_eval(settings: Settings, reporter: Reporter, overrides: dict[str, Any] |
 
         torch.set_num_threads(config.train.torch_threads)
     token_space, shards_dir = train_inputs(settings)
-    checkpoint_dir = settings.step_dir("lm_checkpoint")
+    checkpoint_dir = settings.layout.lm_checkpoint
     final = checkpoint_dir / FINAL
     if not (final / "config.json").is_file():
         raise MissingUpstreamError(f"{final} not found: train first: {rebuild_hint('lm_checkpoint', 'lumo train')}")
@@ -213,7 +212,7 @@ def run_eval(settings: Settings, reporter: Reporter, overrides: dict[str, Any] |
     reporter.log(f"evaluating {final} on {split.n_samples} eval samples")
     metrics = evaluate_lm(model, split, token_space, config.eval.micro_batch_size, device, config.eval.max_samples)
 
-    out_dir = settings.step_dir("lm_eval")
+    out_dir = settings.layout.lm_eval
     work = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

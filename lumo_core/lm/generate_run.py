@@ -31,18 +31,15 @@ from lumo_core.errors import (
     TokenSpaceError,
     rebuild_hint,
 )
-from lumo_core.fileio import atomic_write_bytes, file_sha256
+from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, file_sha256, sha256_hex
 from lumo_core.lm.train_config import SamplingConfig, load_train_config
 from lumo_core.uti.token_space import (
     AUDIO,
     IMAGE,
     TEXT,
     TokenSpace,
-    canonical_json_bytes,
-    sha256_hex,
 )
 
-GENERATE_DIR = "generate"
 FLAG_OF = {TEXT: "--text TEXT", IMAGE: "--image FILE", AUDIO: "--audio FILE"}
 
 
@@ -199,7 +196,7 @@ def run_generate(
     if num_samples < 1:
         raise LumoError(f"--num-samples must be at least 1, got {num_samples}")
     sampling, config = _sampling(settings, {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed})
-    checkpoint = Path(checkpoint) if checkpoint is not None else settings.step_dir("lm_checkpoint") / FINAL
+    checkpoint = Path(checkpoint) if checkpoint is not None else settings.layout.lm_checkpoint / FINAL
     require_checkpoint(checkpoint)
     hf_logging.disable_progress_bar()
     if config.train.torch_threads:
@@ -207,7 +204,7 @@ def run_generate(
 
         torch.set_num_threads(config.train.torch_threads)
     device = resolve_device(config.train.device, 0)
-    loaded = load_checkpoint(checkpoint, settings.step_dir("token_space"), device)
+    loaded = load_checkpoint(checkpoint, settings.layout.token_space, device)
     decoder = load_decoder(settings, loaded.token_space)
     segments: dict[str, np.ndarray] = {}
     if text is not None:
@@ -217,7 +214,7 @@ def run_generate(
     if audio is not None:
         segments[AUDIO] = decoder.encode_audio(Path(audio)).ids
     prompt = SequenceBuilder(decoder.token_space, decoder.config.templates).build_prompt(task, segments)
-    out_dir = Path(out_dir) if out_dir is not None else settings.step_dir(GENERATE_DIR)
+    out_dir = Path(out_dir) if out_dir is not None else settings.layout.generate
     reporter.log(f"{task}: {num_samples} sample(s) from {checkpoint} (weights {loaded.weights_sha256[:12]}), prompt of {prompt.size} ids")
     samples = []
     for index in range(num_samples):

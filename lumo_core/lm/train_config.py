@@ -21,7 +21,7 @@ from lumo_core.config import (
     embedded_path,
 )
 from lumo_core.errors import ConfigError
-from lumo_core.uti.token_space import canonical_json_bytes, sha256_hex
+from lumo_core.fileio import canonical_json_bytes, sha256_hex
 
 DEFAULT_TRAIN_CONFIG = "train_default.yaml"
 

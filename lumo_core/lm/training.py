@@ -41,13 +41,14 @@ from typing import Any
 
 from lumo_core.config import Settings
 from lumo_core.errors import LumoError, MissingUpstreamError, rebuild_hint
+from lumo_core.fileio import canonical_json_bytes, sha256_hex
 from lumo_core.lm import checkpoints
 from lumo_core.lm.checkpoints import BASE, FINAL, TRAIN_LOG
 from lumo_core.lm.data import data_source_sha256
 from lumo_core.lm.distributed import Distributed, resolve_device
 from lumo_core.lm.train_config import TrainConfig, load_train_config
 from lumo_core.reporting import Reporter
-from lumo_core.uti.token_space import TokenSpace, canonical_json_bytes, sha256_hex
+from lumo_core.uti.token_space import TokenSpace
 
 
 def token_loss_sum(logits: Any, labels: Any, head_index: Any = None) -> Any:
@@ -421,10 +422,10 @@ class TrainingRun:
 def train_inputs(settings: Settings, need_shards: bool = True) -> tuple[TokenSpace, Path]:
     """The token space and shard folder a training run needs, or MissingUpstreamError
     (`need_shards=False`: a run on `data.jsonl` needs no shards)."""
-    token_space_path = settings.step_dir("token_space") / "token_space.json"
+    token_space_path = settings.layout.token_space / "token_space.json"
     if not token_space_path.is_file():
         raise MissingUpstreamError(f"{token_space_path} not found: build the token space first: {rebuild_hint('token_space', 'lumo token-space')}")
-    shards_dir = settings.step_dir("tokenized_shards")
+    shards_dir = settings.layout.tokenized_shards
     if need_shards and not (shards_dir / "index.json").is_file():
         raise MissingUpstreamError(
             f"{shards_dir / 'index.json'} not found: tokenize first: "
@@ -452,7 +453,7 @@ def run_train(
     token_space, shards_dir = train_inputs(settings, need_shards=config.data.jsonl is None)
     dist = Distributed.start(config.train.device)
     try:
-        summary = TrainingRun(config, token_space, shards_dir, settings.step_dir("lm_checkpoint"), reporter, dist, init_from, new_run).run()
+        summary = TrainingRun(config, token_space, shards_dir, settings.layout.lm_checkpoint, reporter, dist, init_from, new_run).run()
     finally:
         dist.stop()
     if not dist.is_main:

@@ -29,15 +29,13 @@ import numpy as np
 
 from lumo_core.config import Settings
 from lumo_core.errors import LumoError
-from lumo_core.fileio import atomic_write_bytes
+from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, sha256_hex
 from lumo_core.tokenize.shards import SPLITS, iter_shard_samples, json_text, npy_load, read_index
 from lumo_core.uti.sequences import token_sha256
-from lumo_core.uti.token_space import canonical_json_bytes, sha256_hex
 
 FORMAT = "lumo-tokenized-jsonl"
 FORMAT_VERSION = 1
 INDEX = "index.json"
-EXPORT_DIR = "tokenized_jsonl"
 
 
 def split_file(split: str) -> str:
@@ -128,8 +126,8 @@ def read_export_index(folder: Path) -> dict[str, Any]:
 
 def run_export_jsonl(settings: Settings, reporter: Any, out_dir: Path | None = None) -> dict[str, Any]:
     """`lumo export-jsonl`: the tokenized shards of the settings as JSONL."""
-    shards_dir = settings.step_dir("tokenized_shards")
-    out_dir = Path(out_dir) if out_dir is not None else settings.step_dir(EXPORT_DIR)
+    shards_dir = settings.layout.tokenized_shards
+    out_dir = Path(out_dir) if out_dir is not None else settings.layout.tokenized_jsonl
     export = export_jsonl(shards_dir, out_dir)
     for split, entry in export["splits"].items():
         reporter.log(f"{split}: {entry['n_samples']} samples, {entry['n_tokens']} tokens -> {out_dir / entry['file']}")

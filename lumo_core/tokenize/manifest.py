@@ -1,4 +1,4 @@
-"""The JSONL manifest (CONTRACT section 3): a streaming parser that turns every line into a row or
+"""The JSONL manifest (docs/contract.md §3): a streaming parser that turns every line into a row or
 a reject, a media check per row, and the audit that writes `report.json`, `rows.parquet` and
 `rejects.jsonl`.
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lumo_core.config import TASKS, UTIConfig
+from lumo_core.config import TASK_MEDIA, TASKS, UTIConfig
 from lumo_core.errors import (
     DECODER_FAULTS,
     ManifestError,
@@ -33,13 +33,11 @@ from lumo_core.errors import (
     PathOutsideRootsError,
     UnreadableMediaError,
 )
-from lumo_core.fileio import atomic_write_bytes, file_sha256
+from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, file_sha256
 from lumo_core.tokenize.decode_workers import GuardedPool, inject_testing_fault
 from lumo_core.uti import media
-from lumo_core.uti.token_space import canonical_json_bytes
 
 REPORT_FORMAT_VERSION = 1
-TASK_MEDIA = {"t2i": "image", "i2t": "image", "t2a": "audio", "a2t": "audio"}
 # Reason codes found without opening media; media codes come from lumo_core.errors.
 STRUCTURAL_REASONS = (
     "empty_line",

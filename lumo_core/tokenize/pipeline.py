@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from lumo_core.config import UTIConfig
+from lumo_core.config import TASK_MEDIA, UTIConfig
 from lumo_core.errors import (
     DECODER_FAULTS,
     MediaError,
     TextTooLongError,
     UnreadableMediaError,
 )
+from lumo_core.fileio import canonical_json_bytes, sha256_hex
 from lumo_core.tokenize.decode_workers import GuardedPool, inject_testing_fault
 from lumo_core.tokenize.shards import (
     SpooledSample,
@@ -36,14 +37,13 @@ from lumo_core.tokenize.shards import (
 )
 from lumo_core.tokenize.token_cache import CacheEntry, TokenCache
 from lumo_core.uti.sequences import SequenceBuilder, sample_key, split_of, token_sha256
-from lumo_core.uti.token_space import TokenSpace, canonical_json_bytes, sha256_hex
+from lumo_core.uti.token_space import TokenSpace
 
 # Bump when the bytes written for the same inputs change: it invalidates spools and shards.
 # 2: one member set and one JSON schema for every sample (lumo_core.tokenize.shards.SAMPLE_MEMBERS).
 # 3: on CPU every model call runs on one torch thread (lumo_core.tokenize.model_calls); batch sizes
 #    `auto` by device.
 PIPELINE_VERSION = "3"
-MEDIA_TASK_SEGMENT = {"t2i": "image", "i2t": "image", "t2a": "audio", "a2t": "audio"}
 
 
 @dataclass
@@ -120,7 +120,7 @@ def prepare_row(row: Any) -> PreparedRow | Any:
     from lumo_core.tokenize.manifest import Reject
     from lumo_core.uti.media import load_audio, load_image
 
-    modality = MEDIA_TASK_SEGMENT[row.task]
+    modality = TASK_MEDIA[row.task]
     path = row.image if modality == "image" else row.audio
     cached, damaged = _cached_codes(modality, path)
     if cached is not None:

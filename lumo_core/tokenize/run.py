@@ -21,7 +21,7 @@ from typing import Any
 
 from lumo_core.config import Settings, UTIConfig, load_uti_config
 from lumo_core.errors import DamagedFileError, LumoError, rebuild_hint
-from lumo_core.fileio import atomic_write_bytes, exclusive_lock, file_sha256
+from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, exclusive_lock, file_sha256, sha256_hex
 from lumo_core.tokenize.pipeline import (
     PIPELINE_VERSION,
     PipelineTimings,
@@ -46,7 +46,7 @@ from lumo_core.tokenize.shards import (
 from lumo_core.tokenize.stats import compute_stats
 from lumo_core.tokenize.token_cache import TokenCache
 from lumo_core.tokenize.units import MergedSpool, unit_of_line, unit_spool_path
-from lumo_core.uti.token_space import TokenSpace, canonical_json_bytes, sha256_hex
+from lumo_core.uti.token_space import TokenSpace
 
 # Verifying the shards before "up to date": sha256 runs at about 1.3 GB/s on one core of the
 # 2-core CI machine (measured: 256 MiB hashed in 0.19 s), so hashing every shard of up to 2 GiB
@@ -204,7 +204,7 @@ def start_run(settings: Settings, tokenizer: Any = None, load_models: bool = Tru
     from lumo_core.uti.unified import UnifiedTokenizer
 
     config = load_uti_config(settings.uti_config)
-    recorded_space = TokenSpace.read_output(settings.step_dir("token_space"))
+    recorded_space = TokenSpace.read_output(settings.layout.token_space)
     manifest = manifest_for(settings)
     if not manifest.is_file():
         raise LumoError(f"{manifest}: manifest file not found")
@@ -213,8 +213,8 @@ def start_run(settings: Settings, tokenizer: Any = None, load_models: bool = Tru
     space = tokenizer.token_space if tokenizer is not None else recorded_space
     if space.sha256 != recorded_space.sha256:
         raise LumoError(f"the token space of {settings.uti_config or 'the default config'} ({space.sha256[:12]}) differs from "
-                        f"{settings.step_dir('token_space')}/token_space.json ({recorded_space.sha256[:12]}): rebuild it: {rebuild_hint('token_space', 'lumo token-space')}")
-    out_dir = settings.step_dir("tokenized_shards")
+                        f"{settings.layout.token_space}/token_space.json ({recorded_space.sha256[:12]}): rebuild it: {rebuild_hint('token_space', 'lumo token-space')}")
+    out_dir = settings.layout.tokenized_shards
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_sha = manifest_sha256(manifest)
     run = TokenizeRun(settings=settings, config=config, manifest=manifest, space=space, manifest_sha256=manifest_sha,
@@ -230,7 +230,7 @@ def tokenize(settings: Settings, reporter: Any, tokenizer: Any = None, workers: 
         raise LumoError(f"--workers {workers}: give 1 or more")
     # Worker processes load the models themselves: this one does only when it tokenizes.
     # The lock first: a second run refuses before it loads any model.
-    with exclusive_lock(settings.step_dir("tokenized_shards") / ".lock", "`lumo tokenize`"):
+    with exclusive_lock(settings.layout.tokenized_shards / ".lock", "`lumo tokenize`"):
         run, tokenizer = start_run(settings, tokenizer, load_models=workers == 1, force=force)
         return _tokenize_locked(run, settings, reporter, tokenizer, workers, force)
 
@@ -276,7 +276,7 @@ def tokenize_unit(settings: Settings, reporter: Any, unit: int | list[int], toke
     # The units' locks first: a second writer of a unit refuses before it loads any model.
     with ExitStack() as locks:
         for k in units:
-            locks.enter_context(unit_lock(settings.step_dir("tokenized_shards") / ".work", k))
+            locks.enter_context(unit_lock(settings.layout.tokenized_shards / ".work", k))
         return _tokenize_unit_locked(settings, reporter, units, tokenizer, force)
 
 
@@ -311,10 +311,7 @@ def _units_in_processes(settings: Settings, units: list[int], workers: int, repo
     share (one process per worker, not per unit: each process pays its start-up once)."""
     import tempfile
 
-    env = {**os.environ, "LUMO_OUTPUT_DIR": str(settings.output_dir)}
-    for variable, value in (("LUMO_MANIFEST", settings.manifest), ("LUMO_UTI_CONFIG", settings.uti_config)):
-        if value is not None:
-            env[variable] = str(value)
+    env = {**os.environ, **settings.to_env()}
     shares = [units[i::workers] for i in range(workers) if units[i::workers]]
     failed = []
     with tempfile.TemporaryDirectory(prefix="lumo-units-") as logs:

@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 
 from lumo_core.errors import DamagedFileError
-from lumo_core.fileio import atomic_write_bytes, file_sha256, raise_if_out_of_space
-from lumo_core.uti.token_space import canonical_json_bytes, sha256_hex
+from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, file_sha256, raise_if_out_of_space, sha256_hex
 
 # Tar headers carry an mtime; a fixed one makes shards byte-reproducible.
 SHARD_MTIME = 0

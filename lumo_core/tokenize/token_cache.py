@@ -25,8 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lumo_core.fileio import raise_if_out_of_space
-from lumo_core.uti.token_space import sha256_hex
+from lumo_core.fileio import raise_if_out_of_space, sha256_hex
 
 ENTRY_FORMAT = 1
 

@@ -104,7 +104,7 @@ def find_spans(input_ids: np.ndarray, token_space: TokenSpace) -> list[Span]:
 
 
 def token_sha256(input_ids: np.ndarray) -> str:
-    """sha256 of the ids as little-endian int32 bytes (CONTRACT section 6)."""
+    """sha256 of the ids as little-endian int32 bytes (docs/contract.md §6)."""
     return hashlib.sha256(np.asarray(input_ids, dtype="<i4").tobytes()).hexdigest()
 
 

@@ -1,13 +1,12 @@
 """The token space: one shared id range for text, special tokens, image codes and audio codes.
 
-Layout (CONTRACT section 4): `[text | special | image | audio codebook 0 | ... | codebook n-1]`,
+Layout (docs/contract.md §4): `[text | special | image | audio codebook 0 | ... | codebook n-1]`,
 contiguous from 0 to `vocab_size_total`. The JSON form is canonical (sorted keys, fixed
 indentation) so that equal token spaces give equal bytes and equal sha256.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from lumo_core.errors import MissingUpstreamError, TokenSpaceError, rebuild_hint
-from lumo_core.fileio import atomic_write_bytes
+from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, sha256_hex
 
 FORMAT_VERSION = 1
 TEXT, SPECIAL, IMAGE, AUDIO = "text", "special", "image", "audio"
@@ -27,15 +26,6 @@ MODALITY_CODE = {name: code for code, name in enumerate(MODALITIES)}
 # Audio codes are flattened frame by frame (f0c0 f0c1 ... f1c0 ...), as AnyGPT does: the LM sees
 # one whole frame before the next, and codebook k at flat position p is p % n_codebooks.
 AUDIO_FLATTEN_ORDER = "frame_major"
-
-
-def canonical_json_bytes(obj: Any) -> bytes:
-    """Canonical JSON: sorted keys, two-space indent, UTF-8, trailing newline."""
-    return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)

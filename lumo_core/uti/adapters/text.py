@@ -29,7 +29,7 @@ class HFTextAdapter(TextAdapter):
         return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def describe(self) -> dict[str, Any]:
-        from lumo_core.uti.token_space import canonical_json_bytes, sha256_hex
+        from lumo_core.fileio import canonical_json_bytes, sha256_hex
 
         return {
             "tokenizer": self.name,

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_postgres_instance import ROOT
-from tests.test_tokenization import shard_bytes
+from tests.integration.test_postgres_instance import ROOT
+from tests.tokenize.test_tokenization import shard_bytes
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

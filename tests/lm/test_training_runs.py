@@ -50,7 +50,7 @@ def test_two_fresh_runs_with_the_same_settings_give_bit_identical_weights(tmp_pa
         random.seed(1000 + number)
         np.random.seed(1000 + number)
         summary = run_train(settings, RecordingReporter())
-        runs.append((settings.step_dir("lm_checkpoint"), summary))
+        runs.append((settings.layout.lm_checkpoint, summary))
     (first, summary_a), (second, summary_b) = runs
     assert weight_files(first) == weight_files(second)
     assert "final/model.safetensors" in weight_files(first)
@@ -61,7 +61,7 @@ def test_two_fresh_runs_with_the_same_settings_give_bit_identical_weights(tmp_pa
 def test_changed_settings_are_refused_by_name_and_nothing_is_deleted(tmp_path, tokenized_sample, capsys):
     settings = lm_outputs(tmp_path, tokenized_sample, SHORT)
     assert cli_train(settings, capsys)[0] == 0
-    out = settings.step_dir("lm_checkpoint")
+    out = settings.layout.lm_checkpoint
     before = snapshot(out)
 
     code, error = cli_train(settings, capsys, "--set", "optim.lr=0.02", "--set", "model.modality_heads=true")
@@ -92,7 +92,7 @@ def test_a_finished_run_continues_to_a_larger_max_steps_on_the_new_cosine_and_ke
 
     settings = lm_outputs(tmp_path, tokenized_sample, SHORT)
     assert cli_train(settings, capsys)[0] == 0
-    out = settings.step_dir("lm_checkpoint")
+    out = settings.layout.lm_checkpoint
     before = snapshot(out)
     log_before = (out / "train_log.jsonl").read_text().splitlines()
 
@@ -128,7 +128,7 @@ def test_a_finished_run_continues_to_a_larger_max_steps_on_the_new_cosine_and_ke
 def test_a_new_run_starts_from_any_checkpoints_weights_and_keeps_the_old_run_whole(tmp_path, tokenized_sample, capsys, method):
     settings = lm_outputs(tmp_path, tokenized_sample, {**SHORT, **(LORA if method == "lora" else {})})
     assert cli_train(settings, capsys)[0] == 0
-    out = settings.step_dir("lm_checkpoint")
+    out = settings.layout.lm_checkpoint
     before = snapshot(out)
     started_from = load_file(out / "final" / "model.safetensors")
 
@@ -158,12 +158,12 @@ def test_a_new_run_starts_from_any_checkpoints_weights_and_keeps_the_old_run_who
 @pytest.mark.slow
 def test_two_fresh_lora_runs_under_torchrun_give_bit_identical_weights(tmp_path, tokenized_sample):
     """Full fine-tuning under torchrun: test_training.py's torchrun test runs twice too."""
-    from tests.test_training import torchrun_train
+    from tests.lm.test_training import torchrun_train
 
     weights = []
     for name in ("a", "b"):
         settings = lm_outputs(tmp_path / name, tokenized_sample, {**LORA, "train": {"max_steps": 3, "save_every": 3}})
         summary = torchrun_train(settings)
         assert summary["world_size"] == 2 and summary["weights_in_sync"] is True
-        weights.append(weight_files(settings.step_dir("lm_checkpoint")))
+        weights.append(weight_files(settings.layout.lm_checkpoint))
     assert weights[0] == weights[1] and "checkpoint-3/adapter_model.safetensors" in weights[0]

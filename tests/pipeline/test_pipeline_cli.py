@@ -29,7 +29,7 @@ from dagster import (
 
 import lumo_pipeline
 from lumo_core.config import load_uti_config
-from lumo_core.uti.token_space import sha256_hex
+from lumo_core.fileio import sha256_hex
 from lumo_pipeline.resources import LumoSettings
 from lumo_pipeline.runner import DockerLaunch, LumoRunner, build_launch
 
@@ -73,7 +73,7 @@ def test_missing_upstream_fails_before_work_and_names_the_command(tmp_path):
     assert completed.returncode != 0
     output = completed.stdout + completed.stderr
     assert "upstream asset `token_space` was never materialized" in output
-    # CONTRACT 1's command: one layer up is every ancestor of tokenized_shards.
+    # docs/contract.md §1 command: one layer up is every ancestor of tokenized_shards.
     assert "dagster asset materialize -m lumo_pipeline --select +tokenized_shards" in output
     assert not (tmp_path / "outputs" / "tokenized_shards").exists()
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHAIN = ("token_space", "manifest_audit", "tokenized_shards")
-# CONTRACT section 7.
+# docs/contract.md §7.
 CONTRACT_CHECKS = {
     "token_space": {"runtime_size_match"},
     "tokenized_shards": {"ids_in_range", "rows_accounted", "splits_disjoint", "shards_match_index", "retokenize_matches"},

@@ -28,7 +28,7 @@ from tests.lm_fixtures import RecordingReporter, lm_outputs
 
 
 def train_log(settings) -> list[dict]:
-    return [json.loads(line) for line in (settings.step_dir("lm_checkpoint") / "train_log.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (settings.layout.lm_checkpoint / "train_log.jsonl").read_text().splitlines()]
 
 
 def test_a_short_run_lowers_the_loss_and_saves_a_checkpoint_that_loads_with_the_right_vocabulary(tmp_path, tokenized_sample):
@@ -37,7 +37,7 @@ def test_a_short_run_lowers_the_loss_and_saves_a_checkpoint_that_loads_with_the_
     settings = lm_outputs(tmp_path, tokenized_sample)
     reporter = RecordingReporter()
     summary = run_train(settings, reporter)
-    space = TokenSpace.read(settings.step_dir("token_space"))
+    space = TokenSpace.read(settings.layout.token_space)
 
     losses = [entry["loss"] for entry in train_log(settings)]
     assert len(losses) == 8
@@ -45,7 +45,7 @@ def test_a_short_run_lowers_the_loss_and_saves_a_checkpoint_that_loads_with_the_
     assert [e["stage"] for e in train_log(settings)][:4] == ["text_to_x"] * 3 + ["balanced"]
     assert 0.0 <= summary["padding_share"] < 0.5 and summary["tokens_per_s"] > 0
 
-    checkpoints = settings.step_dir("lm_checkpoint")
+    checkpoints = settings.layout.lm_checkpoint
     assert (checkpoints / "latest").read_text().strip() == "checkpoint-8"
     for folder in (checkpoints / "final", checkpoints / "checkpoint-4"):
         model = AutoModelForCausalLM.from_pretrained(folder)
@@ -59,7 +59,7 @@ def test_a_short_run_lowers_the_loss_and_saves_a_checkpoint_that_loads_with_the_
     assert materialization["metadata"]["vocab_size"] == space.vocab_size_total
 
     # Same settings again: nothing to do. Changed settings: refused, nothing deleted (see
-    # tests/test_training_runs.py); with new_run, a fresh run and the old one kept aside.
+    # tests/lm/test_training_runs.py); with new_run, a fresh run and the old one kept aside.
     assert run_train(settings, RecordingReporter())["reused"] is True
     with pytest.raises(LumoError, match="optim.lr 0.01 -> 0.02"):
         run_train(settings, RecordingReporter(), overrides={"optim.lr": 0.02, "train.max_steps": 2})
@@ -72,7 +72,7 @@ def test_a_short_run_lowers_the_loss_and_saves_a_checkpoint_that_loads_with_the_
 def test_resuming_from_a_checkpoint_gives_the_weights_of_an_uninterrupted_run(tmp_path, tokenized_sample):
     settings = lm_outputs(tmp_path, tokenized_sample, {"data": {"num_workers": 1}, "optim": {"grad_accum_steps": 2}, "train": {"max_steps": 6, "save_every": 3}})
     run_train(settings, RecordingReporter())
-    checkpoints = settings.step_dir("lm_checkpoint")
+    checkpoints = settings.layout.lm_checkpoint
     uninterrupted = load_file(checkpoints / "final" / "model.safetensors")
     log = train_log(settings)
 
@@ -91,20 +91,20 @@ def test_resuming_from_a_checkpoint_gives_the_weights_of_an_uninterrupted_run(tm
 
 def test_a_token_space_mismatch_is_refused(tmp_path, tokenized_sample):
     settings = lm_outputs(tmp_path, tokenized_sample)
-    space = TokenSpace.read(settings.step_dir("token_space"))
+    space = TokenSpace.read(settings.layout.token_space)
     other = TokenSpace.build(text={**space.text, "vocab_size": 300}, image=space.image, audio=space.audio, special_tokens=list(space.special_tokens), extra=space.extra)
-    other.write(settings.step_dir("token_space"))
+    other.write(settings.layout.token_space)
     with pytest.raises(TokenSpaceError, match="tokenized for token space"):
         run_train(settings, RecordingReporter())
-    assert not (settings.step_dir("lm_checkpoint") / "final").exists()
+    assert not (settings.layout.lm_checkpoint / "final").exists()
 
 
 def test_missing_upstream_outputs_name_the_step_that_builds_them(tmp_path, tokenized_sample):
     settings = lm_outputs(tmp_path, tokenized_sample)
-    shutil.rmtree(settings.step_dir("tokenized_shards"))
+    shutil.rmtree(settings.layout.tokenized_shards)
     with pytest.raises(MissingUpstreamError, match="tokenized_shards.*lumo tokenize"):
         run_train(settings, RecordingReporter())
-    shutil.rmtree(settings.step_dir("token_space"))
+    shutil.rmtree(settings.layout.token_space)
     with pytest.raises(MissingUpstreamError, match="token_space.*lumo token-space"):
         run_train(settings, RecordingReporter())
 
@@ -152,7 +152,7 @@ def test_lora_trains_only_the_adapters_and_the_new_token_rows(tmp_path, tokenize
     overrides = {"finetune": {"method": "lora", "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}, "train": {"max_steps": 4, "save_every": 2}}
     settings = lm_outputs(tmp_path, tokenized_sample, overrides)
     config = load_train_config(settings.train_config)
-    space = TokenSpace.read(settings.step_dir("token_space"))
+    space = TokenSpace.read(settings.layout.token_space)
     for tie in (True, False):
         untied = config.model_copy(update={"model": config.model.model_copy(update={"default": config.model.default.model_copy(update={"tie_word_embeddings": tie})})})
         peft_model = apply_lora(build_model(untied, space), untied, space)
@@ -163,7 +163,7 @@ def test_lora_trains_only_the_adapters_and_the_new_token_rows(tmp_path, tokenize
 
     summary = run_train(settings, RecordingReporter())
     assert summary["method"] == "lora" and summary["trainable_parameters"] < summary["total_parameters"] / 2
-    checkpoints = settings.step_dir("lm_checkpoint")
+    checkpoints = settings.layout.lm_checkpoint
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (checkpoints / "checkpoint-4").iterdir()}
     base = load_file(checkpoints / "base" / "model.safetensors")
     final = load_file(checkpoints / "final" / "model.safetensors")
@@ -209,7 +209,7 @@ def test_two_processes_under_torchrun_train_on_disjoint_data_and_end_in_sync(tmp
     assert summary["world_size"] == 2 and summary["weights_in_sync"] is True
     assert len(summary["rank_weights_sha256"]) == 2 and summary["vocab_matches_token_space"] is True
 
-    ids_dir = settings.step_dir("lm_checkpoint") / "sample_ids"
+    ids_dir = settings.layout.lm_checkpoint / "sample_ids"
     seen = [[i for line in (ids_dir / f"rank-{rank:05d}.jsonl").read_text().splitlines() for i in json.loads(line)["ids"]] for rank in (0, 1)]
     assert seen[0] and seen[1]
     assert not set(seen[0]) & set(seen[1])
@@ -217,10 +217,10 @@ def test_two_processes_under_torchrun_train_on_disjoint_data_and_end_in_sync(tmp
     assert Path(summary["checkpoint"], "model.safetensors").is_file()
 
     # A second fresh run with the same settings ends in the same weights, bit for bit (LoRA:
-    # tests/test_training_runs.py).
+    # tests/lm/test_training_runs.py).
     again = lm_outputs(tmp_path / "again", tokenized_sample, {"train": {"max_steps": 4, "record_sample_ids": True}})
     assert torchrun_train(again)["rank_weights_sha256"] == summary["rank_weights_sha256"]
-    assert Path(summary["checkpoint"], "model.safetensors").read_bytes() == (again.step_dir("lm_checkpoint") / "final" / "model.safetensors").read_bytes()
+    assert Path(summary["checkpoint"], "model.safetensors").read_bytes() == (again.layout.lm_checkpoint / "final" / "model.safetensors").read_bytes()
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from lumo_core.config import (
     load_uti_config,
 )
 from lumo_core.errors import AdapterLoadError, ConfigError
+from lumo_core.fileio import canonical_json_bytes, sha256_hex
 from lumo_core.uti import embedded
 from lumo_core.uti.adapters.base import CLIP_MEAN, CLIP_STD, squash_clip_normalise
 from lumo_core.uti.adapters.encodec import (
@@ -45,7 +46,6 @@ from lumo_core.uti.adapters.testing import (
 )
 from lumo_core.uti.adapters.text import HFTextAdapter
 from lumo_core.uti.adapters.vq import VQImageAdapter
-from lumo_core.uti.token_space import canonical_json_bytes, sha256_hex
 
 # The published EnCodec tables: kbps -> codebooks.
 TABLE_24KHZ = {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}

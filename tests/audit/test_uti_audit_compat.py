@@ -14,7 +14,7 @@ from tests.lm_fixtures import RecordingReporter, lm_outputs
 def test_the_uti_report_carries_the_original_fields_and_hash_files(tmp_path, tokenized_sample):
     settings = lm_outputs(tmp_path, tokenized_sample)
     summary = audit_uti(settings, RecordingReporter())
-    out = settings.step_dir("uti_audit")
+    out = settings.layout.uti_audit
     report = json.loads((out / "report.json").read_bytes())
 
     assert report["runtime_size_match"] == {"text": True, "image": True, "audio": True}
@@ -29,9 +29,9 @@ def test_the_uti_report_carries_the_original_fields_and_hash_files(tmp_path, tok
     }
 
     # A token space recorded with another audio codebook size: only audio's size flag drops.
-    space = TokenSpace.read(settings.step_dir("token_space"))
+    space = TokenSpace.read(settings.layout.token_space)
     TokenSpace.build(text=space.text, image=space.image, audio={**space.audio, "codebook_size": space.audio_codebook_size * 2},
-                     special_tokens=list(space.special_tokens), extra=space.extra).write(settings.step_dir("token_space"))
+                     special_tokens=list(space.special_tokens), extra=space.extra).write(settings.layout.token_space)
     audit_uti(settings, RecordingReporter())
     again = json.loads((out / "report.json").read_bytes())
     assert again["runtime_size_match"] == {"text": True, "image": True, "audio": False}

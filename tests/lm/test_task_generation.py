@@ -56,14 +56,14 @@ def assert_answer_structure(space: TokenSpace, task: str, prompt: list[int], new
 def tiny(tmp_path_factory, tokenized_sample):
     """A tiny untrained model from a fixed seed, its token space, decoder and one eval prompt per task."""
     settings = lm_outputs(tmp_path_factory.mktemp("gen"), tokenized_sample)
-    space = TokenSpace.read(settings.step_dir("token_space"))
+    space = TokenSpace.read(settings.layout.token_space)
     # Tiny models run fastest on one thread (see the `one_torch_thread` fixture).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = build_model(load_train_config(settings.train_config), space).eval()
     decoder = UnifiedTokenizer(load_uti_config(settings.uti_config))
     prompts = {}
-    for sample in iter_split(open_split(settings.step_dir("tokenized_shards"), "eval", space.sha256)):
+    for sample in iter_split(open_split(settings.layout.tokenized_shards, "eval", space.sha256)):
         prompts.setdefault(sample.task, sample_prompt(sample.input_ids, sample.labels, space))
     assert set(prompts) == set(TASKS)
     yield settings, space, model, decoder, prompts

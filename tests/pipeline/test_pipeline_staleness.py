@@ -176,7 +176,7 @@ def test_force_rebuilds_every_unit_from_the_media_byte_identical(project):
 
 
 def test_the_build_hint_selects_every_ancestor():
-    # One layer up is all of tokenized_shards' ancestors (CONTRACT 1's `+tokenized_shards`);
+    # One layer up is all of tokenized_shards' ancestors (docs/contract.md §1 `+tokenized_shards`);
     # lm_eval's are two layers and more up.
     assert build_command_hint("tokenized_shards") == "dagster asset materialize -m lumo_pipeline --select +tokenized_shards"
     assert build_command_hint("lm_eval") == "dagster asset materialize -m lumo_pipeline --select '*lm_eval'"

@@ -41,8 +41,8 @@ from tests.lm_fixtures import lm_outputs
 
 def make_plan(settings, overrides: dict | None = None) -> BatchPlan:
     config = load_train_config(settings.train_config, overrides)
-    space = TokenSpace.read(settings.step_dir("token_space"))
-    split = open_split(settings.step_dir("tokenized_shards"), "train", space.sha256)
+    space = TokenSpace.read(settings.layout.token_space)
+    split = open_split(settings.layout.tokenized_shards, "train", space.sha256)
     return BatchPlan.from_config(config, split, space.special_id("<|pad_mm|>"))
 
 
@@ -177,8 +177,8 @@ def test_samples_longer_than_a_block_are_passed_over_and_counted(data_settings):
 
 
 def test_shards_for_another_token_space_are_refused(data_settings, tmp_path):
-    space = TokenSpace.read(data_settings.step_dir("token_space"))
-    shards_dir = data_settings.step_dir("tokenized_shards")
+    space = TokenSpace.read(data_settings.layout.token_space)
+    shards_dir = data_settings.layout.tokenized_shards
     with pytest.raises(TokenSpaceError, match="tokenized for token space"):
         open_split(shards_dir, "train", "0" * 64)
 

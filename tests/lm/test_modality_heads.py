@@ -117,23 +117,23 @@ def test_a_model_trained_with_heads_saves_loads_evaluates_and_samples_under_the_
     settings = lm_outputs(tmp_path, tokenized_sample, overrides)
     summary = run_train(settings, RecordingReporter())
     assert summary["modality_heads"] is True and summary["vocab_matches_token_space"] is True
-    final = settings.step_dir("lm_checkpoint") / "final"
+    final = settings.layout.lm_checkpoint / "final"
 
     recorded = json.loads((final / "config.json").read_text())[HEADS_ATTR]
     assert [h["name"] for h in recorded] == [h.name for h in heads_for(space)]
     model = load_lm(final)
     assert heads_from_config(model.config) == heads_for(space) and check_vocab(model, space)["passed"]
     if method == "lora":
-        assert (settings.step_dir("lm_checkpoint") / "checkpoint-4" / "adapter_model.safetensors").is_file()
-        assert heads_from_config(load_lm(settings.step_dir("lm_checkpoint") / "base").config) == heads_for(space)
+        assert (settings.layout.lm_checkpoint / "checkpoint-4" / "adapter_model.safetensors").is_file()
+        assert heads_from_config(load_lm(settings.layout.lm_checkpoint / "base").config) == heads_for(space)
 
     # The last checkpoint (LoRA: its adapter merged into base/) and final/ are the same model
     # with the same heads; the per-head loss of its logits is below the whole-vocabulary loss.
-    split = open_split(settings.step_dir("tokenized_shards"), "eval", space.sha256)
+    split = open_split(settings.layout.tokenized_shards, "eval", space.sha256)
     sample = next(iter_split(split))
     ids = torch.as_tensor(sample.input_ids.astype(np.int64))[None]
     labels = torch.as_tensor(sample.labels.astype(np.int64))[None]
-    from_checkpoint = load_weights(settings.step_dir("lm_checkpoint") / "checkpoint-4", space).eval()
+    from_checkpoint = load_weights(settings.layout.lm_checkpoint / "checkpoint-4", space).eval()
     assert heads_from_config(from_checkpoint.config) == heads_for(space)
     with torch.no_grad():
         logits = model(input_ids=ids).logits

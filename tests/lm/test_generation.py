@@ -126,10 +126,10 @@ def test_random_logits_under_the_constraint_keep_every_span_rule(space_name, dat
 def test_model_generate_with_sampling_keeps_the_rules_and_decodable_spans(tmp_path, tokenized_sample, one_torch_thread):
     settings = lm_outputs(tmp_path, tokenized_sample)
     config = load_train_config(settings.train_config)
-    space = TokenSpace.read(settings.step_dir("token_space"))
+    space = TokenSpace.read(settings.layout.token_space)
     model = build_model(config, space).eval()
     sampling = SamplingConfig(temperature=1.5, top_k=40, top_p=0.9, max_new_tokens=24, min_audio_frames=2, max_audio_frames=6, seed=3)
-    split = open_split(settings.step_dir("tokenized_shards"), "eval", space.sha256)
+    split = open_split(settings.layout.tokenized_shards, "eval", space.sha256)
     seen_tasks = set()
     for sample in iter_split(split):
         if sample.task in seen_tasks:

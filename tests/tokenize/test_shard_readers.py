@@ -27,7 +27,7 @@ from PIL import Image
 from lumo_core.tokenize.shards import CARD_NAME, MEDIA_FIELDS, SAMPLE_MEMBERS, SPLITS
 from lumo_core.uti.token_space import TokenSpace
 from tests.manifests import write_hostile_manifest
-from tests.test_tokenization import DUMMY_CONFIG, HOSTILE_CONFIG, tokenize_in_process
+from tests.tokenize.test_tokenization import DUMMY_CONFIG, HOSTILE_CONFIG, tokenize_in_process
 
 MANIFEST_KEYS = {"id", "task", "text", "image", "audio"}
 IMAGE_TASKS = ("t2i", "i2t")

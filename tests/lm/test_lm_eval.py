@@ -24,7 +24,7 @@ def test_eval_reports_losses_accuracy_curve_and_decoded_samples(tmp_path, tokeni
     reporter = RecordingReporter()
     summary = run_eval(settings, reporter)
 
-    out = settings.step_dir("lm_eval")
+    out = settings.layout.lm_eval
     report = json.loads((out / "report.json").read_text())
     assert summary["report"] == str(out / "report.json")
     assert set(report["per_task"]) == {"t2i", "t2a", "i2t", "a2t"}
@@ -41,14 +41,14 @@ def test_eval_reports_losses_accuracy_curve_and_decoded_samples(tmp_path, tokeni
     assert len(report["samples"]) == 4 and all(s["complete"] for s in report["samples"])
     # The evaluated weights and the generated ids are on record: each answer is its task's one
     # target span, its closer and the end token (the task grammar of `lumo generate`).
-    assert report["weights_sha256"] == file_sha256(settings.step_dir("lm_checkpoint") / "final" / "model.safetensors") == summary["weights_sha256"]
-    eos = TokenSpace.read(settings.step_dir("token_space")).special_id("<|eos_mm|>")
+    assert report["weights_sha256"] == file_sha256(settings.layout.lm_checkpoint / "final" / "model.safetensors") == summary["weights_sha256"]
+    eos = TokenSpace.read(settings.layout.token_space).special_id("<|eos_mm|>")
     for sample in report["samples"]:
         (span,) = sample["spans"]
         assert span["modality"] == {"t2i": "image", "t2a": "audio", "i2t": "text", "a2t": "text"}[sample["task"]]
         assert sample["generated_ids"] == span["ids"] + sample["generated_ids"][-2:] and sample["generated_ids"][-1] == eos
     files = [out / "samples" / name for sample in report["samples"] for name in sample["files"]]
-    space = TokenSpace.read(settings.step_dir("token_space"))
+    space = TokenSpace.read(settings.layout.token_space)
     assert any(f.suffix == ".png" for f in files) and any(f.suffix == ".wav" for f in files) and any(f.suffix == ".txt" for f in files)
     for path in files:
         if path.suffix == ".png":
@@ -64,7 +64,7 @@ def test_eval_reports_losses_accuracy_curve_and_decoded_samples(tmp_path, tokeni
 
     # A model trained for another token space is refused.
     other = TokenSpace.build(text={**space.text, "vocab_size": 300}, image=space.image, audio=space.audio, special_tokens=list(space.special_tokens), extra=space.extra)
-    other.write(settings.step_dir("token_space"))
+    other.write(settings.layout.token_space)
     with pytest.raises(TokenSpaceError, match="trained for token space"):
         run_eval(settings, RecordingReporter())
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 DOCKERFILES = {"Dockerfile.gpu": DOCKER / "Dockerfile.gpu", "Dockerfile.dagster": DOCKER / "Dockerfile.dagster"}
 COMPOSE_FILES = [DOCKER / "compose.yaml", ROOT / "deploy" / "celery" / "compose.yaml"]

@@ -135,7 +135,7 @@ def test_sensor_job_is_the_tokenization_chain():
     ids=["module", "workspace.yaml", "pyproject-tool-dagster"],
 )
 def test_dagster_cli_finds_the_code_location(target):
-    repo_root = Path(__file__).resolve().parents[1]
+    repo_root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
     completed = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", *target],

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S_EXECUTOR = DEPLOY / "k8s" / "executor.yaml"
 CELERY_EXECUTOR = DEPLOY / "celery" / "executor.yaml"

@@ -34,12 +34,12 @@ def same_samples(a, b) -> bool:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tokenized_sample):
     settings = lm_outputs(tmp_path_factory.mktemp("jsonl"), tokenized_sample)
-    export_jsonl(settings.step_dir("tokenized_shards"), settings.output_dir / "tokenized_jsonl")
+    export_jsonl(settings.layout.tokenized_shards, settings.output_dir / "tokenized_jsonl")
     return settings
 
 
 def test_export_is_byte_deterministic_and_round_trips_every_sample(exported, tmp_path, capsys):
-    shards_dir = exported.step_dir("tokenized_shards")
+    shards_dir = exported.layout.tokenized_shards
     first = exported.output_dir / "tokenized_jsonl"
     # The same shards exported again, through the CLI: the same bytes, file by file.
     assert main(["export-jsonl", "--output-dir", str(exported.output_dir), "--out", str(tmp_path / "again")]) == 0
@@ -48,7 +48,7 @@ def test_export_is_byte_deterministic_and_round_trips_every_sample(exported, tmp
     for name in ("train.jsonl", "eval.jsonl", "index.json"):
         assert (first / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
 
-    space = TokenSpace.read(exported.step_dir("token_space"))
+    space = TokenSpace.read(exported.layout.token_space)
     index = json.loads((first / "index.json").read_bytes())
     shard_index = json.loads((shards_dir / "index.json").read_bytes())
     for split in ("train", "eval"):
@@ -67,10 +67,10 @@ def test_export_is_byte_deterministic_and_round_trips_every_sample(exported, tmp
 
 
 def test_the_export_streams_the_same_micro_batches_and_resumes_the_same(exported):
-    space = TokenSpace.read(exported.step_dir("token_space"))
+    space = TokenSpace.read(exported.layout.token_space)
     config = load_train_config(exported.train_config, {"data.shuffle_buffer": 4})
     pad = space.special_id("<|pad_mm|>")
-    shards_plan = BatchPlan.from_config(config, open_split(exported.step_dir("tokenized_shards"), "train", space.sha256), pad)
+    shards_plan = BatchPlan.from_config(config, open_split(exported.layout.tokenized_shards, "train", space.sha256), pad)
     jsonl_plan = replace(shards_plan, split=open_jsonl_split(exported.output_dir / "tokenized_jsonl", "train", space.sha256))
     for rank, world_size in ((0, 1), (1, 2)):
         reference = iter_micro_batches(shards_plan, rank, world_size, slot=0, n_slots=1)
@@ -87,13 +87,13 @@ def test_training_on_the_export_gives_the_weights_of_training_on_the_shards(expo
     on_shards = lm_outputs(tmp_path / "shards", tokenized_sample, settings)
     on_jsonl = lm_outputs(tmp_path / "jsonl", tokenized_sample, {**settings, "data": {"jsonl": str(exported.output_dir / "tokenized_jsonl")}})
     # Training on the export needs no shards.
-    shutil.rmtree(on_jsonl.step_dir("tokenized_shards"))
+    shutil.rmtree(on_jsonl.layout.tokenized_shards)
     a = run_train(on_shards, RecordingReporter())
     b = run_train(on_jsonl, RecordingReporter())
     assert a["final_loss"] == b["final_loss"]
     assert a["weights_file_sha256"] == b["weights_file_sha256"]
-    weights_a = load_file(on_shards.step_dir("lm_checkpoint") / "final" / "model.safetensors")
-    weights_b = load_file(on_jsonl.step_dir("lm_checkpoint") / "final" / "model.safetensors")
+    weights_a = load_file(on_shards.layout.lm_checkpoint / "final" / "model.safetensors")
+    weights_b = load_file(on_jsonl.layout.lm_checkpoint / "final" / "model.safetensors")
     assert all((weights_a[name] == weights_b[name]).all() for name in weights_a)
 
 
@@ -101,7 +101,7 @@ def test_bad_jsonl_is_refused_with_the_file_and_line(exported, tmp_path, capsys)
     # Nothing to export: one line naming the step that builds the shards.
     assert main(["export-jsonl", "--output-dir", str(tmp_path / "empty")]) == 2
     assert "index.json not found: tokenize first" in capsys.readouterr().err
-    space = TokenSpace.read(exported.step_dir("token_space"))
+    space = TokenSpace.read(exported.layout.token_space)
     lines = (exported.output_dir / "tokenized_jsonl" / "train.jsonl").read_text().splitlines()
     broken = json.loads(lines[1])
     del broken["labels"]

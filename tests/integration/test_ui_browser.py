@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
 LUMO_ASSETS = ("token_space", "manifest_audit", "tokenized_shards", "tokenized_audit", "uti_audit", "lm_checkpoint", "lm_eval")
 # The input files, observable source assets: observed, never materialized.

@@ -29,7 +29,7 @@ from lumo_core.sample_data import ensure_sample_manifest
 from lumo_core.tokenize.run import merge_units, start_run, tokenize, tokenize_unit
 from lumo_core.tokenize.units import unit_of, unit_of_line
 from lumo_core.uti.unified import UnifiedTokenizer
-from tests.test_tokenization import DUMMY_CONFIG, _spooled_rows, run_lumo, shard_bytes
+from tests.tokenize.test_tokenization import DUMMY_CONFIG, _spooled_rows, run_lumo, shard_bytes
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from dagster import (
 )
 
 from lumo_core.config import load_uti_config
-from lumo_core.uti.token_space import sha256_hex
+from lumo_core.fileio import sha256_hex
 from lumo_pipeline.assets import LUMO_ASSETS, STEPS
 from lumo_pipeline.checks import LUMO_CHECKS
 from lumo_pipeline.definitions import build_definitions, pipeline_resources

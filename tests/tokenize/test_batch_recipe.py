@@ -34,8 +34,8 @@ from lumo_core.tokenize.pipeline import (
     init_media_decoding,
     prepare_row,
 )
-from tests.test_tokenization import shard_bytes
-from tests.test_tokenization import tokenize_in_process as build
+from tests.tokenize.test_tokenization import shard_bytes
+from tests.tokenize.test_tokenization import tokenize_in_process as build
 
 DEVICE = os.environ.get("LUMO_TEST_DEVICE", "cpu")
 # The recipes this module holds to byte identity: the device's `auto` shape, and a small fixed
