@@ -37,7 +37,10 @@ def cmd_token_space(settings: Settings, reporter: Reporter, args: argparse.Names
         "special_tokens": space.special_tokens,
         "runtime_sizes": tokenizer.runtime_sizes(),
     }
-    reporter.report_materialization({k: summary[k] for k in ("path", "sha256", "vocab_size_total", "ranges", "special_tokens")}, data_version=space.sha256)
+    reporter.report_materialization(
+        {k: summary[k] for k in ("path", "sha256", "vocab_size_total", "ranges", "special_tokens")},
+        data_version=space.sha256,
+    )
     return summary
 
 
@@ -105,8 +108,20 @@ def cmd_generate(settings: Settings, reporter: Reporter, args: argparse.Namespac
     from lumo_core.lm.generate_run import run_generate
 
     summary = run_generate(
-        settings, reporter, args.task, text=args.text, image=args.image, audio=args.audio, out_dir=args.out, checkpoint=args.checkpoint,
-        num_samples=args.num_samples, seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+        settings,
+        reporter,
+        args.task,
+        text=args.text,
+        image=args.image,
+        audio=args.audio,
+        out_dir=args.out,
+        checkpoint=args.checkpoint,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
     )
     # Text answers go to stdout, one line a sample, ahead of the JSON summary line.
     for sample in summary["samples"]:
@@ -125,13 +140,17 @@ def cmd_export_jsonl(settings: Settings, reporter: Reporter, args: argparse.Name
 def cmd_bench_tokenize(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
     from lumo_core.bench.tokenize import run_bench_tokenize
 
-    return run_bench_tokenize(settings, reporter, samples=args.samples, preset=args.preset, memory_rows=args.memory_rows)
+    return run_bench_tokenize(
+        settings, reporter, samples=args.samples, preset=args.preset, memory_rows=args.memory_rows
+    )
 
 
 def cmd_bench_scale(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
     from lumo_core.bench.scale import run_bench_scale
 
-    return run_bench_scale(settings, reporter, rows=args.rows, incremental_rows=args.incremental_rows, memory_rows=args.memory_rows)
+    return run_bench_scale(
+        settings, reporter, rows=args.rows, incremental_rows=args.incremental_rows, memory_rows=args.memory_rows
+    )
 
 
 def cmd_bench_train(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
@@ -173,55 +192,126 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(handler=handler)
         if name == "tokenize":
             which = command.add_mutually_exclusive_group()
-            which.add_argument("--unit", type=int, action="append", metavar="K",
-                               help="tokenize work unit K only (0 <= K < pipeline.work_units; repeat for several); the merge writes the shards")
-            which.add_argument("--merge", action="store_true", help="only merge the completed units into shards, rejects, stats and index.json")
-            which.add_argument("--workers", type=int, default=1, metavar="N", help="run the units in N processes at once (default 1: in this process)")
-            command.add_argument("--force", action="store_true",
-                                 help="rebuild even when up to date: units tokenized again from the media (token cache not read), shards rewritten")
-    for name, handler, help_text in (("train", cmd_train, "train the token LM on the shards"), ("eval", cmd_eval, "evaluate the token LM on the eval split")):
+            which.add_argument(
+                "--unit",
+                type=int,
+                action="append",
+                metavar="K",
+                help="tokenize work unit K only (0 <= K < pipeline.work_units; repeat for several); the merge writes the shards",
+            )
+            which.add_argument(
+                "--merge",
+                action="store_true",
+                help="only merge the completed units into shards, rejects, stats and index.json",
+            )
+            which.add_argument(
+                "--workers",
+                type=int,
+                default=1,
+                metavar="N",
+                help="run the units in N processes at once (default 1: in this process)",
+            )
+            command.add_argument(
+                "--force",
+                action="store_true",
+                help="rebuild even when up to date: units tokenized again from the media (token cache not read), shards rewritten",
+            )
+    for name, handler, help_text in (
+        ("train", cmd_train, "train the token LM on the shards"),
+        ("eval", cmd_eval, "evaluate the token LM on the eval split"),
+    ):
         p = sub.add_parser(name, parents=[common], help=help_text)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training config field")
         if name == "train":
-            p.add_argument("--init-from", type=Path, metavar="PATH",
-                           help="start a new run from this checkpoint's weights (a model folder such as final/ or checkpoint-N/, or a LoRA checkpoint-N/); "
-                                "fresh optimizer and schedule; a different run in the output folder is moved whole to a sibling folder")
-            p.add_argument("--new-run", action="store_true",
-                           help="when the output folder holds a run of other settings, move it whole to a sibling folder and start this run (without: refuse)")
+            p.add_argument(
+                "--init-from",
+                type=Path,
+                metavar="PATH",
+                help="start a new run from this checkpoint's weights (a model folder such as final/ or checkpoint-N/, or a LoRA checkpoint-N/); "
+                "fresh optimizer and schedule; a different run in the output folder is moved whole to a sibling folder",
+            )
+            p.add_argument(
+                "--new-run",
+                action="store_true",
+                help="when the output folder holds a run of other settings, move it whole to a sibling folder and start this run (without: refuse)",
+            )
         p.set_defaults(handler=handler)
-    gen = sub.add_parser("generate", parents=[common], help="any-to-any generation from a checkpoint: media to --out, text to stdout")
+    gen = sub.add_parser(
+        "generate", parents=[common], help="any-to-any generation from a checkpoint: media to --out, text to stdout"
+    )
     gen.add_argument("--task", required=True, choices=TASKS, help="what to generate from what")
     gen.add_argument("--text", help="the input text (t2i, t2a)")
     gen.add_argument("--image", type=Path, metavar="FILE", help="the input image (i2t)")
     gen.add_argument("--audio", type=Path, metavar="FILE", help="the input audio (a2t)")
-    gen.add_argument("--out", type=Path, metavar="DIR", help="where decoded PNG and WAV files go (default: LUMO_OUTPUT_DIR/generate)")
-    gen.add_argument("--checkpoint", type=Path, metavar="DIR", help="the model folder (default: LUMO_OUTPUT_DIR/lm_checkpoint/final)")
-    gen.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples to draw, with seeds SEED, SEED+1, ... (default 1)")
-    gen.add_argument("--seed", type=int, help="seed of the first sample (default: sampling.seed of the training config)")
+    gen.add_argument(
+        "--out", type=Path, metavar="DIR", help="where decoded PNG and WAV files go (default: LUMO_OUTPUT_DIR/generate)"
+    )
+    gen.add_argument(
+        "--checkpoint", type=Path, metavar="DIR", help="the model folder (default: LUMO_OUTPUT_DIR/lm_checkpoint/final)"
+    )
+    gen.add_argument(
+        "--num-samples",
+        type=int,
+        default=1,
+        metavar="N",
+        help="samples to draw, with seeds SEED, SEED+1, ... (default 1)",
+    )
+    gen.add_argument(
+        "--seed", type=int, help="seed of the first sample (default: sampling.seed of the training config)"
+    )
     gen.add_argument("--temperature", type=float, help="overrides sampling.temperature")
     gen.add_argument("--top-k", type=int, help="overrides sampling.top_k (0: off)")
     gen.add_argument("--top-p", type=float, help="overrides sampling.top_p (1.0: off)")
     gen.add_argument("--max-new-tokens", type=int, help="overrides sampling.max_new_tokens")
     gen.set_defaults(handler=cmd_generate)
-    export = sub.add_parser("export-jsonl", parents=[common], help="write the tokenized shards as tokenized JSONL, one file per split")
-    export.add_argument("--out", type=Path, metavar="DIR", help="the export folder (default: LUMO_OUTPUT_DIR/tokenized_jsonl)")
+    export = sub.add_parser(
+        "export-jsonl", parents=[common], help="write the tokenized shards as tokenized JSONL, one file per split"
+    )
+    export.add_argument(
+        "--out", type=Path, metavar="DIR", help="the export folder (default: LUMO_OUTPUT_DIR/tokenized_jsonl)"
+    )
     export.set_defaults(handler=cmd_export_jsonl)
     from lumo_core.audit.registry import CHECKS
 
-    check = sub.add_parser("check", parents=[common], help="run one asset check of docs/contract.md §7 and print its outcome")
+    check = sub.add_parser(
+        "check", parents=[common], help="run one asset check of docs/contract.md §7 and print its outcome"
+    )
     check.add_argument("check_name", choices=sorted(CHECKS))
     check.set_defaults(handler=cmd_check)
     bench = sub.add_parser("bench", help="benchmarks (print a JSON report on the last line)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    bt = bench_sub.add_parser("tokenize", parents=[common], help="tokenizer pipeline throughput on the full-size preset")
+    bt = bench_sub.add_parser(
+        "tokenize", parents=[common], help="tokenizer pipeline throughput on the full-size preset"
+    )
     bt.add_argument("--samples", type=int, default=256, help="rows in the synthetic manifest")
-    bt.add_argument("--preset", default="bench_full", help="embedded config name under lumo_core/data/configs, or a YAML path")
-    bt.add_argument("--memory-rows", type=int, default=64, help="peak memory is measured at this many rows and at 10x as many")
+    bt.add_argument(
+        "--preset", default="bench_full", help="embedded config name under lumo_core/data/configs, or a YAML path"
+    )
+    bt.add_argument(
+        "--memory-rows", type=int, default=64, help="peak memory is measured at this many rows and at 10x as many"
+    )
     bt.set_defaults(handler=cmd_bench_tokenize)
-    bs = bench_sub.add_parser("scale", parents=[common], help="work-unit scaling, incremental rebuild and manifest memory")
-    bs.add_argument("--rows", type=int, default=6000, help="rows tokenized by `lumo tokenize --workers 1` and `--workers 2` (default models)")
-    bs.add_argument("--incremental-rows", type=int, default=2000, help="rows of the full build before the manifest grows by 10%% (default models)")
-    bs.add_argument("--memory-rows", type=int, default=100000, help="peak memory of the audit and unit assignment at this many rows and 10x as many")
+    bs = bench_sub.add_parser(
+        "scale", parents=[common], help="work-unit scaling, incremental rebuild and manifest memory"
+    )
+    bs.add_argument(
+        "--rows",
+        type=int,
+        default=6000,
+        help="rows tokenized by `lumo tokenize --workers 1` and `--workers 2` (default models)",
+    )
+    bs.add_argument(
+        "--incremental-rows",
+        type=int,
+        default=2000,
+        help="rows of the full build before the manifest grows by 10%% (default models)",
+    )
+    bs.add_argument(
+        "--memory-rows",
+        type=int,
+        default=100000,
+        help="peak memory of the audit and unit assignment at this many rows and 10x as many",
+    )
     bs.set_defaults(handler=cmd_bench_scale)
     btr = bench_sub.add_parser("train", parents=[common], help="training tokens/s against the HF Trainer")
     btr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a benchmark setting")
@@ -258,7 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     if handler_installed:
         previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
-        settings = Settings.from_env(output_dir=args.output_dir, manifest=args.manifest, uti_config=args.uti_config, train_config=args.train_config)
+        settings = Settings.from_env(
+            output_dir=args.output_dir,
+            manifest=args.manifest,
+            uti_config=args.uti_config,
+            train_config=args.train_config,
+        )
         with Reporter(name, open_pipes=is_main_process) as reporter:
             summary = args.handler(settings, reporter, args)
     except LumoError as exc:

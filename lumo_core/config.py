@@ -138,7 +138,10 @@ class LimitsConfig(StrictModel):
 # calls run side by side instead, one torch thread each (lumo_core.tokenize.pipeline.SampleEncoder).
 # On a GPU a large fixed shape; only the last batch of each length bucket is padded. Measured
 # figures: README, "Measured figures".
-AUTO_BATCH_SIZES = {"cpu": {"image_batch_size": 1, "audio_batch_size": 1}, "gpu": {"image_batch_size": 32, "audio_batch_size": 16}}
+AUTO_BATCH_SIZES = {
+    "cpu": {"image_batch_size": 1, "audio_batch_size": 1},
+    "gpu": {"image_batch_size": 32, "audio_batch_size": 16},
+}
 
 
 def device_kind(device: str) -> str:
@@ -218,11 +221,13 @@ class UTIConfig(StrictModel):
 
     def map_path(self, path: str) -> str:
         """Apply `path_prefix_map`: the longest matching host prefix becomes its container prefix."""
-        matches = [prefix for prefix in self.path_prefix_map if path == prefix or path.startswith(prefix.rstrip("/") + "/")]
+        matches = [
+            prefix for prefix in self.path_prefix_map if path == prefix or path.startswith(prefix.rstrip("/") + "/")
+        ]
         if not matches:
             return path
         prefix = max(matches, key=len)
-        return self.path_prefix_map[prefix].rstrip("/") + path[len(prefix.rstrip("/")):]
+        return self.path_prefix_map[prefix].rstrip("/") + path[len(prefix.rstrip("/")) :]
 
     @field_validator("special_tokens")
     @classmethod
@@ -248,8 +253,7 @@ class UTIConfig(StrictModel):
             for item in template.prompt + template.target:
                 if item not in allowed:
                     raise ValueError(
-                        f"templates.{task}: unknown item {item!r} "
-                        "(not a segment name and not in special_tokens)"
+                        f"templates.{task}: unknown item {item!r} (not a segment name and not in special_tokens)"
                     )
         return self
 

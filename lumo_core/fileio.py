@@ -48,8 +48,9 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
 SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
-def raise_if_out_of_space(exc: BaseException, path: str | os.PathLike, needed: int,
-                          kept: str = "nothing was written under its name") -> None:
+def raise_if_out_of_space(
+    exc: BaseException, path: str | os.PathLike, needed: int, kept: str = "nothing was written under its name"
+) -> None:
     """Turn a write that ran out of room into a one-line DiskFullError naming `path`, the bytes
     the write needed and what is left (`kept`); any other error is left alone."""
     from lumo_core.errors import DiskFullError
@@ -60,11 +61,15 @@ def raise_if_out_of_space(exc: BaseException, path: str | os.PathLike, needed: i
     if exc.errno == errno.EFBIG:
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         cap = "unlimited" if limit == resource.RLIM_INFINITY else f"{limit} bytes"
-        raise DiskFullError(f"{path}: file too large: writing {needed} bytes to it went over the file-size limit ({cap}; RLIMIT_FSIZE, `ulimit -f`); "
-                            f"{kept}: lift the limit and run again") from exc
+        raise DiskFullError(
+            f"{path}: file too large: writing {needed} bytes to it went over the file-size limit ({cap}; RLIMIT_FSIZE, `ulimit -f`); "
+            f"{kept}: lift the limit and run again"
+        ) from exc
     free = shutil.disk_usage(_existing_parent(path)).free
-    raise DiskFullError(f"{path}: no space left on the device ({os.strerror(exc.errno)}): writing {needed} bytes to it, {free} bytes free; "
-                        f"{kept}: free space and run again") from exc
+    raise DiskFullError(
+        f"{path}: no space left on the device ({os.strerror(exc.errno)}): writing {needed} bytes to it, {free} bytes free; "
+        f"{kept}: free space and run again"
+    ) from exc
 
 
 def _existing_parent(path: Path) -> Path:
@@ -101,12 +106,17 @@ def exclusive_lock(lock_path: str | os.PathLike, purpose: str) -> Iterator[None]
             who = f"pid {holder['pid']} on host {holder['host']} since {holder['since']} ({holder['purpose']})"
         except (OSError, ValueError, KeyError, TypeError):
             who = "a process that is still starting (no holder recorded yet)"
-        raise LockHeldError(f"{lock_path.parent} is being written by {who}; refusing to run {purpose} beside it "
-                            f"(lock {lock_path}): wait for it to finish or stop it, then run again") from None
+        raise LockHeldError(
+            f"{lock_path.parent} is being written by {who}; refusing to run {purpose} beside it "
+            f"(lock {lock_path}): wait for it to finish or stop it, then run again"
+        ) from None
     _HELD[key] = 1
     try:
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        atomic_write_bytes(holder_path, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since, "purpose": purpose}).encode())
+        atomic_write_bytes(
+            holder_path,
+            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since, "purpose": purpose}).encode(),
+        )
         yield
     finally:
         del _HELD[key]

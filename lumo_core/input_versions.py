@@ -52,4 +52,8 @@ def _config_version(path: Path | None, load) -> str:
 
 def input_versions(settings: Settings) -> dict[str, str]:
     """The version of every input, keyed by its asset name in Dagster."""
-    return {"manifest": manifest_version(settings), "uti_config": uti_config_version(settings), "train_config": train_config_version(settings)}
+    return {
+        "manifest": manifest_version(settings),
+        "uti_config": uti_config_version(settings),
+        "train_config": train_config_version(settings),
+    }

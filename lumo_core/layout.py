@@ -71,5 +71,7 @@ class OutputLayout:
 
     def commit_file(self, name: str) -> Path:
         """The file that commits a step's output."""
-        commit = {"token_space": TOKEN_SPACE_FILE, "tokenized_shards": INDEX_FILE, "lm_checkpoint": FINAL_WEIGHTS}.get(name, REPORT_FILE)
+        commit = {"token_space": TOKEN_SPACE_FILE, "tokenized_shards": INDEX_FILE, "lm_checkpoint": FINAL_WEIGHTS}.get(
+            name, REPORT_FILE
+        )
         return self.step(name) / commit

@@ -71,11 +71,22 @@ class Reporter(AbstractContextManager):
         of_total = f"/{total}" if total is not None else ""
         self.log(f"{done}{of_total} {unit} in {elapsed:.1f} s ({done / elapsed:.1f} {unit}/s)")
 
-    def report_materialization(self, metadata: dict[str, Any], data_version: str | None = None, asset_key: str | None = None) -> None:
+    def report_materialization(
+        self, metadata: dict[str, Any], data_version: str | None = None, asset_key: str | None = None
+    ) -> None:
         if self._pipes is not None:
-            self._pipes.report_asset_materialization(metadata=typed_metadata(metadata), data_version=data_version, asset_key=asset_key)
+            self._pipes.report_asset_materialization(
+                metadata=typed_metadata(metadata), data_version=data_version, asset_key=asset_key
+            )
 
-    def report_check(self, check_name: str, passed: bool, metadata: dict[str, Any] | None = None, severity: str = "ERROR", asset_key: str | None = None) -> None:
+    def report_check(
+        self,
+        check_name: str,
+        passed: bool,
+        metadata: dict[str, Any] | None = None,
+        severity: str = "ERROR",
+        asset_key: str | None = None,
+    ) -> None:
         self.log(f"check {check_name}: {'passed' if passed else 'FAILED'}")
         if self._pipes is not None:
             self._pipes.report_asset_check(

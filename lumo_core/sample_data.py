@@ -225,7 +225,20 @@ def _outline(kind: str) -> list[tuple[float, float]]:
         return points
     if kind == "cross":
         a = 0.3
-        return [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
+        return [
+            (-a, -1),
+            (a, -1),
+            (a, -a),
+            (1, -a),
+            (1, a),
+            (a, a),
+            (a, 1),
+            (-a, 1),
+            (-a, a),
+            (-1, a),
+            (-1, -a),
+            (-a, -a),
+        ]
     raise ValueError(f"unknown shape {kind!r}")
 
 
@@ -271,7 +284,9 @@ class Sound:
         frames = round(self.seconds * self.sample_rate)
         t = np.arange(frames, dtype=np.float64) / self.sample_rate
         if self.kind in ("tone", "chord"):
-            signal = _faded(sum(np.sin(2 * np.pi * _frequency(n) * t) for n in self.notes) / len(self.notes), self.sample_rate)
+            signal = _faded(
+                sum(np.sin(2 * np.pi * _frequency(n) * t) for n in self.notes) / len(self.notes), self.sample_rate
+            )
         elif self.kind == "sequence":
             half = frames // 2
             first = np.sin(2 * np.pi * _frequency(self.notes[0]) * t[:half])

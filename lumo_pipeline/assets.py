@@ -89,19 +89,36 @@ STEPS = {
     for step in (
         Step("token_space", ("token-space",), gpu=False, inputs=("uti_config",)),
         Step("manifest_audit", ("audit-manifest",), gpu=False, inputs=("manifest", "uti_config")),
-        Step("tokenized_shards", ("tokenize",), gpu=True, upstream=("token_space", "manifest_audit"),
-             inputs=("manifest", "uti_config")),
-        Step("tokenized_audit", ("audit-shards",), gpu=True, upstream=("tokenized_shards", "token_space"),
-             inputs=("uti_config",)),
+        Step(
+            "tokenized_shards",
+            ("tokenize",),
+            gpu=True,
+            upstream=("token_space", "manifest_audit"),
+            inputs=("manifest", "uti_config"),
+        ),
+        Step(
+            "tokenized_audit",
+            ("audit-shards",),
+            gpu=True,
+            upstream=("tokenized_shards", "token_space"),
+            inputs=("uti_config",),
+        ),
         Step("uti_audit", ("audit-uti",), gpu=False, upstream=("token_space",), inputs=("uti_config",)),
-        Step("lm_checkpoint", ("train",), gpu=True, upstream=("tokenized_shards", "token_space"),
-             inputs=("train_config",)),
+        Step(
+            "lm_checkpoint",
+            ("train",),
+            gpu=True,
+            upstream=("tokenized_shards", "token_space"),
+            inputs=("train_config",),
+        ),
         Step("lm_eval", ("eval",), gpu=True, upstream=("lm_checkpoint", "tokenized_shards"), inputs=("train_config",)),
     )
 }
 
 # The code behind every step is lumo_core; shards also depend on the pipeline's own version.
-CODE_VERSIONS = {name: lumo_core.__version__ for name in STEPS} | {"tokenized_shards": f"{lumo_core.__version__}+pipeline{PIPELINE_VERSION}"}
+CODE_VERSIONS = {name: lumo_core.__version__ for name in STEPS} | {
+    "tokenized_shards": f"{lumo_core.__version__}+pipeline{PIPELINE_VERSION}"
+}
 
 
 def ancestors(asset_name: str) -> set[str]:
@@ -159,7 +176,12 @@ def run_step(context: AssetExecutionContext, lumo: LumoSettings, runner: LumoRun
 
 
 def run_committing_command(
-    context: AssetExecutionContext | OpExecutionContext, settings: Settings, runner: LumoRunner, step: Step, subcommand: tuple[str, ...], gpu: bool
+    context: AssetExecutionContext | OpExecutionContext,
+    settings: Settings,
+    runner: LumoRunner,
+    step: Step,
+    subcommand: tuple[str, ...],
+    gpu: bool,
 ) -> tuple[dict[str, object], DataVersion]:
     """Run a `lumo` command that commits `step`'s output and reports its materialization through
     Pipes; check the commit file against the reported data version. The metadata and the data
@@ -169,18 +191,26 @@ def run_committing_command(
     try:
         invocation = runner.run(context, subcommand, settings, gpu=gpu)
     except (DagsterPipesError, DagsterPipesExecutionError) as exc:
-        raise Failure(description=f"`{command}` failed: {failure_reason(exc)}", metadata={"command": command, "error": str(exc)}) from exc
+        raise Failure(
+            description=f"`{command}` failed: {failure_reason(exc)}", metadata={"command": command, "error": str(exc)}
+        ) from exc
     try:
         reported = invocation.get_materialize_result(implicit_materialization=False)
     except DagsterPipesError as exc:
-        raise Failure(description=f"`{command}` exited 0 but reported no materialization through Dagster Pipes ({exc})") from exc
+        raise Failure(
+            description=f"`{command}` exited 0 but reported no materialization through Dagster Pipes ({exc})"
+        ) from exc
 
     if reported.check_results:
         # The standalone asset checks decide; a check the step computed on the side is not one.
-        context.log.warning(f"`{command}` reported check results, ignored: {sorted(r.check_name for r in reported.check_results)}")
+        context.log.warning(
+            f"`{command}` reported check results, ignored: {sorted(r.check_name for r in reported.check_results)}"
+        )
     commit_file = settings.layout.commit_file(step.asset)
     if not commit_file.is_file():
-        raise Failure(description=f"`{command}` reported success but {commit_file} does not exist (in docker mode: is the output folder mounted?)")
+        raise Failure(
+            description=f"`{command}` reported success but {commit_file} does not exist (in docker mode: is the output folder mounted?)"
+        )
     content_sha = sha256_hex(commit_file.read_bytes())
     if reported.data_version is not None and reported.data_version.value != content_sha:
         raise Failure(
@@ -211,8 +241,12 @@ def _lumo_asset(name: str, description: str):
     return _step_asset
 
 
-token_space = _lumo_asset("token_space", "The shared id space of text, special tokens, image codes and audio codes (token_space.json).")
-manifest_audit = _lumo_asset("manifest_audit", "Every manifest line checked (schema, ids, files, media headers): report.json and rows.parquet.")
+token_space = _lumo_asset(
+    "token_space", "The shared id space of text, special tokens, image codes and audio codes (token_space.json)."
+)
+manifest_audit = _lumo_asset(
+    "manifest_audit", "Every manifest line checked (schema, ids, files, media headers): report.json and rows.parquet."
+)
 
 # ------------------------------------------------------------------ tokenized_shards: plan -> units -> merge
 SHARDS = STEPS["tokenized_shards"]
@@ -221,8 +255,11 @@ SHARDS = STEPS["tokenized_shards"]
 class RebuildConfig(Config):
     """Run config of the tokenized_shards steps (set once for the asset: see FORCE_MAPPING)."""
 
-    force: bool = Field(default=False, description="rebuild even when up to date: every unit tokenized again from the media "
-                                                   "(token cache not read) and the shards rewritten")
+    force: bool = Field(
+        default=False,
+        description="rebuild even when up to date: every unit tokenized again from the media "
+        "(token cache not read) and the shards rewritten",
+    )
 
 
 @op(
@@ -243,14 +280,22 @@ def plan_units(context: OpExecutionContext, config: RebuildConfig, lumo: LumoSet
     stale = "forced by the run config (force: true)" if config.force else run.stale_reason()
     if stale is None:
         pending: list[int] = []
-        context.log.info(f"{run.out_dir} is up to date with the manifest, config and token space, and matches index.json: "
-                         "no unit to run, the merge re-reports it")
+        context.log.info(
+            f"{run.out_dir} is up to date with the manifest, config and token space, and matches index.json: "
+            "no unit to run, the merge re-reports it"
+        )
     else:
         context.log.info(f"tokenizing: {stale}")
         # Units completed for this same build (an earlier run that failed later) are kept.
         pending = [unit for unit in range(run.n_units) if not run.unit_complete(unit)]
-        context.log.info(f"{len(pending)} of {run.n_units} work units to tokenize"
-                         + (f"; {run.n_units - len(pending)} already complete for this build are kept" if len(pending) < run.n_units else ""))
+        context.log.info(
+            f"{len(pending)} of {run.n_units} work units to tokenize"
+            + (
+                f"; {run.n_units - len(pending)} already complete for this build are kept"
+                if len(pending) < run.n_units
+                else ""
+            )
+        )
     for unit in pending:
         yield DynamicOutput(unit, mapping_key=unit_mapping_key(unit))
 
@@ -266,10 +311,14 @@ def plan_units(context: OpExecutionContext, config: RebuildConfig, lumo: LumoSet
     retry_policy=RetryPolicy(max_retries=2),
     description="`lumo tokenize --unit K`: one work unit's rows through the models into its own spool (no materialization).",
 )
-def tokenize_unit(context: OpExecutionContext, config: RebuildConfig, lumo: LumoSettings, runner: LumoRunner, unit: int) -> Output[int]:
+def tokenize_unit(
+    context: OpExecutionContext, config: RebuildConfig, lumo: LumoSettings, runner: LumoRunner, unit: int
+) -> Output[int]:
     settings = lumo.resolve()
     subcommand = ("tokenize", "--unit", str(unit), *(["--force"] if config.force else []))
-    context.log.info(f"running `lumo {' '.join(subcommand)}` ({runner.mode} mode) with outputs under {settings.output_dir}")
+    context.log.info(
+        f"running `lumo {' '.join(subcommand)}` ({runner.mode} mode) with outputs under {settings.output_dir}"
+    )
     try:
         # A unit reports no materialization: success is the process's exit status.
         runner.run(context, subcommand, settings, gpu=SHARDS.gpu)
@@ -290,7 +339,9 @@ def tokenize_unit(context: OpExecutionContext, config: RebuildConfig, lumo: Lumo
     # damaged spool that the next run's units must rebuild, a full disk); a new run is the fix.
     description="`lumo tokenize --merge`: every unit's spool into the shards, rejects.jsonl, stats.json and index.json (last).",
 )
-def merge_units(context: OpExecutionContext, config: RebuildConfig, lumo: LumoSettings, runner: LumoRunner, units: list[int]) -> Output[None]:
+def merge_units(
+    context: OpExecutionContext, config: RebuildConfig, lumo: LumoSettings, runner: LumoRunner, units: list[int]
+) -> Output[None]:
     settings = lumo.resolve()
     subcommand = ("tokenize", "--merge", *(["--force"] if config.force else []))
     metadata, data_version = run_committing_command(context, settings, runner, SHARDS, subcommand, gpu=False)
@@ -303,8 +354,12 @@ def merge_units(context: OpExecutionContext, config: RebuildConfig, lumo: LumoSe
 # The launchpad's config of the asset: `ops: {tokenized_shards: {config: {force: true}}}` (or
 # run_configs/force_rebuild.yaml) reaches every step of the fan-out.
 FORCE_MAPPING = ConfigMapping(
-    config_fn=lambda config: {op_name: {"config": {"force": config["force"]}} for op_name in ("plan_units", "tokenize_unit", "merge_units")},
-    config_schema={"force": DagsterField(bool, default_value=False, description=RebuildConfig.model_fields["force"].description)},
+    config_fn=lambda config: {
+        op_name: {"config": {"force": config["force"]}} for op_name in ("plan_units", "tokenize_unit", "merge_units")
+    },
+    config_schema={
+        "force": DagsterField(bool, default_value=False, description=RebuildConfig.model_fields["force"].description)
+    },
 )
 
 
@@ -322,9 +377,15 @@ def tokenized_shards(token_space: None, manifest_audit: None, manifest: None, ut
     return merge_units(units.map(tokenize_unit).collect())
 
 
-tokenized_audit = _lumo_asset("tokenized_audit", "Shard audits and decode spot-checks (decoded images and sounds) of the tokenized shards.")
-uti_audit = _lumo_asset("uti_audit", "Tokenizer audit: determinism, runtime sizes, an encode/decode smoke test (recon.png, recon.wav).")
-lm_checkpoint = _lumo_asset("lm_checkpoint", "The token LM trained on the shards (Hugging Face save_pretrained folders).")
+tokenized_audit = _lumo_asset(
+    "tokenized_audit", "Shard audits and decode spot-checks (decoded images and sounds) of the tokenized shards."
+)
+uti_audit = _lumo_asset(
+    "uti_audit", "Tokenizer audit: determinism, runtime sizes, an encode/decode smoke test (recon.png, recon.wav)."
+)
+lm_checkpoint = _lumo_asset(
+    "lm_checkpoint", "The token LM trained on the shards (Hugging Face save_pretrained folders)."
+)
 lm_eval = _lumo_asset("lm_eval", "The token LM evaluated on the eval split (lm_eval/report.json).")
 
 LUMO_ASSETS = [token_space, manifest_audit, tokenized_shards, tokenized_audit, uti_audit, lm_checkpoint, lm_eval]

@@ -59,8 +59,12 @@ def skipped(settings: Settings, asset_name: str, why: str) -> AssetCheckResult:
         passed=True,
         severity=AssetCheckSeverity.WARN,
         description=f"skipped: {asset_name} was never materialized ({why}); build it with `{hint}`",
-        metadata={"skipped": MetadataValue.bool(True), "reason": MetadataValue.text(why), "build_command": MetadataValue.text(hint),
-                  "checked": MetadataValue.path(str(settings.layout.commit_file(asset_name)))},
+        metadata={
+            "skipped": MetadataValue.bool(True),
+            "reason": MetadataValue.text(why),
+            "build_command": MetadataValue.text(hint),
+            "checked": MetadataValue.path(str(settings.layout.commit_file(asset_name))),
+        },
     )
 
 
@@ -84,18 +88,26 @@ def evaluate(
             passed=False,
             severity=severity,
             description=f"cannot check `{asset_name}`: {exc}",
-            metadata={"error": MetadataValue.text(str(exc)), "build_command": MetadataValue.text(build_command_hint(asset_name))},
+            metadata={
+                "error": MetadataValue.text(str(exc)),
+                "build_command": MetadataValue.text(build_command_hint(asset_name)),
+            },
         )
     return AssetCheckResult(
         passed=outcome.passed,
         # An outcome may decide its own severity (reject_rate: WARN, or ERROR past the fail threshold).
         severity=AssetCheckSeverity[outcome.severity] if outcome.severity else severity,
         description=outcome.description,
-        metadata={**as_dagster_metadata(outcome.metadata), "checked": MetadataValue.path(str(settings.layout.commit_file(asset_name)))},
+        metadata={
+            **as_dagster_metadata(outcome.metadata),
+            "checked": MetadataValue.path(str(settings.layout.commit_file(asset_name))),
+        },
     )
 
 
-def evaluate_in_runner(context: AssetCheckExecutionContext, lumo: LumoSettings, runner: LumoRunner, check_name: str, asset_name: str) -> AssetCheckResult:
+def evaluate_in_runner(
+    context: AssetCheckExecutionContext, lumo: LumoSettings, runner: LumoRunner, check_name: str, asset_name: str
+) -> AssetCheckResult:
     """Run `lumo check <name>`, which reports the check result back through Dagster Pipes;
     skipped when the asset was never materialized."""
     settings = lumo.resolve()
@@ -110,7 +122,10 @@ def evaluate_in_runner(context: AssetCheckExecutionContext, lumo: LumoSettings, 
             passed=False,
             severity=AssetCheckSeverity[CHECKS[check_name].severity],
             description=f"cannot check `{asset_name}`: `lumo {' '.join(command)}` failed: {failure_reason(exc)}",
-            metadata={"error": MetadataValue.text(str(exc)), "build_command": MetadataValue.text(build_command_hint(asset_name))},
+            metadata={
+                "error": MetadataValue.text(str(exc)),
+                "build_command": MetadataValue.text(build_command_hint(asset_name)),
+            },
         )
     description = reported.metadata.get("description")
     return AssetCheckResult(
@@ -125,7 +140,14 @@ def _build_check(spec: CheckSpec) -> AssetChecksDefinition:
     severity = AssetCheckSeverity[spec.severity]
     if spec.needs_models:
 
-        @asset_check(name=spec.name, asset=spec.asset, description=spec.description, blocking=spec.blocking, pool=GPU_POOL, op_tags=GPU_OP_TAGS)
+        @asset_check(
+            name=spec.name,
+            asset=spec.asset,
+            description=spec.description,
+            blocking=spec.blocking,
+            pool=GPU_POOL,
+            op_tags=GPU_OP_TAGS,
+        )
         def _in_runner(context: AssetCheckExecutionContext, lumo: LumoSettings, runner: LumoRunner) -> AssetCheckResult:
             return evaluate_in_runner(context, lumo, runner, spec.name, spec.asset)
 
@@ -133,7 +155,13 @@ def _build_check(spec: CheckSpec) -> AssetChecksDefinition:
 
     @asset_check(name=spec.name, asset=spec.asset, description=spec.description, blocking=spec.blocking)
     def _here(context: AssetCheckExecutionContext, lumo: LumoSettings) -> AssetCheckResult:
-        return evaluate(lambda settings: compute_check(spec.name, settings), lumo, spec.asset, severity=severity, instance=context.instance)
+        return evaluate(
+            lambda settings: compute_check(spec.name, settings),
+            lumo,
+            spec.asset,
+            severity=severity,
+            instance=context.instance,
+        )
 
     return _here
 

@@ -37,7 +37,9 @@ def pipeline_resources(lumo: LumoSettings, runner: LumoRunner) -> dict[str, obje
     return {"lumo": lumo, "runner": runner, **io_manager_resources()}
 
 
-def build_definitions(lumo: LumoSettings, runner: LumoRunner, executor: ExecutorDefinition = in_process_executor) -> Definitions:
+def build_definitions(
+    lumo: LumoSettings, runner: LumoRunner, executor: ExecutorDefinition = in_process_executor
+) -> Definitions:
     """The code location; deployments swap the runner's mode or the executor (deploy/)."""
     return Definitions(
         assets=[*INPUT_ASSETS, *LUMO_ASSETS],

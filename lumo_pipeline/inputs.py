@@ -65,7 +65,9 @@ def _input_asset(name: str) -> AssetsDefinition:
         # observable_source_asset is marked beta; it is Dagster's way to version an external file.
         warnings.simplefilter("ignore", BetaWarning)
 
-        @observable_source_asset(name=name, group_name=INPUTS_GROUP, description=DESCRIPTIONS[name], required_resource_keys={"lumo"})
+        @observable_source_asset(
+            name=name, group_name=INPUTS_GROUP, description=DESCRIPTIONS[name], required_resource_keys={"lumo"}
+        )
         def _observe(context) -> DataVersion:
             return DataVersion(VERSION_OF[name](context.resources.lumo.resolve()))
 
@@ -88,11 +90,17 @@ def observation(name: str, version: str, settings: Settings, recorded_by: str) -
     return AssetObservation(
         asset_key=name,
         tags={DATA_VERSION_TAG: version},
-        metadata={"path": str(path) if path is not None else "embedded default", "version": version, "recorded_by": recorded_by},
+        metadata={
+            "path": str(path) if path is not None else "embedded default",
+            "version": version,
+            "recorded_by": recorded_by,
+        },
     )
 
 
-def record_input_versions(context: AssetExecutionContext | OpExecutionContext, settings: Settings, names: Iterable[str]) -> dict[str, str]:
+def record_input_versions(
+    context: AssetExecutionContext | OpExecutionContext, settings: Settings, names: Iterable[str]
+) -> dict[str, str]:
     """Record the versions of the inputs a step reads (only those that changed since the last
     record), so its materialization's lineage holds them. Returns every version, recorded or not.
 
@@ -103,7 +111,9 @@ def record_input_versions(context: AssetExecutionContext | OpExecutionContext, s
     versions = {name: VERSION_OF[name](settings) for name in names}
     changed = [name for name, version in versions.items() if latest_recorded_version(context.instance, name) != version]
     for name in changed:
-        context.instance.report_runless_asset_event(observation(name, versions[name], settings, recorded_by=context.op_execution_context.op.name))
+        context.instance.report_runless_asset_event(
+            observation(name, versions[name], settings, recorded_by=context.op_execution_context.op.name)
+        )
     if changed:
         step_context = context.op_execution_context.get_step_execution_context()
         step_context._data_version_cache._fetch_input_asset_version_info([AssetKey(name) for name in changed])
@@ -129,7 +139,7 @@ def _stat_key(settings: Settings, name: str) -> str:
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,
     description="Records a new version of the manifest, UTI config or training config when its content changes, "
-                "so the assets built from the old one show as unsynced. Launches no run.",
+    "so the assets built from the old one show as unsynced. Launches no run.",
 )
 def inputs_observed(context: SensorEvaluationContext, lumo: LumoSettings) -> SensorResult | SkipReason:
     settings = lumo.resolve()
@@ -144,5 +154,8 @@ def inputs_observed(context: SensorEvaluationContext, lumo: LumoSettings) -> Sen
         if latest_recorded_version(context.instance, name) != version:
             events.append(observation(name, version, settings, recorded_by="sensor inputs_observed"))
     if not events:
-        return SensorResult(skip_reason=SkipReason("manifest, UTI config and training config unchanged"), cursor=json.dumps(new_cursor, sort_keys=True))
+        return SensorResult(
+            skip_reason=SkipReason("manifest, UTI config and training config unchanged"),
+            cursor=json.dumps(new_cursor, sort_keys=True),
+        )
     return SensorResult(asset_events=events, cursor=json.dumps(new_cursor, sort_keys=True))

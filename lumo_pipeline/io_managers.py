@@ -53,7 +53,9 @@ class UnitIOManager(ConfigurableIOManager):
     def handle_output(self, context: OutputContext, obj: int) -> None:
         expected = _unit_of_output(context.step_key, context.mapping_key)
         if obj != expected:
-            raise ValueError(f"step {context.step_key!r} output {obj!r} for the work unit named {expected} by its mapping key")
+            raise ValueError(
+                f"step {context.step_key!r} output {obj!r} for the work unit named {expected} by its mapping key"
+            )
 
     def load_input(self, context: InputContext) -> int:
         upstream = context.upstream_output
@@ -67,13 +69,21 @@ class NoStoreIOManager(ConfigurableIOManager):
 
     def handle_output(self, context: OutputContext, obj: None) -> None:
         if obj is not None:
-            raise TypeError(f"{context.asset_key.to_user_string() if context.has_asset_key else context.step_key} returned {type(obj).__name__}, "
-                            "but its IO manager stores nothing: return None (the data is in the output folder)")
+            raise TypeError(
+                f"{context.asset_key.to_user_string() if context.has_asset_key else context.step_key} returned {type(obj).__name__}, "
+                "but its IO manager stores nothing: return None (the data is in the output folder)"
+            )
 
     def load_input(self, context: InputContext) -> None:
-        asset = context.upstream_output.asset_key.to_user_string() if context.upstream_output is not None and context.upstream_output.has_asset_key else "this asset"
-        raise TypeError(f"`{asset}` has no stored value: its data is the files under the output folder (index.json commits them). "
-                        f"Depend on it with `deps=[\"{asset}\"]` and read the files, instead of loading it as an input.")
+        asset = (
+            context.upstream_output.asset_key.to_user_string()
+            if context.upstream_output is not None and context.upstream_output.has_asset_key
+            else "this asset"
+        )
+        raise TypeError(
+            f"`{asset}` has no stored value: its data is the files under the output folder (index.json commits them). "
+            f'Depend on it with `deps=["{asset}"]` and read the files, instead of loading it as an input.'
+        )
 
 
 def io_manager_resources() -> dict[str, ConfigurableIOManager]:

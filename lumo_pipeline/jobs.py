@@ -111,7 +111,11 @@ def _failure_reason(context: SensorEvaluationContext, run_id: str) -> str:
         for record in context.instance.all_logs(run_id, of_type=event_type):
             event = record.dagster_event
             error = getattr(event.event_specific_data, "error", None) if event is not None else None
-            message = (error.message if error is not None else None) or (event.message if event is not None else None) or record.user_message
+            message = (
+                (error.message if error is not None else None)
+                or (event.message if event is not None else None)
+                or record.user_message
+            )
             if message:
                 return message.strip().splitlines()[0]
     return "no failure message recorded"
@@ -120,40 +124,68 @@ def _failure_reason(context: SensorEvaluationContext, run_id: str) -> str:
 def _request(change: str, attempt: int, manifest: str, manifest_sha: str, config_sha: str) -> RunRequest:
     return RunRequest(
         run_key=change if attempt == 1 else f"{change}-attempt{attempt}",
-        tags={CHANGE_TAG: change, ATTEMPT_TAG: str(attempt), "lumo/manifest_sha256": manifest_sha,
-              "lumo/manifest": manifest, "lumo/uti_config_version": config_sha},
+        tags={
+            CHANGE_TAG: change,
+            ATTEMPT_TAG: str(attempt),
+            "lumo/manifest_sha256": manifest_sha,
+            "lumo/manifest": manifest,
+            "lumo/uti_config_version": config_sha,
+        },
     )
 
 
-def _follow_pending(context: SensorEvaluationContext, cursor: dict[str, Any], manifest: str, unchanged: str) -> SensorResult:
+def _follow_pending(
+    context: SensorEvaluationContext, cursor: dict[str, Any], manifest: str, unchanged: str
+) -> SensorResult:
     """No new change: look after the run launched for the last one; retry it if it failed."""
     pending = cursor["pending"]
     change, attempt = pending["change"], pending["attempt"]
-    records = context.instance.get_run_records(RunsFilter(tags={CHANGE_TAG: change, ATTEMPT_TAG: str(attempt)}), limit=1)
+    records = context.instance.get_run_records(
+        RunsFilter(tags={CHANGE_TAG: change, ATTEMPT_TAG: str(attempt)}), limit=1
+    )
     if not records:
-        return SensorResult(skip_reason=SkipReason(f"{unchanged}; waiting for the run of change {change} (attempt {attempt}) to start"), cursor=json.dumps(cursor))
+        return SensorResult(
+            skip_reason=SkipReason(f"{unchanged}; waiting for the run of change {change} (attempt {attempt}) to start"),
+            cursor=json.dumps(cursor),
+        )
     record = records[0]
     run = record.dagster_run
     if run.status == DagsterRunStatus.SUCCESS:
         done = {**cursor, "pending": None}
-        return SensorResult(skip_reason=SkipReason(f"{unchanged}; run {run.run_id} of change {change} succeeded"), cursor=json.dumps(done))
+        return SensorResult(
+            skip_reason=SkipReason(f"{unchanged}; run {run.run_id} of change {change} succeeded"),
+            cursor=json.dumps(done),
+        )
     if run.status not in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
-        return SensorResult(skip_reason=SkipReason(f"{unchanged}; run {run.run_id} of change {change} is {run.status.value}"), cursor=json.dumps(cursor))
+        return SensorResult(
+            skip_reason=SkipReason(f"{unchanged}; run {run.run_id} of change {change} is {run.status.value}"),
+            cursor=json.dumps(cursor),
+        )
     reason = _failure_reason(context, run.run_id)
     if attempt >= MAX_ATTEMPTS:
         gave_up = {**cursor, "pending": {**pending, "gave_up": True, "reason": reason}}
         return SensorResult(
-            skip_reason=SkipReason(f"gave up on change {change} after {attempt} failed attempts (max {MAX_ATTEMPTS}): last run "
-                                   f"{run.run_id}: {reason}. Fix the cause, then change the manifest or config, or materialize by hand"),
+            skip_reason=SkipReason(
+                f"gave up on change {change} after {attempt} failed attempts (max {MAX_ATTEMPTS}): last run "
+                f"{run.run_id}: {reason}. Fix the cause, then change the manifest or config, or materialize by hand"
+            ),
             cursor=json.dumps(gave_up),
         )
     failed_at = record.end_time or record.update_timestamp.timestamp()
     retry_at = failed_at + backoff_s(attempt)
     if _now() < retry_at:
-        return SensorResult(skip_reason=SkipReason(f"run {run.run_id} of change {change} failed (attempt {attempt} of {MAX_ATTEMPTS}): {reason}; "
-                                                   f"retrying in {retry_at - _now():.0f} s"), cursor=json.dumps(cursor))
+        return SensorResult(
+            skip_reason=SkipReason(
+                f"run {run.run_id} of change {change} failed (attempt {attempt} of {MAX_ATTEMPTS}): {reason}; "
+                f"retrying in {retry_at - _now():.0f} s"
+            ),
+            cursor=json.dumps(cursor),
+        )
     retry = {**cursor, "pending": {**pending, "attempt": attempt + 1, "last_failure": reason}}
-    return SensorResult(run_requests=[_request(change, attempt + 1, manifest, cursor["sha"], cursor["config"])], cursor=json.dumps(retry))
+    return SensorResult(
+        run_requests=[_request(change, attempt + 1, manifest, cursor["sha"], cursor["config"])],
+        cursor=json.dumps(retry),
+    )
 
 
 @sensor(
@@ -162,7 +194,7 @@ def _follow_pending(context: SensorEvaluationContext, cursor: dict[str, Any], ma
     minimum_interval_seconds=60,
     default_status=DefaultSensorStatus.STOPPED,
     description="Requests the tokenization chain when the manifest's or the UTI config's content changes; "
-                f"retries a failed run up to {MAX_ATTEMPTS} attempts.",
+    f"retries a failed run up to {MAX_ATTEMPTS} attempts.",
 )
 def manifest_changed(context: SensorEvaluationContext, lumo: LumoSettings) -> SensorResult | SkipReason:
     settings = lumo.resolve()
@@ -188,4 +220,6 @@ def manifest_changed(context: SensorEvaluationContext, lumo: LumoSettings) -> Se
     seq = int(cursor.get("seq", 0)) + 1
     change = f"{current}-{seq}"
     new_cursor = {"sha": current, "config": config_sha, "seq": seq, "pending": {"change": change, "attempt": 1}}
-    return SensorResult(run_requests=[_request(change, 1, str(manifest), current, config_sha)], cursor=json.dumps(new_cursor))
+    return SensorResult(
+        run_requests=[_request(change, 1, str(manifest), current, config_sha)], cursor=json.dumps(new_cursor)
+    )

@@ -41,13 +41,18 @@ def as_dagster_metadata(values: Mapping[str, Any]) -> dict[str, MetadataValue]:
     """Plain JSON values (as lumo_core reports them) -> Dagster metadata values."""
     plain = {key: value for key, value in values.items() if not isinstance(value, MetadataValue)}
     typed = typed_metadata(plain)
-    return {key: value if isinstance(value, MetadataValue) else _FROM_TYPED[typed[key]["type"]](typed[key]["raw_value"]) for key, value in values.items()}
+    return {
+        key: value if isinstance(value, MetadataValue) else _FROM_TYPED[typed[key]["type"]](typed[key]["raw_value"])
+        for key, value in values.items()
+    }
 
 
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> MetadataValue:
     """A table value; `columns` are (name, dagster column type) pairs."""
     schema = TableSchema(columns=[TableColumn(name, kind) for name, kind in columns])
-    return MetadataValue.table(records=[TableRecord({name: row.get(name) for name, _ in columns}) for row in rows], schema=schema)
+    return MetadataValue.table(
+        records=[TableRecord({name: row.get(name) for name, _ in columns}) for row in rows], schema=schema
+    )
 
 
 def _read_json(path: Path) -> Any:
@@ -107,30 +112,51 @@ def tokenized_shards_metadata(step_dir: Path) -> dict[str, MetadataValue]:
         "n_rejected": MetadataValue.int(index["n_rejected"]),
         "splits": table(splits, [("split", "string"), ("shards", "int"), ("samples", "int"), ("tokens", "int")]),
         "shards": table(
-            [{"name": s["name"], "sha256": s["sha256"], "samples": s["n_samples"], "tokens": s["n_tokens"]} for entry in index["splits"].values() for s in entry["shards"]],
+            [
+                {"name": s["name"], "sha256": s["sha256"], "samples": s["n_samples"], "tokens": s["n_tokens"]}
+                for entry in index["splits"].values()
+                for s in entry["shards"]
+            ],
             [("name", "string"), ("sha256", "string"), ("samples", "int"), ("tokens", "int")],
         ),
-        "token_lengths": table(lengths, [("split", "string"), ("task", "string")] + [(c, "float") for c in LENGTH_STAT_COLUMNS]),
+        "token_lengths": table(
+            lengths, [("split", "string"), ("task", "string")] + [(c, "float") for c in LENGTH_STAT_COLUMNS]
+        ),
         "codebook_usage": table(
             [{"codebook": name, **usage[name]} for name in ("text", "image")]
             + [{"codebook": f"audio_cb{k}", **u} for k, u in enumerate(usage["audio"]["per_codebook"])],
-            [("codebook", "string"), ("distinct_codes", "int"), ("codebook_size", "int"), ("utilisation", "float"), ("entropy_bits", "float"), ("total_codes", "int")],
+            [
+                ("codebook", "string"),
+                ("distinct_codes", "int"),
+                ("codebook_size", "int"),
+                ("utilisation", "float"),
+                ("entropy_bits", "float"),
+                ("total_codes", "int"),
+            ],
         ),
         "codebook_usage_plot": MetadataValue.md(png_markdown(codebook_usage_png(usage), "codebook usage")),
     }
     if stats["length_histogram"]:
-        metadata["token_length_histogram"] = MetadataValue.md(png_markdown(token_length_histogram_png(stats["length_histogram"]), "token length histogram"))
+        metadata["token_length_histogram"] = MetadataValue.md(
+            png_markdown(token_length_histogram_png(stats["length_histogram"]), "token length histogram")
+        )
     return metadata
 
 
 def tokenized_audit_metadata(step_dir: Path) -> dict[str, MetadataValue]:
     report = _read_json(step_dir / "report.json")
-    checks = [{"check": name, "passed": c["passed"], "description": c["description"]} for name, c in sorted(report["checks"].items())]
+    checks = [
+        {"check": name, "passed": c["passed"], "description": c["description"]}
+        for name, c in sorted(report["checks"].items())
+    ]
     metadata = {
         "path": MetadataValue.path(str(step_dir / "report.json")),
         "passed": MetadataValue.bool(report["passed"]),
         "checks": table(checks, [("check", "string"), ("passed", "bool"), ("description", "string")]),
-        "spot_checks": table(report["spot_checks"], [("id", "string"), ("shard", "string"), ("modality", "string"), ("file", "string"), ("text", "string")]),
+        "spot_checks": table(
+            report["spot_checks"],
+            [("id", "string"), ("shard", "string"), ("modality", "string"), ("file", "string"), ("text", "string")],
+        ),
     }
     decoded_images = [s for s in report["spot_checks"] if s["file"].endswith(".png")]
     if decoded_images:
@@ -151,7 +177,9 @@ def uti_audit_metadata(step_dir: Path) -> dict[str, MetadataValue]:
         "token_sha256": MetadataValue.json(report["token_sha256"]),
         "audio_idempotence": MetadataValue.json(report["audio_idempotence"]),
         "recon_wav": MetadataValue.path(str(step_dir / report["smoke_test"]["recon_wav"])),
-        "recon_image": MetadataValue.md(image_file_markdown(step_dir / report["smoke_test"]["recon_png"], "image encoded and decoded")),
+        "recon_image": MetadataValue.md(
+            image_file_markdown(step_dir / report["smoke_test"]["recon_png"], "image encoded and decoded")
+        ),
     }
 
 

@@ -41,7 +41,9 @@ def token_length_histogram_png(length_histogram: dict[str, Any]) -> bytes:
     bottom = np.zeros(widths.size)
     for task, counts in sorted(length_histogram["counts"].items()):
         counts = np.asarray(counts, dtype=float)
-        ax.bar(edges[:-1], counts, width=widths, bottom=bottom, align="edge", label=task, edgecolor="white", linewidth=0.5)
+        ax.bar(
+            edges[:-1], counts, width=widths, bottom=bottom, align="edge", label=task, edgecolor="white", linewidth=0.5
+        )
         bottom += counts
     ax.set_xlabel("tokens per sequence")
     ax.set_ylabel("samples")

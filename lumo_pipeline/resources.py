@@ -24,10 +24,18 @@ SETTINGS_ENV_VARS = {field: f"{Settings.model_config['env_prefix']}{field.upper(
 class LumoSettings(ConfigurableResource):
     """Where Lumo reads its inputs and writes its outputs. Unset fields take the contract defaults."""
 
-    output_dir: str | None = Field(default=None, description="root of every output (LUMO_OUTPUT_DIR; default ./outputs)")
-    manifest: str | None = Field(default=None, description="JSONL manifest (LUMO_MANIFEST; default: the embedded sample)")
-    uti_config: str | None = Field(default=None, description="tokenizer config YAML (LUMO_UTI_CONFIG; default: embedded)")
-    train_config: str | None = Field(default=None, description="training config YAML (LUMO_TRAIN_CONFIG; default: embedded)")
+    output_dir: str | None = Field(
+        default=None, description="root of every output (LUMO_OUTPUT_DIR; default ./outputs)"
+    )
+    manifest: str | None = Field(
+        default=None, description="JSONL manifest (LUMO_MANIFEST; default: the embedded sample)"
+    )
+    uti_config: str | None = Field(
+        default=None, description="tokenizer config YAML (LUMO_UTI_CONFIG; default: embedded)"
+    )
+    train_config: str | None = Field(
+        default=None, description="training config YAML (LUMO_TRAIN_CONFIG; default: embedded)"
+    )
 
     @classmethod
     def from_environment(cls) -> LumoSettings:
@@ -38,4 +46,10 @@ class LumoSettings(ConfigurableResource):
         in other processes (and containers) whose working directory may differ. A manifest left
         unset stays None: the embedded sample, which the step that reads it writes."""
         settings = Settings.from_env(**{name: getattr(self, name) or None for name in SETTINGS_FIELDS})
-        return settings.model_copy(update={name: getattr(settings, name).absolute() for name in SETTINGS_FIELDS if getattr(settings, name) is not None})
+        return settings.model_copy(
+            update={
+                name: getattr(settings, name).absolute()
+                for name in SETTINGS_FIELDS
+                if getattr(settings, name) is not None
+            }
+        )

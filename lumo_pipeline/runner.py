@@ -61,10 +61,16 @@ class LumoRunner(ConfigurableResource):
     """How the `lumo` steps run: `local` (a subprocess in this environment) or `docker`."""
 
     mode: Literal["local", "docker"] = Field(default="local", description="local subprocess or docker container")
-    image: str = Field(default="lumo-gpu:latest", description="docker mode: the image holding lumo (docker/Dockerfile.gpu)")
-    container_root: str = Field(default="/lumo", description="docker mode: where the host folders are mounted in the container")
+    image: str = Field(
+        default="lumo-gpu:latest", description="docker mode: the image holding lumo (docker/Dockerfile.gpu)"
+    )
+    container_root: str = Field(
+        default="/lumo", description="docker mode: where the host folders are mounted in the container"
+    )
     gpus: int = Field(default=-1, ge=-1, description="docker mode: GPUs given to the GPU steps; -1 means all")
-    shm_size: str = Field(default="8g", description="docker mode: /dev/shm size (data-loader workers share batches through it)")
+    shm_size: str = Field(
+        default="8g", description="docker mode: /dev/shm size (data-loader workers share batches through it)"
+    )
     extra_mounts: dict[str, str] = Field(
         default_factory=dict,
         description="docker mode: host folder -> container folder, read-only (model weights, data roots named in the config)",
@@ -76,12 +82,16 @@ class LumoRunner(ConfigurableResource):
     cache_dir: str | None = Field(
         default=None,
         description="docker mode: host folder mounted read-write as the container's LUMO_CACHE_DIR, so the builtin models are built once, "
-                    "not in every container (default: the host's LUMO_CACHE_DIR when the embedded sample manifest is used)",
+        "not in every container (default: the host's LUMO_CACHE_DIR when the embedded sample manifest is used)",
     )
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for every step")
-    run_as_host_user: bool = Field(default=True, description="docker mode: run as the host uid:gid so outputs stay owned by the user")
+    run_as_host_user: bool = Field(
+        default=True, description="docker mode: run as the host uid:gid so outputs stay owned by the user"
+    )
 
-    def run(self, context: Any, subcommand: Sequence[str], settings: Settings, gpu: bool) -> PipesClientCompletedInvocation:
+    def run(
+        self, context: Any, subcommand: Sequence[str], settings: Settings, gpu: bool
+    ) -> PipesClientCompletedInvocation:
         try:
             return build_launch(self, settings, subcommand, gpu=gpu).run(context)
         # Local mode raises DagsterPipesExecutionError on a non-zero exit, docker mode DagsterPipesError.
@@ -119,12 +129,18 @@ def pipes_failure_reason(context: Any) -> str | None:
     try:
         op_context = getattr(context, "op_execution_context", context)
         step_key = op_context.get_step_execution_context().step.key
-        records = op_context.instance.get_records_for_run(run_id=op_context.run_id, of_type=DagsterEventType.ENGINE_EVENT, ascending=False).records
+        records = op_context.instance.get_records_for_run(
+            run_id=op_context.run_id, of_type=DagsterEventType.ENGINE_EVENT, ascending=False
+        ).records
     except (AttributeError, DagsterError):  # a context without a step or an instance (a direct invocation): no reason
         return None
     for record in records:
         entry = record.event_log_entry
-        if entry.step_key != step_key or entry.dagster_event is None or not entry.user_message.startswith(PIPES_CLOSED_WITH_EXCEPTION):
+        if (
+            entry.step_key != step_key
+            or entry.dagster_event is None
+            or not entry.user_message.startswith(PIPES_CLOSED_WITH_EXCEPTION)
+        ):
             continue
         error = entry.dagster_event.engine_event_data.error
         if error is None:
@@ -165,7 +181,13 @@ class DockerLaunch:
                 Path(mount["Source"]).mkdir(parents=True, exist_ok=True)
         labels = {**self.container_kwargs["labels"], **step_labels(context), COMMAND_LABEL: " ".join(self.command[1:])}
         try:
-            return self.client.run(context=context, image=self.image, command=self.command, env=self.env, container_kwargs={**self.container_kwargs, "labels": labels})
+            return self.client.run(
+                context=context,
+                image=self.image,
+                command=self.command,
+                env=self.env,
+                container_kwargs={**self.container_kwargs, "labels": labels},
+            )
         finally:
             # After a success, a failure and an interrupt (PipesDockerClient stops the container
             # on the way out) alike.
@@ -181,7 +203,9 @@ def step_labels(context: Any) -> dict[str, str]:
         return {}
 
 
-def build_launch(runner: LumoRunner, settings: Settings, subcommand: Sequence[str], gpu: bool) -> LocalLaunch | DockerLaunch:
+def build_launch(
+    runner: LumoRunner, settings: Settings, subcommand: Sequence[str], gpu: bool
+) -> LocalLaunch | DockerLaunch:
     """The Pipes client and the exact arguments it will be run with."""
     if runner.mode == "local":
         return LocalLaunch(

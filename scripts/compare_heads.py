@@ -31,7 +31,9 @@ DESIGNS = {"shared head": False, "modality heads": True}
 
 def lumo(output_dir: Path, *args: str) -> dict[str, Any]:
     env = {**os.environ, "LUMO_OUTPUT_DIR": str(output_dir)}
-    result = subprocess.run([sys.executable, "-m", "lumo_core.cli", *args], env=env, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "lumo_core.cli", *args], env=env, capture_output=True, text=True, check=False
+    )
     if result.returncode != 0:
         raise SystemExit(f"lumo {' '.join(args)} failed: {result.stderr.strip().splitlines()[-1:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -78,21 +80,33 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     tasks = ("t2i", "t2a", "i2t", "a2t")
     modalities = ("text", "special", "image", "audio")
     lines = [
-        "| design | scored | " + " | ".join(f"{t} ppl" for t in tasks) + " | all ppl | " + " | ".join(f"{m} acc" for m in modalities) + " |",
+        "| design | scored | "
+        + " | ".join(f"{t} ppl" for t in tasks)
+        + " | all ppl | "
+        + " | ".join(f"{m} acc" for m in modalities)
+        + " |",
         "|---|---|" + "---:|" * (len(tasks) + 1 + len(modalities)),
     ]
     for design, by_scoring in results.items():
         for scoring, metrics in by_scoring.items():
             ppl = [f"{metrics['per_task'][t]['perplexity']:.2f}" for t in tasks]
             acc = [f"{metrics['next_token_accuracy'][m]['accuracy']:.3f}" for m in modalities]
-            lines.append(f"| {design} | {scoring} | " + " | ".join(ppl) + f" | {metrics['overall']['perplexity']:.2f} | " + " | ".join(acc) + " |")
+            lines.append(
+                f"| {design} | {scoring} | "
+                + " | ".join(ppl)
+                + f" | {metrics['overall']['perplexity']:.2f} | "
+                + " | ".join(acc)
+                + " |"
+            )
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("outputs/compare_heads"))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a training config override for both designs")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a training config override for both designs"
+    )
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -112,8 +126,16 @@ def main() -> int:
         overrides = [*sets, "--set", f"model.modality_heads={str(heads).lower()}"]
         trained = lumo(out, "train", *overrides)
         evaluated = lumo(out, "eval", *overrides)
-        summaries[design] = {"final_loss": trained["final_loss"], "steps": trained["steps"], "eval_samples": evaluated["n_samples"], "samples_generated": evaluated["samples"]}
-        results[design] = {**({} if heads else {"whole vocabulary": score(out, per_head=False)}), "per head": score(out, per_head=True)}
+        summaries[design] = {
+            "final_loss": trained["final_loss"],
+            "steps": trained["steps"],
+            "eval_samples": evaluated["n_samples"],
+            "samples_generated": evaluated["samples"],
+        }
+        results[design] = {
+            **({} if heads else {"whole vocabulary": score(out, per_head=False)}),
+            "per head": score(out, per_head=True),
+        }
     print(table(results))
     print(json.dumps({"summaries": summaries, "results": results}, sort_keys=True))
     return 0

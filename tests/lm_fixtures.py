@@ -36,7 +36,16 @@ split: {eval_fraction: 0.125}
 # Every sample of the dummy-tokenized embedded sample fits (the longest is 256 ids).
 TINY_TRAIN_CONFIG: dict[str, Any] = {
     "seed": 7,
-    "model": {"default": {"hidden_size": 32, "num_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64, "max_position_embeddings": 512}},
+    "model": {
+        "default": {
+            "hidden_size": 32,
+            "num_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "intermediate_size": 64,
+            "max_position_embeddings": 512,
+        }
+    },
     "data": {
         "block_size": 256,
         "micro_batch_size": 4,
@@ -70,7 +79,12 @@ def tokenized_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if not (outputs / "tokenized_shards" / "index.json").is_file():
             config = root / "uti.yaml"
             config.write_text(DUMMY_UTI_CONFIG)
-            settings = Settings(output_dir=outputs, manifest=ensure_sample_manifest(root / "sample"), uti_config=config, train_config=None)
+            settings = Settings(
+                output_dir=outputs,
+                manifest=ensure_sample_manifest(root / "sample"),
+                uti_config=config,
+                train_config=None,
+            )
             with Reporter("lm-fixture") as reporter:
                 cmd_token_space(settings, reporter, None)
                 tokenize(settings, reporter)
@@ -84,7 +98,12 @@ def lm_outputs(directory: Path, sample_outputs: Path, train_config: dict[str, An
     for step in ("token_space", "tokenized_shards"):
         shutil.copytree(sample_outputs / step, outputs / step, ignore=shutil.ignore_patterns(".work"))
     config_path = write_train_config(Path(directory) / "train.yaml", train_config)
-    return Settings(output_dir=outputs, manifest=sample_outputs.parent / "sample" / "manifest.jsonl", uti_config=sample_outputs.parent / "uti.yaml", train_config=config_path)
+    return Settings(
+        output_dir=outputs,
+        manifest=sample_outputs.parent / "sample" / "manifest.jsonl",
+        uti_config=sample_outputs.parent / "uti.yaml",
+        train_config=config_path,
+    )
 
 
 def write_train_config(path: Path, overrides: dict[str, Any] | None = None) -> Path:
@@ -96,7 +115,9 @@ def write_train_config(path: Path, overrides: dict[str, Any] | None = None) -> P
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
-        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 
@@ -108,11 +129,20 @@ class RecordingReporter(Reporter):
         self.materializations: list[dict[str, Any]] = []
         self.checks: list[dict[str, Any]] = []
 
-    def report_materialization(self, metadata: dict[str, Any], data_version: str | None = None, asset_key: str | None = None) -> None:
+    def report_materialization(
+        self, metadata: dict[str, Any], data_version: str | None = None, asset_key: str | None = None
+    ) -> None:
         self.materializations.append({"metadata": metadata, "data_version": data_version})
         super().report_materialization(metadata, data_version, asset_key)
 
-    def report_check(self, check_name: str, passed: bool, metadata: dict[str, Any] | None = None, severity: str = "ERROR", asset_key: str | None = None) -> None:
+    def report_check(
+        self,
+        check_name: str,
+        passed: bool,
+        metadata: dict[str, Any] | None = None,
+        severity: str = "ERROR",
+        asset_key: str | None = None,
+    ) -> None:
         self.checks.append({"name": check_name, "passed": passed, "metadata": metadata})
         super().report_check(check_name, passed, metadata, severity, asset_key)
 

@@ -71,15 +71,30 @@ def _good_row(index: int, media: Path) -> dict[str, str]:
         name = f"{sample_id}.png"
         colour = (40 * index % 256, 90, 200)
         Image.new("RGB", (24 + index, 16), colour).save(media / name)
-        return {"id": sample_id, "task": task, "text": f"A plain rectangle of colour {colour}.", "image": f"media/{name}"}
+        return {
+            "id": sample_id,
+            "task": task,
+            "text": f"A plain rectangle of colour {colour}.",
+            "image": f"media/{name}",
+        }
     name = f"{sample_id}.wav"
     t = np.arange(round(GOOD_SECONDS * GOOD_SAMPLE_RATE)) / GOOD_SAMPLE_RATE
     frequency = 220.0 * index
-    soundfile.write(media / name, (0.3 * np.sin(2 * np.pi * frequency * t)).astype(np.float32), GOOD_SAMPLE_RATE, subtype="PCM_16")
-    return {"id": sample_id, "task": task, "text": f"A {frequency:g} Hz tone.", "audio": f"media/{name}", "speaker": "none"}
+    soundfile.write(
+        media / name, (0.3 * np.sin(2 * np.pi * frequency * t)).astype(np.float32), GOOD_SAMPLE_RATE, subtype="PCM_16"
+    )
+    return {
+        "id": sample_id,
+        "task": task,
+        "text": f"A {frequency:g} Hz tone.",
+        "audio": f"media/{name}",
+        "speaker": "none",
+    }
 
 
-def _bad_lines(directory: Path, media: Path, first_good_id: str, max_audio_seconds: float, max_image_pixels: int) -> list[tuple[str, str]]:
+def _bad_lines(
+    directory: Path, media: Path, first_good_id: str, max_audio_seconds: float, max_image_pixels: int
+) -> list[tuple[str, str]]:
     (directory / "outside.png").write_bytes(_noise_png_bytes())
     (media / "link-outside.png").symlink_to(os.path.relpath(directory / "outside.png", media))
 
@@ -112,14 +127,26 @@ def _bad_lines(directory: Path, media: Path, first_good_id: str, max_audio_secon
         (row(task="a2t", text="A row without an id.", audio="media/empty.wav"), "missing_field"),
         (row(id="bad-text-type", task="i2t", text=5, image="media/garbage.png"), "invalid_field"),
         (row(id="bad-missing-file", task="i2t", text="The file is not there.", image="media/nope.png"), "missing_file"),
-        (row(id="bad-garbage", task="t2i", text="Garbage bytes named .png.", image="media/garbage.png"), "unreadable_media"),
+        (
+            row(id="bad-garbage", task="t2i", text="Garbage bytes named .png.", image="media/garbage.png"),
+            "unreadable_media",
+        ),
         (row(id="bad-truncated-png", task="i2t", text="Half a PNG.", image="media/truncated.png"), "truncated_media"),
         (row(id="bad-truncated-wav", task="a2t", text="Half a WAV.", audio="media/truncated.wav"), "truncated_media"),
-        (row(id="bad-outside", task="t2i", text="A real image outside the roots.", image="../outside.png"), "path_outside_data_roots"),
-        (row(id="bad-symlink-outside", task="t2i", text="A link out of the roots.", image="media/link-outside.png"), "path_outside_data_roots"),
+        (
+            row(id="bad-outside", task="t2i", text="A real image outside the roots.", image="../outside.png"),
+            "path_outside_data_roots",
+        ),
+        (
+            row(id="bad-symlink-outside", task="t2i", text="A link out of the roots.", image="media/link-outside.png"),
+            "path_outside_data_roots",
+        ),
         (row(id="bad-empty-audio", task="t2a", text="No samples.", audio="media/empty.wav"), "zero_length_audio"),
         (row(id="bad-long-audio", task="a2t", text="Longer than the limit.", audio="media/long.wav"), "audio_too_long"),
-        (row(id="bad-huge-image", task="i2t", text="A header claiming a huge size.", image="media/huge.png"), "image_too_large"),
+        (
+            row(id="bad-huge-image", task="i2t", text="A header claiming a huge size.", image="media/huge.png"),
+            "image_too_large",
+        ),
     ]
 
 

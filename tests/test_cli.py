@@ -76,9 +76,13 @@ def test_bad_config_names_the_field(tmp_path):
 
 def test_hostile_manifest_audit_exits_0_with_reasons(tmp_path):
     manifest, expected = write_hostile_manifest(tmp_path / "data")
-    report = last_json(lumo("audit-manifest", "--manifest", str(manifest), env={"LUMO_OUTPUT_DIR": str(tmp_path / "out")}))
+    report = last_json(
+        lumo("audit-manifest", "--manifest", str(manifest), env={"LUMO_OUTPUT_DIR": str(tmp_path / "out")})
+    )
     assert report["n_rejected"] == len(expected)
-    rejects = [json.loads(line) for line in (tmp_path / "out" / "manifest_audit" / "rejects.jsonl").read_text().splitlines()]
+    rejects = [
+        json.loads(line) for line in (tmp_path / "out" / "manifest_audit" / "rejects.jsonl").read_text().splitlines()
+    ]
     assert {r["line"] for r in rejects} == set(expected)
 
 
@@ -87,19 +91,50 @@ def test_bench_tokenize_prints_its_report_as_the_last_line(tmp_path):
     """A small run on the embedded default config (the full-size preset is for real measurements)."""
     from lumo_core.config import embedded_path
 
-    result = lumo("bench", "tokenize", "--preset", str(embedded_path("uti_default.yaml")), "--samples", "12", "--memory-rows", "4",
-                  env={"LUMO_OUTPUT_DIR": str(tmp_path)})
+    result = lumo(
+        "bench",
+        "tokenize",
+        "--preset",
+        str(embedded_path("uti_default.yaml")),
+        "--samples",
+        "12",
+        "--memory-rows",
+        "4",
+        env={"LUMO_OUTPUT_DIR": str(tmp_path)},
+    )
     report = last_json(result)
-    for key in ("samples_per_s", "efficiency", "speedup_vs_per_sample", "audio_seconds_per_s", "images_per_s", "peak_memory_ratio"):
+    for key in (
+        "samples_per_s",
+        "efficiency",
+        "speedup_vs_per_sample",
+        "audio_seconds_per_s",
+        "images_per_s",
+        "peak_memory_ratio",
+    ):
         assert report[key] > 0, key
     assert report["samples"] == 12 and report["peak_memory_mb"]["rows"] == [4, 40]
     # Every row is encoded (the repeated sample media does not come from the token cache), and
     # the per-modality padding shares and stage seconds are there: `auto` on CPU pads nothing.
     assert report["rows_encoded"] == 12
-    assert report["batch_recipe"] == {"image_batch_size": 1, "audio_batch_size": 1, "model_calls_at_once": report["batch_recipe"]["model_calls_at_once"], "torch_threads_per_call": 1}
-    assert report["padding_share"] == {"image": 0.0, "audio": 0.0} and report["model_call_rows"] == {"image": 6, "audio": 6}
+    assert report["batch_recipe"] == {
+        "image_batch_size": 1,
+        "audio_batch_size": 1,
+        "model_calls_at_once": report["batch_recipe"]["model_calls_at_once"],
+        "torch_threads_per_call": 1,
+    }
+    assert report["padding_share"] == {"image": 0.0, "audio": 0.0} and report["model_call_rows"] == {
+        "image": 6,
+        "audio": 6,
+    }
     stages = report["stage_seconds"]
-    assert set(stages) == {"decode_in_workers", "model_calls", "model_calls_wall", "spool", "shard_writing", "units_total"}
+    assert set(stages) == {
+        "decode_in_workers",
+        "model_calls",
+        "model_calls_wall",
+        "spool",
+        "shard_writing",
+        "units_total",
+    }
     assert all(stages[name][m] > 0 for name in ("decode_in_workers", "model_calls") for m in ("image", "audio"))
 
 
@@ -112,7 +147,9 @@ def test_a_manifest_whose_rows_are_all_rejected_is_data_and_fails_the_reject_rat
     config = tmp_path / "uti.yaml"
     config.write_text(DUMMY_CONFIG)
     manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text('{"id": "a", "task": "nope", "text": "x"}\nnot json\n{"id": "c", "task": "t2i", "text": "y", "image": "missing.png"}\n')
+    manifest.write_text(
+        '{"id": "a", "task": "nope", "text": "x"}\nnot json\n{"id": "c", "task": "t2i", "text": "y", "image": "missing.png"}\n'
+    )
     env = {"LUMO_OUTPUT_DIR": str(tmp_path / "out"), "LUMO_UTI_CONFIG": str(config), "LUMO_MANIFEST": str(manifest)}
     assert lumo("token-space", env=env).returncode == 0
     result = lumo("tokenize", env=env)

@@ -66,7 +66,13 @@ def dummy_config(folder: Path, **sections: dict) -> Path:
 
 
 def lumo_env(output_dir: Path, manifest: Path, config: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "LUMO_OUTPUT_DIR": str(output_dir), "LUMO_MANIFEST": str(manifest), "LUMO_UTI_CONFIG": str(config), **extra}
+    return {
+        **os.environ,
+        "LUMO_OUTPUT_DIR": str(output_dir),
+        "LUMO_MANIFEST": str(manifest),
+        "LUMO_UTI_CONFIG": str(config),
+        **extra,
+    }
 
 
 def final_names_complete(root: Path, clean: Path, temporaries: bool = False) -> None:
@@ -90,7 +96,9 @@ def test_a_hanging_and_a_sigkilled_decoder_are_rejects_and_the_run_goes_on(tmp_p
     lines.insert(2, json.dumps({"id": "hang", "task": "t2i", "text": "Never decodes.", "image": "media/hang.png"}))
     lines.insert(5, json.dumps({"id": "kill", "task": "a2t", "text": "Kills its worker.", "audio": "media/kill.wav"}))
     manifest.write_text("\n".join(lines) + "\n")
-    config = dummy_config(tmp_path / "c", pipeline={"decoder_timeout_s": 6, "num_workers": 2}, audit={"reject_rate_fail": 0.95})
+    config = dummy_config(
+        tmp_path / "c", pipeline={"decoder_timeout_s": 6, "num_workers": 2}, audit={"reject_rate_fail": 0.95}
+    )
 
     report = audit_manifest(manifest, load_uti_config(config), tmp_path / "audit")
     assert report["reject_reasons"]["decoder_timeout"] == 1 and report["reject_reasons"]["decoder_crashed"] == 1
@@ -99,7 +107,10 @@ def test_a_hanging_and_a_sigkilled_decoder_are_rejects_and_the_run_goes_on(tmp_p
     started = time.monotonic()
     summary = tokenize(settings_for(tmp_path / "out", manifest, config), Reporter("faults"))
     assert time.monotonic() - started < 60
-    rejects = {r["id"]: r["reason"] for r in map(json.loads, (tmp_path / "out" / "tokenized_shards" / "rejects.jsonl").read_text().splitlines())}
+    rejects = {
+        r["id"]: r["reason"]
+        for r in map(json.loads, (tmp_path / "out" / "tokenized_shards" / "rejects.jsonl").read_text().splitlines())
+    }
     assert rejects["hang"].startswith("decoder_timeout: ") and "pipeline.decoder_timeout_s" in rejects["hang"]
     assert rejects["kill"].startswith("decoder_crashed: ") and "SIGKILL" in rejects["kill"]
     assert summary["n_samples"] == 6 and summary["n_samples"] + summary["n_rejected"] == len(lines)
@@ -115,11 +126,31 @@ def _first(root: Path, pattern: str) -> bool:
 
 # (phase, the command, what shows the phase has begun, what must still be absent after the kill)
 PHASES = {
-    "spooling": (("tokenize",), lambda out: _spooled_rows(out / "tokenized_shards" / ".work") >= 8, "tokenized_shards/index.json"),
-    "shard writing": (("tokenize",), lambda out: _first(out / "tokenized_shards", "train/shard-000002.tar*"), "tokenized_shards/index.json"),
-    "stats": (("tokenize",), lambda out: (out / "tokenized_shards" / "rejects.jsonl").exists(), "tokenized_shards/stats.json"),
-    "index": (("tokenize",), lambda out: (out / "tokenized_shards" / "README.md").exists(), "tokenized_shards/index.json"),
-    "audit-manifest": (("audit-manifest",), lambda out: _first(out / "manifest_audit", ".rows.parquet.tmp-*"), "manifest_audit/report.json"),
+    "spooling": (
+        ("tokenize",),
+        lambda out: _spooled_rows(out / "tokenized_shards" / ".work") >= 8,
+        "tokenized_shards/index.json",
+    ),
+    "shard writing": (
+        ("tokenize",),
+        lambda out: _first(out / "tokenized_shards", "train/shard-000002.tar*"),
+        "tokenized_shards/index.json",
+    ),
+    "stats": (
+        ("tokenize",),
+        lambda out: (out / "tokenized_shards" / "rejects.jsonl").exists(),
+        "tokenized_shards/stats.json",
+    ),
+    "index": (
+        ("tokenize",),
+        lambda out: (out / "tokenized_shards" / "README.md").exists(),
+        "tokenized_shards/index.json",
+    ),
+    "audit-manifest": (
+        ("audit-manifest",),
+        lambda out: _first(out / "manifest_audit", ".rows.parquet.tmp-*"),
+        "manifest_audit/report.json",
+    ),
     "audit-shards": (("audit-shards",), lambda out: (out / "tokenized_audit").is_dir(), "tokenized_audit/report.json"),
 }
 
@@ -130,10 +161,14 @@ def kill_setup(tmp_path_factory, sample_manifest):
     of 2 samples, so each phase lasts long enough to be killed in; and a clean run's outputs."""
     root = tmp_path_factory.mktemp("kill")
     lines = sample_manifest.read_text().splitlines()
-    grown = [json.dumps({**json.loads(line), "id": f"{json.loads(line)['id']}-{k}"}) for k in range(6) for line in lines]
+    grown = [
+        json.dumps({**json.loads(line), "id": f"{json.loads(line)['id']}-{k}"}) for k in range(6) for line in lines
+    ]
     manifest = sample_manifest.parent / "kill-480.jsonl"
     manifest.write_text("\n".join(grown) + "\n")
-    config = dummy_config(root / "c", shards={"max_samples_per_shard": 2}, pipeline={"commit_every_rows": 4, "num_workers": 0})
+    config = dummy_config(
+        root / "c", shards={"max_samples_per_shard": 2}, pipeline={"commit_every_rows": 4, "num_workers": 0}
+    )
     clean = root / "clean"
     for command in ("token-space", "audit-manifest", "tokenize", "audit-shards"):
         run_lumo(command, output_dir=clean, manifest=manifest, config=config)
@@ -142,7 +177,12 @@ def kill_setup(tmp_path_factory, sample_manifest):
 
 def outputs(out: Path) -> dict[str, bytes]:
     files = {**{f"shards/{k}": v for k, v in shard_bytes(out).items()}}
-    for name in ("tokenized_shards/rejects.jsonl", "manifest_audit/report.json", "manifest_audit/rejects.jsonl", "tokenized_audit/report.json"):
+    for name in (
+        "tokenized_shards/rejects.jsonl",
+        "manifest_audit/report.json",
+        "manifest_audit/rejects.jsonl",
+        "tokenized_audit/report.json",
+    ):
         if (out / name).is_file():
             files[name] = (out / name).read_bytes()
     return files
@@ -160,8 +200,12 @@ def test_kill_9_in_every_phase_then_the_rerun_gives_the_clean_bytes(tmp_path, ki
             run_lumo("audit-manifest", output_dir=out, manifest=manifest, config=config)
         if command == ("audit-shards",):
             run_lumo("tokenize", output_dir=out, manifest=manifest, config=config)
-        process = subprocess.Popen([sys.executable, "-m", "lumo_core.cli", *command], env=lumo_env(out, manifest, config),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lumo_core.cli", *command],
+            env=lumo_env(out, manifest, config),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 120
         while not begun(out) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.001)
@@ -185,7 +229,9 @@ def test_kill_9_in_every_phase_then_the_rerun_gives_the_clean_bytes(tmp_path, ki
     assert not list((out / "manifest_audit").glob(".*.tmp-*"))
     after = outputs(out)
     before = outputs(clean)
-    assert after == {k: v for k, v in before.items() if k in after} and set(after) >= {k for k in before if k.startswith("shards/")}
+    assert after == {k: v for k, v in before.items() if k in after} and set(after) >= {
+        k for k in before if k.startswith("shards/")
+    }
     count(f"kill -9 during {phase}")
     count("bytes compared after recovery", sum(len(v) for v in after.values()))
 
@@ -196,11 +242,18 @@ def test_sigterm_stops_within_seconds_and_the_rerun_resumes_byte_identical(tmp_p
     """SIGTERM, as Dagster's Terminate sends it, while rows are spooled: the run stops within
     seconds with a one-line reason, its media worker gone, and the rerun resumes."""
     manifest, _, clean = kill_setup
-    config = dummy_config(tmp_path / "c", shards={"max_samples_per_shard": 2}, pipeline={"commit_every_rows": 4, "num_workers": 1})
+    config = dummy_config(
+        tmp_path / "c", shards={"max_samples_per_shard": 2}, pipeline={"commit_every_rows": 4, "num_workers": 1}
+    )
     stopped = tmp_path / "stopped"
     run_lumo("token-space", output_dir=stopped, manifest=manifest, config=config)
-    process = subprocess.Popen([sys.executable, "-m", "lumo_core.cli", "tokenize"], env=lumo_env(stopped, manifest, config),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lumo_core.cli", "tokenize"],
+        env=lumo_env(stopped, manifest, config),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     work_dir = stopped / "tokenized_shards" / ".work"
     deadline = time.monotonic() + 120
     while _spooled_rows(work_dir) < 8 and process.poll() is None and time.monotonic() < deadline:
@@ -249,11 +302,14 @@ def _limited(limit: int):
         # As `ulimit -f` does; ignoring SIGXFSZ makes the write fail with EFBIG, as on a full disk.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
 @pytest.mark.parametrize("phase", ["spooling", "shard writing"])
-def test_a_file_size_limit_gives_one_line_naming_the_file_and_the_rerun_is_byte_identical(tmp_path, sample_manifest, phase):
+def test_a_file_size_limit_gives_one_line_naming_the_file_and_the_rerun_is_byte_identical(
+    tmp_path, sample_manifest, phase
+):
     # One unit (its spool holds every sample) and small shards, or many units (small spools)
     # and one big shard per split: the limit falls between the two.
     if phase == "spooling":
@@ -268,13 +324,21 @@ def test_a_file_size_limit_gives_one_line_naming_the_file_and_the_rerun_is_byte_
     total = sum(p.stat().st_size for p in root.glob("*/*.tar"))
     biggest = max(p.stat().st_size for p in root.glob("*/*.tar"))
     limit = total // 3 if phase == "spooling" else biggest // 2
-    result = subprocess.run([sys.executable, "-m", "lumo_core.cli", "tokenize"], env=lumo_env(limited, sample_manifest, config),
-                            capture_output=True, text=True, check=False, preexec_fn=_limited(limit))
+    result = subprocess.run(
+        [sys.executable, "-m", "lumo_core.cli", "tokenize"],
+        env=lumo_env(limited, sample_manifest, config),
+        capture_output=True,
+        text=True,
+        check=False,
+        preexec_fn=_limited(limit),
+    )
     assert result.returncode == 2, result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
     target = ".sqlite" if phase == "spooling" else ".tar"
-    assert target in line and "file too large: writing" in line and f"over the file-size limit ({limit} bytes;" in line, line
+    assert (
+        target in line and "file too large: writing" in line and f"over the file-size limit ({limit} bytes;" in line
+    ), line
     assert not (limited / "tokenized_shards" / "index.json").exists()
     final_names_complete(limited / "tokenized_shards", root)
     run_lumo("tokenize", output_dir=limited, manifest=sample_manifest, config=config)
@@ -292,8 +356,12 @@ def test_a_second_tokenize_on_the_same_folder_refuses_naming_the_first(tmp_path,
     config.write_text(yaml.safe_dump(load_uti_config(None).model_dump(mode="json")))
     out = tmp_path / "out"
     run_lumo("token-space", output_dir=out, manifest=sample_manifest, config=config)
-    first = subprocess.Popen([sys.executable, "-m", "lumo_core.cli", "tokenize"], env=lumo_env(out, sample_manifest, config),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "lumo_core.cli", "tokenize"],
+        env=lumo_env(out, sample_manifest, config),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     units = out / "tokenized_shards" / ".work"
     deadline = time.monotonic() + 120
     while not list(units.glob("unit-*.lock.holder")) and first.poll() is None and time.monotonic() < deadline:
@@ -308,17 +376,24 @@ def test_a_second_tokenize_on_the_same_folder_refuses_naming_the_first(tmp_path,
     assert second.returncode == 2 and f"pid {first.pid} on host " in message and " since 20" in message, second.stderr
     assert "refusing to run `lumo tokenize` beside it" in message
     # A unit run is refused too: the first run holds the lock of every unit it tokenizes.
-    assert unit.returncode == 2 and f"pid {first.pid} on host " in unit.stderr and "--unit 0" in unit.stderr, unit.stderr
+    assert unit.returncode == 2 and f"pid {first.pid} on host " in unit.stderr and "--unit 0" in unit.stderr, (
+        unit.stderr
+    )
     count("second writer refused", 2)
 
 
 def test_the_lock_is_released_when_its_holder_dies_and_is_reentrant(tmp_path):
     lock = tmp_path / ".lock"
-    script = (f"import time\nfrom lumo_core.fileio import exclusive_lock\nwith exclusive_lock({str(lock)!r}, 'a test holder'):\n"
-              "    print('held', flush=True)\n    time.sleep(600)")
+    script = (
+        f"import time\nfrom lumo_core.fileio import exclusive_lock\nwith exclusive_lock({str(lock)!r}, 'a test holder'):\n"
+        "    print('held', flush=True)\n    time.sleep(600)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(LockHeldError, match=f"pid {holder.pid} on host .* since .*a test holder"), exclusive_lock(lock, "a second holder"):
+    with (
+        pytest.raises(LockHeldError, match=f"pid {holder.pid} on host .* since .*a test holder"),
+        exclusive_lock(lock, "a second holder"),
+    ):
         pass
     holder.kill()
     holder.wait()
@@ -355,7 +430,10 @@ def test_damaged_spools_and_index_are_refused_or_rebuilt_never_half_used(tmp_pat
     with pytest.raises(LumoError, match=rf"work unit 1's spool is damaged .*sample {key}: not a Lumo sample payload"):
         merge_units(run, Reporter("merge"))
     assert not marker.exists()
-    assert not (work / "unit-00001.sqlite").exists() and not (tmp_path / "out" / "tokenized_shards" / "index.json").exists()
+    assert (
+        not (work / "unit-00001.sqlite").exists()
+        and not (tmp_path / "out" / "tokenized_shards" / "index.json").exists()
+    )
 
     # A spool that is not SQLite at all: the unit is tokenized again.
     (work / "unit-00002.sqlite").write_bytes(b"\x80\x04not a database" * 100)

@@ -44,10 +44,18 @@ from tests.tokenize.test_tokenization import DUMMY_CONFIG
 from tests.tokenize.test_work_units import settings_for
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
-MEDIA_REASONS = {cls.reason for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.MediaError)}
+MEDIA_REASONS = {
+    cls.reason for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.MediaError)
+}
 KNOWN_REASONS = set(STRUCTURAL_REASONS) | MEDIA_REASONS
 # Small limits, so that hypothesis reaches them often.
-LIMITS = {"max_line_bytes": 2048, "max_json_depth": 12, "max_caption_chars": 200, "max_image_pixels": 250_000, "max_audio_seconds": 2.0}
+LIMITS = {
+    "max_line_bytes": 2048,
+    "max_json_depth": 12,
+    "max_caption_chars": 200,
+    "max_image_pixels": 250_000,
+    "max_audio_seconds": 2.0,
+}
 CONFIG = UTIConfig(limits=LIMITS)
 
 # Cases tried and their outcomes, per category (FUZZ_REPORT).
@@ -66,8 +74,12 @@ def _report_outcomes():
 
 
 def fuzz_settings(default: int):
-    return settings(max_examples=EXAMPLES or default, deadline=None, derandomize=not EXAMPLES,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=EXAMPLES or default,
+        deadline=None,
+        derandomize=not EXAMPLES,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 def assert_reasoned(item: ManifestRow | Reject) -> None:
@@ -78,14 +90,21 @@ def assert_reasoned(item: ManifestRow | Reject) -> None:
 
 # ------------------------------------------------------------------------- manifest lines
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=30))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=30)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=30,
+)
 row_objects = st.fixed_dictionaries(
     {},
     optional={
         "id": st.one_of(st.text(max_size=20), json_values),
         "task": st.one_of(st.sampled_from(["t2i", "i2t", "t2a", "a2t", "x2y", ""]), json_values),
         "text": st.one_of(st.text(max_size=300), json_values),
-        "image": st.one_of(st.sampled_from(["a.png", "../out.png", "/etc/passwd", "missing.png", "sub/../a.png", "a.png\x00"]), json_values),
+        "image": st.one_of(
+            st.sampled_from(["a.png", "../out.png", "/etc/passwd", "missing.png", "sub/../a.png", "a.png\x00"]),
+            json_values,
+        ),
         "audio": st.one_of(st.sampled_from(["a.wav", "../../x.wav", "a.png"]), json_values),
         "meta": json_values,
     },
@@ -107,11 +126,21 @@ lines = st.one_of(
     st.binary(max_size=300).map(lambda b: b.replace(b"\n", b" ")),
     row_objects.map(lambda row: json.dumps(row, ensure_ascii=False).encode("utf-8", "surrogatepass")),
     json_values.map(lambda value: json.dumps(value).encode()),
-    st.tuples(st.integers(1, 3000), st.sampled_from([b"[", b"{\"a\":", b"[{\"b\":"])).map(lambda t: t[1] * t[0]),
+    st.tuples(st.integers(1, 3000), st.sampled_from([b"[", b'{"a":', b'[{"b":'])).map(lambda t: t[1] * t[0]),
     st.tuples(st.integers(0, 40), st.integers(0, 40)).map(lambda t: b"[" * t[0] + b"]" * t[1]),
     st.integers(2000, 3000).map(lambda n: b'{"id": "long", "text": "' + b"x" * n + b'"}'),
     st.text(max_size=100).map(lambda t: t.encode("utf-16")),
-    st.sampled_from([b"NaN", b'{"a": Infinity}', b'{"a": 1e400}', b'{"a": ' + b"9" * 5000 + b"}", b"\xef\xbb\xbf{}", b"\x00\x00", b"\r"]),
+    st.sampled_from(
+        [
+            b"NaN",
+            b'{"a": Infinity}',
+            b'{"a": 1e400}',
+            b'{"a": ' + b"9" * 5000 + b"}",
+            b"\xef\xbb\xbf{}",
+            b"\x00\x00",
+            b"\r",
+        ]
+    ),
 )
 
 
@@ -124,7 +153,9 @@ def lines_folder(tmp_path_factory) -> Path:
 
 @fuzz_settings(1500)
 @given(batch=st.lists(lines, min_size=1, max_size=8), trailing_newline=st.booleans())
-def test_any_manifest_lines_end_as_rows_or_reasoned_rejects(lines_folder: Path, batch: list[bytes], trailing_newline: bool):
+def test_any_manifest_lines_end_as_rows_or_reasoned_rejects(
+    lines_folder: Path, batch: list[bytes], trailing_newline: bool
+):
     manifest = lines_folder / "m.jsonl"
     manifest.write_bytes(b"\n".join(batch) + (b"\n" if trailing_newline else b""))
     parsed = list(iter_manifest(manifest, CONFIG))
@@ -197,15 +228,29 @@ def media_worker(tmp_path_factory):
 
 
 @fuzz_settings(1000)
-@given(base=st.sampled_from(sorted(BASES)), other=st.sampled_from(sorted(BASES)), kind=st.sampled_from(["flip", "truncate", "splice", "insert", "delete"]),
-       positions=st.lists(st.integers(0, 2**20), min_size=1, max_size=12), as_task=st.booleans())
-def test_mutated_media_end_as_samples_or_reasoned_rejects(media_worker, base: str, other: str, kind: str, positions: list[int], as_task: bool):
+@given(
+    base=st.sampled_from(sorted(BASES)),
+    other=st.sampled_from(sorted(BASES)),
+    kind=st.sampled_from(["flip", "truncate", "splice", "insert", "delete"]),
+    positions=st.lists(st.integers(0, 2**20), min_size=1, max_size=12),
+    as_task=st.booleans(),
+)
+def test_mutated_media_end_as_samples_or_reasoned_rejects(
+    media_worker, base: str, other: str, kind: str, positions: list[int], as_task: bool
+):
     modality, data = BASES[base]
     mutated = mutate(data, kind, positions, BASES[other][1])
     path = media_worker / f"{base}-{kind}.bin"
     path.write_bytes(mutated)
     task = {"image": ("t2i", "i2t"), "audio": ("t2a", "a2t")}[modality][as_task]
-    row = ManifestRow(line=1, id="x", task=task, text="t", image=path if modality == "image" else None, audio=path if modality == "audio" else None)
+    row = ManifestRow(
+        line=1,
+        id="x",
+        task=task,
+        text="t",
+        image=path if modality == "image" else None,
+        audio=path if modality == "audio" else None,
+    )
     # The audit's media check, then the tokenizer's decode and preprocessing (a worker's task).
     record = _audit_one(row, CONFIG)
     assert record["status"] in ("ok", "rejected")
@@ -232,16 +277,45 @@ def test_a_fuzzed_manifest_through_the_audit_and_tokenize_accounts_for_every_lin
     for number in range(300):
         name, (modality, data) = rng.choice(sorted(BASES.items()))
         kind = rng.choice(["flip", "truncate", "splice", "insert", "delete", "none"])
-        mutated = data if kind == "none" else mutate(data, kind, [rng.randrange(2**20) for _ in range(rng.randint(1, 8))], rng.choice(list(BASES.values()))[1])
+        mutated = (
+            data
+            if kind == "none"
+            else mutate(
+                data,
+                kind,
+                [rng.randrange(2**20) for _ in range(rng.randint(1, 8))],
+                rng.choice(list(BASES.values()))[1],
+            )
+        )
         (folder / f"{number}.{name}").write_bytes(mutated)
         task = rng.choice({"image": ("t2i", "i2t"), "audio": ("t2a", "a2t")}[modality])
-        row = {"id": f"row-{number % 290}", "task": task, "text": rng.choice(["A caption.", "x" * 250, "\u00e9\u4e2d\U0001f600"]), modality: f"{number}.{name}"}
-        out_lines.append(json.dumps(row).encode() if rng.random() < 0.8 else rng.choice(
-            [b"[" * 5000, b"\xff\xfe{}", json.dumps(row).encode()[: rng.randint(0, 40)], b"", b'{"id": NaN}', bytes(rng.randrange(256) for _ in range(50)).replace(b"\n", b"")]))
+        row = {
+            "id": f"row-{number % 290}",
+            "task": task,
+            "text": rng.choice(["A caption.", "x" * 250, "\u00e9\u4e2d\U0001f600"]),
+            modality: f"{number}.{name}",
+        }
+        out_lines.append(
+            json.dumps(row).encode()
+            if rng.random() < 0.8
+            else rng.choice(
+                [
+                    b"[" * 5000,
+                    b"\xff\xfe{}",
+                    json.dumps(row).encode()[: rng.randint(0, 40)],
+                    b"",
+                    b'{"id": NaN}',
+                    bytes(rng.randrange(256) for _ in range(50)).replace(b"\n", b""),
+                ]
+            )
+        )
     manifest = folder / "manifest.jsonl"
     manifest.write_bytes(b"\n".join(out_lines) + b"\n")
     config = tmp_path / "uti.yaml"
-    config.write_text(DUMMY_CONFIG + "audit: {reject_rate_fail: 1.0}\nlimits: {max_line_bytes: 2048, max_json_depth: 12, max_caption_chars: 200}\n")
+    config.write_text(
+        DUMMY_CONFIG
+        + "audit: {reject_rate_fail: 1.0}\nlimits: {max_line_bytes: 2048, max_json_depth: 12, max_caption_chars: 200}\n"
+    )
     report = audit_manifest(manifest, load_uti_config(config), tmp_path / "audit")
     assert report["n_lines"] == 300 and report["n_ok"] + report["n_rejected"] == 300
     assert set(report["reject_reasons"]) <= KNOWN_REASONS
@@ -250,6 +324,8 @@ def test_a_fuzzed_manifest_through_the_audit_and_tokenize_accounts_for_every_lin
     summary = tokenize(settings_for(tmp_path / "out", manifest, config), Reporter("fuzz"))
     assert summary["n_samples"] + summary["n_rejected"] == 300
     assert check_rows_accounted(tmp_path / "out" / "tokenized_shards").passed
-    rejects = [json.loads(line) for line in (tmp_path / "out" / "tokenized_shards" / "rejects.jsonl").read_text().splitlines()]
+    rejects = [
+        json.loads(line) for line in (tmp_path / "out" / "tokenized_shards" / "rejects.jsonl").read_text().splitlines()
+    ]
     assert all(r["reason"].split(":")[0] in KNOWN_REASONS for r in rejects)
     tally("end-to-end manifest (audit + tokenize)", f"{summary['n_samples']} samples, {summary['n_rejected']} rejects")

@@ -52,7 +52,11 @@ def project_import_graph() -> dict[str, set[str]]:
             while imported and imported not in known:
                 imported = imported.rpartition(".")[0]
             # A package's __init__ importing its own submodules is how packages work, not a circle.
-            if imported and imported != name and not (imported.startswith(name + ".") and known[name].name == "__init__.py"):
+            if (
+                imported
+                and imported != name
+                and not (imported.startswith(name + ".") and known[name].name == "__init__.py")
+            ):
                 targets.add(imported)
         graph[name] = targets
     return graph
@@ -107,7 +111,13 @@ def test_no_import_circle_in_either_package():
 @pytest.mark.parametrize("name", sorted(n for n in modules() if n.startswith("lumo_core")))
 def test_lumo_core_never_imports_dagster_or_the_dagster_layer(name: str):
     imported = imported_names(modules()[name], name)
-    forbidden = sorted(i for i in imported if i.split(".")[0] in ("dagster", "lumo_pipeline") or i.startswith("dagster_") and i.split(".")[0] != "dagster_pipes")
+    forbidden = sorted(
+        i
+        for i in imported
+        if i.split(".")[0] in ("dagster", "lumo_pipeline")
+        or i.startswith("dagster_")
+        and i.split(".")[0] != "dagster_pipes"
+    )
     assert forbidden == []
 
 

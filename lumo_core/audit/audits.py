@@ -60,7 +60,9 @@ def audit_shards(settings: Settings, reporter: Any) -> dict[str, Any]:
     }
     for name, outcome in checks.items():
         reporter.log(f"{name}: {'passed' if outcome.passed else 'FAILED'}: {outcome.description}")
-    spot_checks = decode_spot_checks(shards_dir, out_dir / "spot_checks", tokenizer, config.audit.decode_spot_checks, config.audit.seed, scan)
+    spot_checks = decode_spot_checks(
+        shards_dir, out_dir / "spot_checks", tokenizer, config.audit.decode_spot_checks, config.audit.seed, scan
+    )
     report = {
         "index_sha256": sha256_hex((shards_dir / "index.json").read_bytes()),
         "token_space_sha256": space.sha256,
@@ -72,8 +74,13 @@ def audit_shards(settings: Settings, reporter: Any) -> dict[str, Any]:
     }
     payload = canonical_json_bytes(report)
     atomic_write_bytes(out_dir / "report.json", payload)
-    summary = {"report": str(out_dir / "report.json"), "report_sha256": sha256_hex(payload), "passed": report["passed"],
-               "checks": {name: c.passed for name, c in checks.items()}, "spot_checks": len(spot_checks)}
+    summary = {
+        "report": str(out_dir / "report.json"),
+        "report_sha256": sha256_hex(payload),
+        "passed": report["passed"],
+        "checks": {name: c.passed for name, c in checks.items()},
+        "spot_checks": len(spot_checks),
+    }
     reporter.report_materialization(summary, data_version=summary["report_sha256"])
     return summary
 
@@ -105,7 +112,9 @@ def audit_uti(settings: Settings, reporter: Any) -> dict[str, Any]:
         AUDIO: [tokenizer.encode_audio(audio) for _ in range(2)],
     }
     deterministic = {m: bool(np.array_equal(a.ids, b.ids)) for m, (a, b) in encodings.items()}
-    token_sha = {m: hashlib.sha256(np.asarray(e[0].ids, dtype="<i4").tobytes()).hexdigest() for m, e in encodings.items()}
+    token_sha = {
+        m: hashlib.sha256(np.asarray(e[0].ids, dtype="<i4").tobytes()).hexdigest() for m, e in encodings.items()
+    }
     sizes = check_runtime_sizes(space_dir, config, tokenizer)
     recon_image = tokenizer.decode_image(encodings[IMAGE][0].ids)
     recon_image.save(out_dir / "recon.png", format="PNG")
@@ -122,8 +131,11 @@ def audit_uti(settings: Settings, reporter: Any) -> dict[str, Any]:
         "image_decode_ok": [recon_image.height, recon_image.width] == list(space.image["resolution"]),
         # ... and to a finite, non-empty waveform of the codec's rate and channel count.
         "audio_decode_ok": bool(
-            rate == space.audio["sample_rate"] and recon_waveform.ndim == 2 and recon_waveform.shape[0] == space.audio["channels"]
-            and recon_waveform.shape[1] > 0 and np.isfinite(recon_waveform).all()
+            rate == space.audio["sample_rate"]
+            and recon_waveform.ndim == 2
+            and recon_waveform.shape[0] == space.audio["channels"]
+            and recon_waveform.shape[1] > 0
+            and np.isfinite(recon_waveform).all()
         ),
         # Decoding then encoding again gives the very same codes.
         "audio_idempotent": bool(same_length and idempotence == 1.0),
@@ -136,16 +148,27 @@ def audit_uti(settings: Settings, reporter: Any) -> dict[str, Any]:
         "runtime_sizes_match": sizes.passed,
         "runtime_sizes": sizes.metadata,
         "token_sha256": token_sha,
-        "smoke_test": {"recon_png": "recon.png", "recon_wav": "recon.wav", "image_size": list(recon_image.size),
-                       "audio_samples": int(np.asarray(waveform).shape[-1]), "audio_sample_rate": int(rate),
-                       "text_round_trip": tokenizer.text.decode(encodings[TEXT][0].codes) == text},
+        "smoke_test": {
+            "recon_png": "recon.png",
+            "recon_wav": "recon.wav",
+            "image_size": list(recon_image.size),
+            "audio_samples": int(np.asarray(waveform).shape[-1]),
+            "audio_sample_rate": int(rate),
+            "text_round_trip": tokenizer.text.decode(encodings[TEXT][0].codes) == text,
+        },
         # Untrained stand-in codecs are far from idempotent; real EnCodec is close. Reported only.
         "audio_idempotence": {"same_length": same_length, "matching_code_share": round(idempotence, 6)},
         **compat,
     }
     payload = canonical_json_bytes(report)
     atomic_write_bytes(out_dir / "report.json", payload)
-    summary = {"report": str(out_dir / "report.json"), "report_sha256": sha256_hex(payload), "deterministic": deterministic,
-               "runtime_sizes_match": sizes.passed, "audio_idempotence": report["audio_idempotence"]["matching_code_share"], **compat}
+    summary = {
+        "report": str(out_dir / "report.json"),
+        "report_sha256": sha256_hex(payload),
+        "deterministic": deterministic,
+        "runtime_sizes_match": sizes.passed,
+        "audio_idempotence": report["audio_idempotence"]["matching_code_share"],
+        **compat,
+    }
     reporter.report_materialization(summary, data_version=summary["report_sha256"])
     return summary

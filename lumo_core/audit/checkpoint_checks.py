@@ -17,7 +17,9 @@ def check_vocab_matches_token_space(settings: Settings) -> CheckOutcome:
     token_space.json."""
     config_path = settings.layout.lm_checkpoint / FINAL / "config.json"
     if not config_path.is_file():
-        raise MissingUpstreamError(f"{config_path} not found: train first: {rebuild_hint('lm_checkpoint', 'lumo train')}")
+        raise MissingUpstreamError(
+            f"{config_path} not found: train first: {rebuild_hint('lm_checkpoint', 'lumo train')}"
+        )
     model_config = json.loads(config_path.read_bytes())
     vocab_size = model_config.get("text_config", model_config).get("vocab_size")
     trained_for = model_config.get(TOKEN_SPACE_ATTR)

@@ -54,25 +54,68 @@ def _space(settings: Settings) -> TokenSpace:
 CHECKS: dict[str, CheckSpec] = {
     spec.name: spec
     for spec in (
-        CheckSpec("runtime_size_match", "token_space", "Sizes recorded in token_space.json equal those of the loaded tokenizers.",
-                  lambda s, c: check_runtime_sizes(s.layout.token_space, c), needs_models=True),
-        CheckSpec("tokenizers_deterministic", "uti_audit", "Text, image and audio encode twice to equal ids.",
-                  lambda s, c: check_tokenizers_deterministic(s.layout.uti_audit)),
-        CheckSpec("ids_in_range", "tokenized_shards", "Every span's ids lie inside its modality's range of the token space.",
-                  lambda s, c: check_ids_in_range(_shards(s), _space(s)), blocking=True),
-        CheckSpec("rows_accounted", "tokenized_shards", "Samples + rejects = manifest lines: no row vanished.",
-                  lambda s, c: check_rows_accounted(_shards(s)), blocking=True),
-        CheckSpec("splits_disjoint", "tokenized_shards", "No id is in both the train and the eval split.",
-                  lambda s, c: check_splits_disjoint(_shards(s))),
-        CheckSpec("shards_match_index", "tokenized_shards", "Every shard file's sha256 equals the one recorded in index.json.",
-                  lambda s, c: check_shards_match_index(_shards(s)), blocking=True),
-        CheckSpec("retokenize_matches", "tokenized_shards", "A sample of rows tokenized again gives the recorded token_sha256.",
-                  lambda s, c: check_retokenize(_shards(s), c, c.audit.retokenize_samples), blocking=True, needs_models=True),
-        CheckSpec("reject_rate", "tokenized_shards",
-                  "Share of rejected manifest lines: warns over audit.reject_rate_warn, fails (and blocks) over audit.reject_rate_fail or with 0 samples.",
-                  lambda s, c: check_reject_rate(_shards(s), c.audit.reject_rate_warn, c.audit.reject_rate_fail), severity="WARN", blocking=True),
-        CheckSpec("vocab_matches_token_space", "lm_checkpoint", "The checkpoint's vocab_size equals the token space's vocab_size_total.",
-                  lambda s, c: check_vocab_matches_token_space(s)),
+        CheckSpec(
+            "runtime_size_match",
+            "token_space",
+            "Sizes recorded in token_space.json equal those of the loaded tokenizers.",
+            lambda s, c: check_runtime_sizes(s.layout.token_space, c),
+            needs_models=True,
+        ),
+        CheckSpec(
+            "tokenizers_deterministic",
+            "uti_audit",
+            "Text, image and audio encode twice to equal ids.",
+            lambda s, c: check_tokenizers_deterministic(s.layout.uti_audit),
+        ),
+        CheckSpec(
+            "ids_in_range",
+            "tokenized_shards",
+            "Every span's ids lie inside its modality's range of the token space.",
+            lambda s, c: check_ids_in_range(_shards(s), _space(s)),
+            blocking=True,
+        ),
+        CheckSpec(
+            "rows_accounted",
+            "tokenized_shards",
+            "Samples + rejects = manifest lines: no row vanished.",
+            lambda s, c: check_rows_accounted(_shards(s)),
+            blocking=True,
+        ),
+        CheckSpec(
+            "splits_disjoint",
+            "tokenized_shards",
+            "No id is in both the train and the eval split.",
+            lambda s, c: check_splits_disjoint(_shards(s)),
+        ),
+        CheckSpec(
+            "shards_match_index",
+            "tokenized_shards",
+            "Every shard file's sha256 equals the one recorded in index.json.",
+            lambda s, c: check_shards_match_index(_shards(s)),
+            blocking=True,
+        ),
+        CheckSpec(
+            "retokenize_matches",
+            "tokenized_shards",
+            "A sample of rows tokenized again gives the recorded token_sha256.",
+            lambda s, c: check_retokenize(_shards(s), c, c.audit.retokenize_samples),
+            blocking=True,
+            needs_models=True,
+        ),
+        CheckSpec(
+            "reject_rate",
+            "tokenized_shards",
+            "Share of rejected manifest lines: warns over audit.reject_rate_warn, fails (and blocks) over audit.reject_rate_fail or with 0 samples.",
+            lambda s, c: check_reject_rate(_shards(s), c.audit.reject_rate_warn, c.audit.reject_rate_fail),
+            severity="WARN",
+            blocking=True,
+        ),
+        CheckSpec(
+            "vocab_matches_token_space",
+            "lm_checkpoint",
+            "The checkpoint's vocab_size equals the token space's vocab_size_total.",
+            lambda s, c: check_vocab_matches_token_space(s),
+        ),
     )
 }
 
@@ -85,5 +128,11 @@ def run_check(name: str, settings: Settings, reporter: Any) -> dict[str, Any]:
     """Compute one named check and report it (to Dagster when run through Pipes)."""
     spec = CHECKS[name]
     outcome = compute_check(name, settings)
-    reporter.report_check(name, outcome.passed, {**outcome.metadata, "description": outcome.description}, severity=outcome.severity or spec.severity, asset_key=spec.asset)
+    reporter.report_check(
+        name,
+        outcome.passed,
+        {**outcome.metadata, "description": outcome.description},
+        severity=outcome.severity or spec.severity,
+        asset_key=spec.asset,
+    )
     return {"check": name, "asset": spec.asset, **outcome.to_json()}

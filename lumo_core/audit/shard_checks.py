@@ -67,16 +67,31 @@ def scan_shards(shards_dir: Path, token_space: TokenSpace | None = None) -> Shar
                 try:
                     _scan_sample(scan, split, shard, sample, token_space)
                 except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
-                    scan.unreadable.append({"shard": shard, "key": sample.get("__key__"), "problem": f"sample unreadable: {type(exc).__name__}: {exc}"})
+                    scan.unreadable.append(
+                        {
+                            "shard": shard,
+                            "key": sample.get("__key__"),
+                            "problem": f"sample unreadable: {type(exc).__name__}: {exc}",
+                        }
+                    )
         except (OSError, tarfile.TarError, ValueError) as exc:
-            scan.unreadable.append({"shard": shard, "problem": f"shard unreadable after {read} samples: {type(exc).__name__}: {exc}"})
+            scan.unreadable.append(
+                {"shard": shard, "problem": f"shard unreadable after {read} samples: {type(exc).__name__}: {exc}"}
+            )
             continue
         if read != entry["n_samples"]:
-            scan.unreadable.append({"shard": shard, "problem": f"{read} samples read, index.json lists {entry['n_samples']} (a damaged member ends the tar early)"})
+            scan.unreadable.append(
+                {
+                    "shard": shard,
+                    "problem": f"{read} samples read, index.json lists {entry['n_samples']} (a damaged member ends the tar early)",
+                }
+            )
     return scan
 
 
-def _scan_sample(scan: ShardScan, split: str, shard: str, sample: dict[str, Any], token_space: TokenSpace | None) -> None:
+def _scan_sample(
+    scan: ShardScan, split: str, shard: str, sample: dict[str, Any], token_space: TokenSpace | None
+) -> None:
     scan.n_samples += 1
     info = json.loads(sample["json"])
     sample_id = info["id"]
@@ -84,14 +99,40 @@ def _scan_sample(scan: ShardScan, split: str, shard: str, sample: dict[str, Any]
         input_ids = npy_load(sample["input_ids.npy"]).astype(np.int64)
         problems = _span_problems(info, input_ids, token_space)
         if info.get("token_space_sha256") != token_space.sha256:
-            problems.append({"problem": "token_space_sha256 differs", "expected": token_space.sha256, "found": info.get("token_space_sha256")})
-        scan.range_failures += [{"shard": shard, "key": sample["__key__"], "id": sample_id, **problem} for problem in problems]
+            problems.append(
+                {
+                    "problem": "token_space_sha256 differs",
+                    "expected": token_space.sha256,
+                    "found": info.get("token_space_sha256"),
+                }
+            )
+        scan.range_failures += [
+            {"shard": shard, "key": sample["__key__"], "id": sample_id, **problem} for problem in problems
+        ]
     if info.get("split") != split:
-        scan.split_problems.append({"id": sample_id, "shard": shard, "problem": "sample json names another split", "expected": split, "found": info.get("split")})
+        scan.split_problems.append(
+            {
+                "id": sample_id,
+                "shard": shard,
+                "problem": "sample json names another split",
+                "expected": split,
+                "found": info.get("split"),
+            }
+        )
     if sample_id in scan.samples:
-        scan.split_problems.append({"id": sample_id, "shard": shard, "problem": "id appears twice", "first_split": scan.samples[sample_id].split, "found_split": split})
+        scan.split_problems.append(
+            {
+                "id": sample_id,
+                "shard": shard,
+                "problem": "id appears twice",
+                "first_split": scan.samples[sample_id].split,
+                "found_split": split,
+            }
+        )
         return
-    scan.samples[sample_id] = SampleRecord(split=split, shard=shard, key=sample["__key__"], token_sha256=info["token_sha256"])
+    scan.samples[sample_id] = SampleRecord(
+        split=split, shard=shard, key=sample["__key__"], token_sha256=info["token_sha256"]
+    )
 
 
 def check_shards_match_index(shards_dir: Path) -> CheckOutcome:
@@ -102,23 +143,45 @@ def check_shards_match_index(shards_dir: Path) -> CheckOutcome:
     for _, entry, path in _shard_paths(shards_dir, index):
         listed.add(entry["name"])
         if not path.is_file():
-            problems.append({"shard": entry["name"], "problem": "missing", "expected_sha256": entry["sha256"], "found_sha256": None})
+            problems.append(
+                {"shard": entry["name"], "problem": "missing", "expected_sha256": entry["sha256"], "found_sha256": None}
+            )
             continue
         found = file_sha256(path)
         if found != entry["sha256"]:
-            problems.append({"shard": entry["name"], "problem": "sha256 differs", "expected_sha256": entry["sha256"], "found_sha256": found})
+            problems.append(
+                {
+                    "shard": entry["name"],
+                    "problem": "sha256 differs",
+                    "expected_sha256": entry["sha256"],
+                    "found_sha256": found,
+                }
+            )
     for split in SPLITS:
         for path in sorted((shards_dir / split).glob("*.tar")):
             if f"{split}/{path.name}" not in listed:
-                problems.append({"shard": f"{split}/{path.name}", "problem": "not listed in index.json", "expected_sha256": None, "found_sha256": file_sha256(path)})
+                problems.append(
+                    {
+                        "shard": f"{split}/{path.name}",
+                        "problem": "not listed in index.json",
+                        "expected_sha256": None,
+                        "found_sha256": file_sha256(path),
+                    }
+                )
     card = index.get("card")
     if card is not None:
         # The dataset card is what `load_dataset(<folder>)` reads: it must be the one indexed.
         card_path = shards_dir / card["name"]
         found = file_sha256(card_path) if card_path.is_file() else None
         if found != card["sha256"]:
-            problems.append({"shard": card["name"], "problem": "dataset card missing" if found is None else "dataset card sha256 differs",
-                             "expected_sha256": card["sha256"], "found_sha256": found})
+            problems.append(
+                {
+                    "shard": card["name"],
+                    "problem": "dataset card missing" if found is None else "dataset card sha256 differs",
+                    "expected_sha256": card["sha256"],
+                    "found_sha256": found,
+                }
+            )
     n_shards = sum(len(index["splits"][s]["shards"]) for s in SPLITS)
     return CheckOutcome(
         passed=not problems,
@@ -134,25 +197,53 @@ def _span_problems(sample_json: dict[str, Any], input_ids: np.ndarray, space: To
         lo, hi = space.modality_range(span["modality"])
         outside = np.flatnonzero((ids < lo) | (ids >= hi))
         if outside.size:
-            problems.append({"span": span, "problem": "id outside its modality range", "expected_range": [lo, hi],
-                             "found": int(ids[outside[0]]), "position": int(span["start"] + outside[0])})
+            problems.append(
+                {
+                    "span": span,
+                    "problem": "id outside its modality range",
+                    "expected_range": [lo, hi],
+                    "found": int(ids[outside[0]]),
+                    "position": int(span["start"] + outside[0]),
+                }
+            )
             continue
         if span["modality"] == IMAGE and ids.size != space.tokens_per_image:
-            problems.append({"span": span, "problem": "image span length", "expected": space.tokens_per_image, "found": int(ids.size)})
+            problems.append(
+                {
+                    "span": span,
+                    "problem": "image span length",
+                    "expected": space.tokens_per_image,
+                    "found": int(ids.size),
+                }
+            )
         if span["modality"] == AUDIO:
             frames = sample_json.get("media", {}).get(AUDIO, {}).get("frames")
             expected = None if frames is None else frames * space.n_audio_codebooks
             if expected is not None and ids.size != expected:
-                problems.append({"span": span, "problem": "audio span length", "expected": expected, "found": int(ids.size)})
+                problems.append(
+                    {"span": span, "problem": "audio span length", "expected": expected, "found": int(ids.size)}
+                )
             else:
                 codebooks = (ids - space.audio_start) // space.audio_codebook_size
                 wrong = np.flatnonzero(codebooks != np.arange(ids.size) % space.n_audio_codebooks)
                 if wrong.size:
-                    problems.append({"span": span, "problem": "audio id in the wrong codebook for its position",
-                                     "position": int(span["start"] + wrong[0]), "found_codebook": int(codebooks[wrong[0]])})
+                    problems.append(
+                        {
+                            "span": span,
+                            "problem": "audio id in the wrong codebook for its position",
+                            "position": int(span["start"] + wrong[0]),
+                            "found_codebook": int(codebooks[wrong[0]]),
+                        }
+                    )
     outside_all = np.flatnonzero((input_ids < 0) | (input_ids >= space.vocab_size_total))
     if outside_all.size:
-        problems.append({"problem": "id outside the token space", "expected_range": [0, space.vocab_size_total], "found": int(input_ids[outside_all[0]])})
+        problems.append(
+            {
+                "problem": "id outside the token space",
+                "expected_range": [0, space.vocab_size_total],
+                "found": int(input_ids[outside_all[0]]),
+            }
+        )
     return problems
 
 
@@ -164,9 +255,18 @@ def check_ids_in_range(shards_dir: Path, token_space: TokenSpace, scan: ShardSca
     return CheckOutcome(
         passed=not failures and not unreadable,
         description=f"{scan.n_samples} samples: {len(failures)} spans with ids out of range or of the wrong length"
-        + (f"; {len(unreadable)} unreadable shards or samples (first: {unreadable[0]['shard']}: {unreadable[0]['problem']})" if unreadable else ""),
-        metadata={"n_samples": scan.n_samples, "n_failures": len(failures), "failures": failures[:MAX_LISTED],
-                  "n_unreadable": len(unreadable), "unreadable": unreadable[:MAX_LISTED]},
+        + (
+            f"; {len(unreadable)} unreadable shards or samples (first: {unreadable[0]['shard']}: {unreadable[0]['problem']})"
+            if unreadable
+            else ""
+        ),
+        metadata={
+            "n_samples": scan.n_samples,
+            "n_failures": len(failures),
+            "failures": failures[:MAX_LISTED],
+            "n_unreadable": len(unreadable),
+            "unreadable": unreadable[:MAX_LISTED],
+        },
     )
 
 
@@ -185,25 +285,61 @@ def check_rows_accounted(shards_dir: Path) -> CheckOutcome:
         found = _count_tar_samples(path) if path.is_file() else 0
         shard_samples += found
         if found != entry["n_samples"]:
-            problems.append({"shard": entry["name"], "problem": "sample count differs from index.json", "expected": entry["n_samples"], "found": found})
+            problems.append(
+                {
+                    "shard": entry["name"],
+                    "problem": "sample count differs from index.json",
+                    "expected": entry["n_samples"],
+                    "found": found,
+                }
+            )
     rejects_path = shards_dir / "rejects.jsonl"
-    reject_lines = [json.loads(line)["line"] for line in rejects_path.read_text().splitlines() if line.strip()] if rejects_path.is_file() else []
+    reject_lines = (
+        [json.loads(line)["line"] for line in rejects_path.read_text().splitlines() if line.strip()]
+        if rejects_path.is_file()
+        else []
+    )
     n_lines = index["n_manifest_lines"]
     run = json.loads((shards_dir / "run.json").read_bytes()) if (shards_dir / "run.json").is_file() else {}
     manifest = Path(run["manifest"]) if run.get("manifest") else None
     if manifest is not None and manifest.is_file():
         actual_lines = count_lines(manifest)
         if actual_lines != n_lines:
-            problems.append({"problem": "manifest line count differs from index.json", "manifest": str(manifest), "expected": n_lines, "found": actual_lines})
+            problems.append(
+                {
+                    "problem": "manifest line count differs from index.json",
+                    "manifest": str(manifest),
+                    "expected": n_lines,
+                    "found": actual_lines,
+                }
+            )
     if len(reject_lines) != index["n_rejected"]:
-        problems.append({"problem": "rejects.jsonl differs from index.json", "expected": index["n_rejected"], "found": len(reject_lines)})
+        problems.append(
+            {
+                "problem": "rejects.jsonl differs from index.json",
+                "expected": index["n_rejected"],
+                "found": len(reject_lines),
+            }
+        )
     if shard_samples + len(reject_lines) != n_lines:
-        problems.append({"problem": "samples + rejects != manifest lines", "samples": shard_samples, "rejects": len(reject_lines), "manifest_lines": n_lines,
-                         "missing": n_lines - shard_samples - len(reject_lines)})
+        problems.append(
+            {
+                "problem": "samples + rejects != manifest lines",
+                "samples": shard_samples,
+                "rejects": len(reject_lines),
+                "manifest_lines": n_lines,
+                "missing": n_lines - shard_samples - len(reject_lines),
+            }
+        )
     return CheckOutcome(
         passed=not problems,
         description=f"{shard_samples} samples + {len(reject_lines)} rejects vs {n_lines} manifest lines",
-        metadata={"samples": shard_samples, "rejects": len(reject_lines), "manifest_lines": n_lines, "problems": problems[:MAX_LISTED]},
+        metadata={
+            "samples": shard_samples,
+            "rejects": len(reject_lines),
+            "manifest_lines": n_lines,
+            "problems": problems[:MAX_LISTED],
+        },
     )
 
 
@@ -236,11 +372,19 @@ def check_reject_rate(shards_dir: Path, threshold: float, fail_threshold: float 
     severe = no_samples or rate > fail_threshold
     description = f"reject rate {rate:.2%} (warns over {threshold:.2%}, fails over {fail_threshold:.2%})"
     if no_samples:
-        description = f"0 samples: every one of the {index['n_manifest_lines']} manifest lines was rejected; " + description
+        description = (
+            f"0 samples: every one of the {index['n_manifest_lines']} manifest lines was rejected; " + description
+        )
     return CheckOutcome(
         passed=rate <= threshold and not no_samples,
         description=description,
-        metadata={"reject_rate": round(rate, 6), "threshold": threshold, "fail_threshold": fail_threshold, "n_samples": index["n_samples"],
-                  "n_rejected": index["n_rejected"], "reasons": dict(sorted(reasons.items()))},
+        metadata={
+            "reject_rate": round(rate, 6),
+            "threshold": threshold,
+            "fail_threshold": fail_threshold,
+            "n_samples": index["n_samples"],
+            "n_rejected": index["n_rejected"],
+            "reasons": dict(sorted(reasons.items())),
+        },
         severity="ERROR" if severe else "WARN",
     )

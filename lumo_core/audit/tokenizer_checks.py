@@ -18,7 +18,9 @@ from lumo_core.tokenize.shards import iter_shard_samples, npy_load
 from lumo_core.uti.token_space import AUDIO, IMAGE, TEXT, TokenSpace
 
 
-def check_retokenize(shards_dir: Path, config: UTIConfig, n: int, tokenizer: Any = None, scan: ShardScan | None = None) -> CheckOutcome:
+def check_retokenize(
+    shards_dir: Path, config: UTIConfig, n: int, tokenizer: Any = None, scan: ShardScan | None = None
+) -> CheckOutcome:
     """Tokenize a sample of rows again from the manifest and compare token_sha256."""
     from lumo_core.tokenize.manifest import Reject, iter_manifest
 
@@ -26,8 +28,11 @@ def check_retokenize(shards_dir: Path, config: UTIConfig, n: int, tokenizer: Any
     if n == 0:
         # Nothing to tokenize again: neither the shards (webdataset imports torch) nor the models
         # are loaded for it.
-        return CheckOutcome(passed=True, description="audit.retokenize_samples is 0: nothing to tokenize again",
-                            metadata={"n_checked": 0, "n_mismatches": 0, "ids": [], "mismatches": []})
+        return CheckOutcome(
+            passed=True,
+            description="audit.retokenize_samples is 0: nothing to tokenize again",
+            metadata={"n_checked": 0, "n_mismatches": 0, "ids": [], "mismatches": []},
+        )
     recorded = (scan or scan_shards(shards_dir)).samples
     chosen = set(pick(sorted(recorded), n, config.audit.seed))
     run = json.loads((shards_dir / "run.json").read_bytes())
@@ -39,7 +44,11 @@ def check_retokenize(shards_dir: Path, config: UTIConfig, n: int, tokenizer: Any
     from lumo_core.uti.unified import UnifiedTokenizer
 
     tokenizer = tokenizer or UnifiedTokenizer(config)
-    rows = (row for row in iter_manifest(manifest, config, map_path=tokenizer.map_path) if not isinstance(row, Reject) and row.id in chosen)
+    rows = (
+        row
+        for row in iter_manifest(manifest, config, map_path=tokenizer.map_path)
+        if not isinstance(row, Reject) and row.id in chosen
+    )
     results = encode_rows(rows, tokenizer, config)
     mismatches = []
     for result in results:
@@ -47,16 +56,35 @@ def check_retokenize(shards_dir: Path, config: UTIConfig, n: int, tokenizer: Any
         record = recorded[sample_id]
         found = None if isinstance(result, Reject) else json.loads(result.members["json"])["token_sha256"]
         if found != record.token_sha256:
-            mismatches.append({"id": sample_id, "shard": record.shard, "expected_token_sha256": record.token_sha256, "found_token_sha256": found,
-                               "reason": result.reason if isinstance(result, Reject) else "different tokens"})
+            mismatches.append(
+                {
+                    "id": sample_id,
+                    "shard": record.shard,
+                    "expected_token_sha256": record.token_sha256,
+                    "found_token_sha256": found,
+                    "reason": result.reason if isinstance(result, Reject) else "different tokens",
+                }
+            )
     missing = sorted(chosen - {r.id if isinstance(r, Reject) else r.sample_id for r in results})
     for sample_id in missing:
-        mismatches.append({"id": sample_id, "shard": recorded[sample_id].shard, "expected_token_sha256": recorded[sample_id].token_sha256,
-                           "found_token_sha256": None, "reason": "id not found in the manifest"})
+        mismatches.append(
+            {
+                "id": sample_id,
+                "shard": recorded[sample_id].shard,
+                "expected_token_sha256": recorded[sample_id].token_sha256,
+                "found_token_sha256": None,
+                "reason": "id not found in the manifest",
+            }
+        )
     return CheckOutcome(
         passed=not mismatches,
         description=f"{len(chosen)} samples tokenized again: {len(mismatches)} mismatches",
-        metadata={"n_checked": len(chosen), "n_mismatches": len(mismatches), "ids": sorted(chosen), "mismatches": mismatches[:MAX_LISTED]},
+        metadata={
+            "n_checked": len(chosen),
+            "n_mismatches": len(mismatches),
+            "ids": sorted(chosen),
+            "mismatches": mismatches[:MAX_LISTED],
+        },
     )
 
 
@@ -76,7 +104,11 @@ def check_runtime_sizes(token_space_dir: Path, config: UTIConfig, tokenizer: Any
         "audio_frame_rate": space.audio["frame_rate"],
         "audio_sample_rate": space.audio["sample_rate"],
     }
-    differences = [{"field": k, "token_space_json": v, "runtime": runtime.get(k)} for k, v in recorded.items() if runtime.get(k) != v]
+    differences = [
+        {"field": k, "token_space_json": v, "runtime": runtime.get(k)}
+        for k, v in recorded.items()
+        if runtime.get(k) != v
+    ]
     return CheckOutcome(
         passed=not differences,
         description=f"{len(recorded)} sizes compared: {len(differences)} differ",
@@ -95,17 +127,23 @@ def check_tokenizers_deterministic(uti_audit_dir: Path) -> CheckOutcome:
     """What the UTI audit found when it encoded the probes twice (its report.json)."""
     path = Path(uti_audit_dir) / "report.json"
     if not path.is_file():
-        raise MissingUpstreamError(f"{path} not found: run the UTI audit first: {rebuild_hint('uti_audit', 'lumo audit-uti')}")
+        raise MissingUpstreamError(
+            f"{path} not found: run the UTI audit first: {rebuild_hint('uti_audit', 'lumo audit-uti')}"
+        )
     report = json.loads(path.read_bytes())
     flags = report["deterministic"]
     return CheckOutcome(
         passed=all(flags.values()),
-        description="text, image and audio encode twice to equal ids" if all(flags.values()) else f"non-deterministic: {[k for k, v in flags.items() if not v]}",
+        description="text, image and audio encode twice to equal ids"
+        if all(flags.values())
+        else f"non-deterministic: {[k for k, v in flags.items() if not v]}",
         metadata={"deterministic": flags, "token_sha256": report.get("token_sha256", {})},
     )
 
 
-def decode_spot_checks(shards_dir: Path, out_dir: Path, tokenizer: Any, n: int, seed: int, scan: ShardScan | None = None) -> list[dict[str, Any]]:
+def decode_spot_checks(
+    shards_dir: Path, out_dir: Path, tokenizer: Any, n: int, seed: int, scan: ShardScan | None = None
+) -> list[dict[str, Any]]:
     """Decode a few samples' image and audio spans back to files (png, wav)."""
     import soundfile
 
@@ -137,7 +175,15 @@ def decode_spot_checks(shards_dir: Path, out_dir: Path, tokenizer: Any, n: int, 
                 soundfile.write(str(path), np.asarray(waveform).T, rate, subtype="PCM_16")
             else:
                 continue
-            written.append({"id": info["id"], "shard": shard_of[key], "modality": span["modality"], "file": path.name, "text": info.get("text")})
+            written.append(
+                {
+                    "id": info["id"],
+                    "shard": shard_of[key],
+                    "modality": span["modality"],
+                    "file": path.name,
+                    "text": info.get("text"),
+                }
+            )
     return written
 
 
@@ -158,4 +204,3 @@ def probe_audio(sample_rate: int = 16000) -> tuple[np.ndarray, int]:
     t = np.arange(int(0.8 * sample_rate)) / sample_rate
     chord = sum(np.sin(2 * np.pi * f * t) for f in (440.0, 554.37, 659.25)) / 4
     return chord[None, :].astype(np.float32), sample_rate
-

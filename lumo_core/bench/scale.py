@@ -45,7 +45,14 @@ MEMORY_CONFIG: dict[str, Any] = {
     "tokenizers": {
         "text": {"kind": "dummy", "vocab_size": 256},
         "image": {"kind": "dummy", "codebook_size": 64, "tokens_per_image": 16, "resolution": 32},
-        "audio": {"kind": "dummy", "codebook_size": 32, "n_codebooks": 2, "sample_rate": 8000, "channels": 1, "frame_rate": 50},
+        "audio": {
+            "kind": "dummy",
+            "codebook_size": 32,
+            "n_codebooks": 2,
+            "sample_rate": 8000,
+            "channels": 1,
+            "frame_rate": 50,
+        },
     },
     "pipeline": {"num_workers": 0, "work_units": 4, "image_batch_size": 4, "audio_batch_size": 3},
     "shards": {"max_samples_per_shard": 64, "max_bytes_per_shard": 16_000_000},
@@ -133,7 +140,14 @@ class UniqueRows:
 
             pcm, rate = self._sources.get(relative) or soundfile.read(str(source), dtype="int16", always_2d=True)
             self._sources[relative] = (pcm, rate)
-            with soundfile.SoundFile(str(self.directory / target), "w", samplerate=rate, channels=pcm.shape[1], subtype="PCM_16", format="WAV") as handle:
+            with soundfile.SoundFile(
+                str(self.directory / target),
+                "w",
+                samplerate=rate,
+                channels=pcm.shape[1],
+                subtype="PCM_16",
+                format="WAV",
+            ) as handle:
                 handle.comment = tag
                 handle.write(pcm)
         return str(target)
@@ -153,7 +167,9 @@ def default_config(**pipeline: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- builds
-def timed_build(output_dir: Path, manifest: Path, config_path: Path, tokenizer: Any, workers: int) -> tuple[float, dict[str, Any]]:
+def timed_build(
+    output_dir: Path, manifest: Path, config_path: Path, tokenizer: Any, workers: int
+) -> tuple[float, dict[str, Any]]:
     """Wall seconds of `tokenize` alone, into a fresh output folder (token space written first)."""
     from lumo_core.reporting import Reporter
     from lumo_core.tokenize.run import tokenize
@@ -177,14 +193,27 @@ def warm_up(tmp: Path, rows: UniqueRows, first: int, config: dict[str, Any], tok
 def run_cli(args: list[str], output_dir: Path, manifest: Path, config_path: Path) -> tuple[float, dict[str, Any]]:
     """Wall seconds and last-line JSON summary of `lumo ARGS` as a subprocess over this output
     folder, manifest and config."""
-    command = [sys.executable, "-m", "lumo_core.cli", *args, "--output-dir", str(output_dir), "--manifest", str(manifest), "--uti-config", str(config_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "lumo_core.cli",
+        *args,
+        "--output-dir",
+        str(output_dir),
+        "--manifest",
+        str(manifest),
+        "--uti-config",
+        str(config_path),
+    ]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         from lumo_core.errors import LumoError
 
-        raise LumoError(f"`lumo {' '.join(args)}` failed (exit {result.returncode}): {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+        raise LumoError(
+            f"`lumo {' '.join(args)}` failed (exit {result.returncode}): {(result.stderr.strip().splitlines() or ['no output'])[-1]}"
+        )
     return seconds, json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -212,8 +241,10 @@ def measure_scaling(tmp: Path, n_rows: int, reporter: Any) -> dict[str, Any]:
     for workers in (1, 2):
         seconds, summary = cli_build(tmp / f"scaling-{workers}-workers", manifest, config_path, workers)
         results[workers] = (seconds, summary)
-        reporter.log(f"{n_rows} rows, `lumo tokenize --workers {workers}`: {seconds:.2f} s wall ({summary.get('seconds', 0):.2f} s after start-up; "
-                     f"{summary['rows_encoded']} encoded, {summary['rows_from_cache']} from the cache)")
+        reporter.log(
+            f"{n_rows} rows, `lumo tokenize --workers {workers}`: {seconds:.2f} s wall ({summary.get('seconds', 0):.2f} s after start-up; "
+            f"{summary['rows_encoded']} encoded, {summary['rows_from_cache']} from the cache)"
+        )
     (one_s, one), (two_s, two) = results[1], results[2]
     if one["index_sha256"] != two["index_sha256"]:
         reporter.log("WARNING: 1 and 2 workers wrote different shards")
@@ -255,7 +286,9 @@ def measure_incremental(tmp: Path, n_rows: int, reporter: Any) -> dict[str, Any]
     full_s, full = timed_build(tmp / "incremental-full", manifest, config_path, tokenizer, workers=1)
     reporter.log(f"full build of {n_rows} rows (default models): {full_s:.2f} s, {full['rows_encoded']} rows encoded")
     grown_s, rebuilt = timed_build(tmp / "incremental-grown", grown, config_path, tokenizer, workers=1)
-    reporter.log(f"rebuild of {n_rows + new_rows} rows (+{new_rows}): {grown_s:.2f} s, {rebuilt['rows_encoded']} rows encoded, {rebuilt['rows_from_cache']} from the cache")
+    reporter.log(
+        f"rebuild of {n_rows + new_rows} rows (+{new_rows}): {grown_s:.2f} s, {rebuilt['rows_encoded']} rows encoded, {rebuilt['rows_from_cache']} from the cache"
+    )
     return {
         "incremental_rows": n_rows,
         "new_rows": new_rows,
@@ -279,8 +312,11 @@ def write_memory_manifest(path: Path, n_rows: int, sample: Path) -> None:
         row[field] = str(sample.parent / row[field])
     with open(path, "w", encoding="utf-8") as handle:
         for block in range(0, n_rows, 65536):
-            handle.writelines(json.dumps({**rows[i % len(rows)], "id": f"{rows[i % len(rows)]['id']}-m{i:08d}"}, sort_keys=True) + "\n"
-                              for i in range(block, min(n_rows, block + 65536)))
+            handle.writelines(
+                json.dumps({**rows[i % len(rows)], "id": f"{rows[i % len(rows)]['id']}-m{i:08d}"}, sort_keys=True)
+                + "\n"
+                for i in range(block, min(n_rows, block + 65536))
+            )
 
 
 def audit_peak_memory(tmp: Path, n_rows: int) -> dict[str, Any]:
@@ -295,19 +331,27 @@ def audit_peak_memory(tmp: Path, n_rows: int) -> dict[str, Any]:
     write_memory_manifest(manifest, n_rows, sample)
     config_path = write_config(folder / "uti.yaml", {**MEMORY_CONFIG, "data_roots": [str(sample.parent)]})
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", UNIT_COUNT_SCRIPT, str(manifest), str(config_path), str(folder / "audit")],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", UNIT_COUNT_SCRIPT, str(manifest), str(config_path), str(folder / "audit")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         from lumo_core.errors import LumoError
 
-        raise LumoError(f"the memory measurement of {n_rows} rows failed: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+        raise LumoError(
+            f"the memory measurement of {n_rows} rows failed: {(result.stderr.strip().splitlines() or ['no output'])[-1]}"
+        )
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     manifest.unlink()
     return {**measured, "peak_mb": measured["peak_kb"] / 1024, "seconds": seconds}
 
 
-def run_bench_scale(settings: Settings, reporter: Any, rows: int, incremental_rows: int, memory_rows: int) -> dict[str, Any]:
+def run_bench_scale(
+    settings: Settings, reporter: Any, rows: int, incremental_rows: int, memory_rows: int
+) -> dict[str, Any]:
     for flag, value in (("--rows", rows), ("--incremental-rows", incremental_rows), ("--memory-rows", memory_rows)):
         if value < 1:
             from lumo_core.errors import LumoError
@@ -323,19 +367,23 @@ def run_bench_scale(settings: Settings, reporter: Any, rows: int, incremental_ro
         memory = {}
         for n in (small, large):
             memory[n] = audit_peak_memory(tmp, n)
-            reporter.log(f"audit + unit assignment of {n} rows: peak {memory[n]['peak_mb']:.1f} MB, {memory[n]['seconds']:.1f} s "
-                         f"(audit {memory[n]['audit_s']:.1f} s, units {memory[n]['units_s']:.1f} s)")
-    report.update({
-        "memory_rows": [small, large],
-        "peak_rss_mb_100k": round(memory[small]["peak_mb"], 1),
-        "peak_rss_mb_1m": round(memory[large]["peak_mb"], 1),
-        "peak_rss_ratio": round(memory[large]["peak_mb"] / memory[small]["peak_mb"], 4),
-        "memory_seconds_100k": round(memory[small]["seconds"], 2),
-        "memory_seconds_1m": round(memory[large]["seconds"], 2),
-        "memory_audit_seconds": [round(memory[n]["audit_s"], 2) for n in (small, large)],
-        "memory_unit_seconds": [round(memory[n]["units_s"], 2) for n in (small, large)],
-        "memory_rows_per_unit_1m": memory[large]["per_unit"],
-        "memory_rejected": [memory[n]["n_rejected"] for n in (small, large)],
-        "bench_seconds": round(time.perf_counter() - started, 1),
-    })
+            reporter.log(
+                f"audit + unit assignment of {n} rows: peak {memory[n]['peak_mb']:.1f} MB, {memory[n]['seconds']:.1f} s "
+                f"(audit {memory[n]['audit_s']:.1f} s, units {memory[n]['units_s']:.1f} s)"
+            )
+    report.update(
+        {
+            "memory_rows": [small, large],
+            "peak_rss_mb_100k": round(memory[small]["peak_mb"], 1),
+            "peak_rss_mb_1m": round(memory[large]["peak_mb"], 1),
+            "peak_rss_ratio": round(memory[large]["peak_mb"] / memory[small]["peak_mb"], 4),
+            "memory_seconds_100k": round(memory[small]["seconds"], 2),
+            "memory_seconds_1m": round(memory[large]["seconds"], 2),
+            "memory_audit_seconds": [round(memory[n]["audit_s"], 2) for n in (small, large)],
+            "memory_unit_seconds": [round(memory[n]["units_s"], 2) for n in (small, large)],
+            "memory_rows_per_unit_1m": memory[large]["per_unit"],
+            "memory_rejected": [memory[n]["n_rejected"] for n in (small, large)],
+            "bench_seconds": round(time.perf_counter() - started, 1),
+        }
+    )
     return report

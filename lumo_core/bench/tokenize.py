@@ -47,14 +47,22 @@ def write_scaled_manifest(n_rows: int, directory: Path | None = None) -> Path:
     rows = [json.loads(line) for line in sample.read_text().splitlines() if line.strip()]
     target = sample.with_name(f"manifest-x{n_rows}.jsonl")
     if not target.is_file():
-        lines = [json.dumps({**rows[i % len(rows)], "id": f"{rows[i % len(rows)]['id']}-r{i // len(rows):05d}"}, sort_keys=True) + "\n" for i in range(n_rows)]
+        lines = [
+            json.dumps(
+                {**rows[i % len(rows)], "id": f"{rows[i % len(rows)]['id']}-r{i // len(rows):05d}"}, sort_keys=True
+            )
+            + "\n"
+            for i in range(n_rows)
+        ]
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_text("".join(lines))
         os.replace(tmp, target)
     return target
 
 
-def _pipeline(output_dir: Path, manifest: Path, config_path: Path, tokenizer: Any) -> tuple[float, dict[str, Any], dict[str, Any]]:
+def _pipeline(
+    output_dir: Path, manifest: Path, config_path: Path, tokenizer: Any
+) -> tuple[float, dict[str, Any], dict[str, Any]]:
     """A fresh build, as `lumo tokenize` runs it in one process: (seconds, summary, stages)."""
     from lumo_core.reporting import Reporter
     from lumo_core.tokenize.run import merge_units, start_run, tokenize_units
@@ -70,9 +78,16 @@ def _pipeline(output_dir: Path, manifest: Path, config_path: Path, tokenizer: An
         units_done = time.perf_counter()
         summary = merge_units(run, reporter)
         ended = time.perf_counter()
-    stages = {"rows_encoded": timings.rows_encoded, "model_calls_wall_s": timings.model_s, "model_call_s": dict(timings.model_call_s), "spool_s": timings.spool_s,
-              "units_s": units_done - started, "shard_writing_s": ended - units_done,
-              "call_rows": dict(timings.call_rows), "padding_rows": dict(timings.padding_rows)}
+    stages = {
+        "rows_encoded": timings.rows_encoded,
+        "model_calls_wall_s": timings.model_s,
+        "model_call_s": dict(timings.model_call_s),
+        "spool_s": timings.spool_s,
+        "units_s": units_done - started,
+        "shard_writing_s": ended - units_done,
+        "call_rows": dict(timings.call_rows),
+        "padding_rows": dict(timings.padding_rows),
+    }
     return ended - started, summary, stages
 
 
@@ -153,11 +168,15 @@ def peak_memory_mb(n_rows: int, config_path: Path | None) -> float:
         "children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
         "print(json.dumps({'peak_kb': own + children}))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, str(n_rows), str(config_path or "")], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(n_rows), str(config_path or "")], capture_output=True, text=True, check=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_kb"] / 1024
 
 
-def run_bench_tokenize(settings: Settings, reporter: Any, samples: int, preset: str, memory_rows: int) -> dict[str, Any]:
+def run_bench_tokenize(
+    settings: Settings, reporter: Any, samples: int, preset: str, memory_rows: int
+) -> dict[str, Any]:
     from lumo_core.tokenize.model_calls import calls_at_once
     from lumo_core.uti.unified import UnifiedTokenizer
 
@@ -167,8 +186,10 @@ def run_bench_tokenize(settings: Settings, reporter: Any, samples: int, preset: 
     manifest = write_scaled_manifest(samples)
     pipeline_config = config.pipeline
     at_once = calls_at_once(pipeline_config.device, pipeline_config.torch_threads)
-    reporter.log(f"preset {config_path.name}: {samples} rows, device {pipeline_config.device}, {pipeline_config.num_workers} media workers, "
-                 f"{pipeline_config.image_batch_size} images / {pipeline_config.audio_batch_size} clips per model call, {at_once} calls at once")
+    reporter.log(
+        f"preset {config_path.name}: {samples} rows, device {pipeline_config.device}, {pipeline_config.num_workers} media workers, "
+        f"{pipeline_config.image_batch_size} images / {pipeline_config.audio_batch_size} clips per model call, {at_once} calls at once"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         pipeline_s, summary, stages = _pipeline(Path(tmp), manifest, config_path, tokenizer)
     prepared, decode_s = _decoded_rows(manifest, config, tokenizer)
@@ -177,7 +198,9 @@ def run_bench_tokenize(settings: Settings, reporter: Any, samples: int, preset: 
     loop_threads = _torch_threads()
     loop_s = _one_at_a_time(manifest, config)
     reporter.log(f"one-at-a-time loop {loop_s:.1f} s ({loop_threads} torch threads)")
-    audio_seconds = float(sum(p.media.shape[-1] / tokenizer.audio.sample_rate for p in prepared if p.modality == "audio"))
+    audio_seconds = float(
+        sum(p.media.shape[-1] / tokenizer.audio.sample_rate for p in prepared if p.modality == "audio")
+    )
     n_images = sum(1 for p in prepared if p.modality == "image")
     small, large = memory_rows, memory_rows * 10
     memory_small = peak_memory_mb(small, None)
@@ -189,8 +212,12 @@ def run_bench_tokenize(settings: Settings, reporter: Any, samples: int, preset: 
         "samples": samples,
         "device": pipeline_config.device,
         "num_workers": pipeline_config.num_workers,
-        "batch_recipe": {"image_batch_size": pipeline_config.image_batch_size, "audio_batch_size": pipeline_config.audio_batch_size,
-                         "model_calls_at_once": at_once, "torch_threads_per_call": 1 if device_kind(pipeline_config.device) == "cpu" else None},
+        "batch_recipe": {
+            "image_batch_size": pipeline_config.image_batch_size,
+            "audio_batch_size": pipeline_config.audio_batch_size,
+            "model_calls_at_once": at_once,
+            "torch_threads_per_call": 1 if device_kind(pipeline_config.device) == "cpu" else None,
+        },
         "torch_threads": loop_threads,
         "pipeline_seconds": round(pipeline_s, 3),
         "models_alone_seconds": round(models_s, 3),
@@ -202,7 +229,9 @@ def run_bench_tokenize(settings: Settings, reporter: Any, samples: int, preset: 
         "speedup_vs_per_sample": round(loop_s / pipeline_s, 4),
         # Rows the model calls were shaped for, and the share of them that was padding.
         "model_call_rows": {m: call_rows.get(m, 0) for m in modalities},
-        "padding_share": {m: round(padding_rows.get(m, 0) / call_rows[m], 4) if call_rows.get(m) else 0.0 for m in modalities},
+        "padding_share": {
+            m: round(padding_rows.get(m, 0) / call_rows[m], 4) if call_rows.get(m) else 0.0 for m in modalities
+        },
         # Seconds per stage of the pipeline run. Decoding runs in the media workers, beside the
         # models: measured here on the same rows in one process. Model calls per modality sum
         # each call's duration (calls side by side each count); `model_calls_wall` is the time
@@ -215,7 +244,11 @@ def run_bench_tokenize(settings: Settings, reporter: Any, samples: int, preset: 
             "shard_writing": round(stages["shard_writing_s"], 3),
             "units_total": round(stages["units_s"], 3),
         },
-        "peak_memory_mb": {"rows": [small, large], "mb": [round(memory_small, 1), round(memory_large, 1)], "config": "embedded default"},
+        "peak_memory_mb": {
+            "rows": [small, large],
+            "mb": [round(memory_small, 1), round(memory_large, 1)],
+            "config": "embedded default",
+        },
         "peak_memory_ratio": round(memory_large / memory_small, 4),
         "n_tokens": summary["n_tokens"],
         "rows_encoded": stages["rows_encoded"],

@@ -52,7 +52,11 @@ def _config(settings: Settings, bench: dict[str, Any], packing: bool) -> TrainCo
         "optim.grad_accum_steps": 1,
         "finetune.method": "full",
     }
-    for key, field in (("micro_batch_size", "data.micro_batch_size"), ("block_size", "data.block_size"), ("threads", "train.torch_threads")):
+    for key, field in (
+        ("micro_batch_size", "data.micro_batch_size"),
+        ("block_size", "data.block_size"),
+        ("threads", "train.torch_threads"),
+    ):
         if bench[key] is not None:
             overrides[field] = bench[key]
     return load_train_config(settings.train_config, overrides)
@@ -110,7 +114,11 @@ def _hf_trainer(config: TrainConfig, settings: Settings, work: Path, skip: int) 
             for batch in iter_micro_batches(plan, rank=0, world_size=1, slot=0, n_slots=1):
                 tokens.append(float(batch.n_real_tokens))
                 for row in range(batch.input_ids.shape[0]):
-                    yield {"input_ids": batch.input_ids[row], "labels": batch.labels[row], "attention_mask": batch.attention_mask[row]}
+                    yield {
+                        "input_ids": batch.input_ids[row],
+                        "labels": batch.labels[row],
+                        "attention_mask": batch.attention_mask[row],
+                    }
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
@@ -152,7 +160,13 @@ def _hf_trainer(config: TrainConfig, settings: Settings, work: Path, skip: int) 
         seed=config.seed,
     )
     clock = StepClock()
-    trainer = Trainer(model=build_model(config, token_space), args=arguments, train_dataset=Rows(), data_collator=default_data_collator, callbacks=[clock])
+    trainer = Trainer(
+        model=build_model(config, token_space),
+        args=arguments,
+        train_dataset=Rows(),
+        data_collator=default_data_collator,
+        callbacks=[clock],
+    )
     # Its end-of-run metrics line would land on stdout, where the report's JSON must be last.
     trainer.remove_callback(PrinterCallback)
     result = trainer.train()
@@ -176,7 +190,9 @@ def run_bench_train(settings: Settings, reporter: Reporter, args: dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="lumo-bench-train-") as tmp:
         work = Path(tmp)
         for repeat in range(bench["repeats"]):
-            reporter.log(f"round {repeat + 1}/{bench['repeats']}: HF Trainer, then our loop, {bench['steps']} steps each")
+            reporter.log(
+                f"round {repeat + 1}/{bench['repeats']}: HF Trainer, then our loop, {bench['steps']} steps each"
+            )
             theirs.append(_hf_trainer(padded, settings, work / f"hf-{repeat}", skip))
             ours.append(_our_loop(padded, settings, reporter, work / f"ours-{repeat}", skip))
         with_packing = _our_loop(packed, settings, reporter, work / "packed", skip)
@@ -192,12 +208,16 @@ def run_bench_train(settings: Settings, reporter: Reporter, args: dict[str, Any]
         # Mean training loss over the run: the two loops should learn alike on the same batches.
         "mean_loss_ours": best_ours["mean_loss"],
         "mean_loss_hf_trainer": best_theirs["mean_loss"],
-        "runs_tokens_per_s": {"ours": [r["tokens_per_s"] for r in ours], "hf_trainer": [r["tokens_per_s"] for r in theirs]},
+        "runs_tokens_per_s": {
+            "ours": [r["tokens_per_s"] for r in ours],
+            "hf_trainer": [r["tokens_per_s"] for r in theirs],
+        },
         "steps": bench["steps"],
         "timed_steps": bench["steps"] - skip,
         "micro_batch_size": padded.data.micro_batch_size,
         "block_size": padded.data.block_size,
-        "model": padded.model.path or f"default {padded.model.default.architecture} (hidden {padded.model.default.hidden_size}, {padded.model.default.num_layers} layers)",
+        "model": padded.model.path
+        or f"default {padded.model.default.architecture} (hidden {padded.model.default.hidden_size}, {padded.model.default.num_layers} layers)",
         "device": str(torch.device("cuda" if torch.cuda.is_available() and padded.train.device != "cpu" else "cpu")),
         "torch_threads": torch.get_num_threads(),
     }

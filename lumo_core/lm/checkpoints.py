@@ -47,8 +47,10 @@ STATE_FORMAT_VERSION = 1
 
 # ------------------------------------------------------------------------------ layout
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
-    found = [p for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    found = [
+        p for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -193,9 +195,13 @@ def weights_files(path: Path) -> list[Path]:
     elif (path / "adapter_model.safetensors").is_file():
         files = [path / "adapter_model.safetensors", *sorted((path.parent / BASE).glob("*.safetensors"))]
     else:
-        raise LumoError(f"{path}: neither a model folder (config.json) nor a LoRA checkpoint (adapter_model.safetensors)")
+        raise LumoError(
+            f"{path}: neither a model folder (config.json) nor a LoRA checkpoint (adapter_model.safetensors)"
+        )
     if len(files) < (1 if (path / "config.json").is_file() else 2):
-        raise LumoError(f"{path}: no safetensors weights found (a LoRA checkpoint needs {path.parent / BASE} beside it)")
+        raise LumoError(
+            f"{path}: no safetensors weights found (a LoRA checkpoint needs {path.parent / BASE} beside it)"
+        )
     return files
 
 
@@ -228,11 +234,15 @@ def load_weights(path: Path, token_space: TokenSpace, attn_implementation: str =
     else:
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(path.parent / BASE, dtype=torch.float32, attn_implementation=attn_implementation)
+        base = AutoModelForCausalLM.from_pretrained(
+            path.parent / BASE, dtype=torch.float32, attn_implementation=attn_implementation
+        )
         model = PeftModel.from_pretrained(base, path).merge_and_unload()
     recorded = getattr(model.config, TOKEN_SPACE_ATTR, None)
     if recorded != token_space.sha256:
-        raise TokenSpaceError(f"{path} was trained for token space {str(recorded)[:12]}, this run's is {token_space.sha256[:12]}")
+        raise TokenSpaceError(
+            f"{path} was trained for token space {str(recorded)[:12]}, this run's is {token_space.sha256[:12]}"
+        )
     return model
 
 

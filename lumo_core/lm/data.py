@@ -116,7 +116,9 @@ def open_split(shards_dir: Path, split: str, token_space_sha256: str) -> SplitSh
     for item in listed:
         path = shards_dir / item["name"]
         if not path.is_file():
-            raise MissingUpstreamError(f"{path}: listed in index.json but missing: tokenize again: {rebuild_hint('tokenized_shards', 'lumo tokenize')}")
+            raise MissingUpstreamError(
+                f"{path}: listed in index.json but missing: tokenize again: {rebuild_hint('tokenized_shards', 'lumo tokenize')}"
+            )
         entries.append(ShardEntry(path, int(item["n_samples"]), first))
         first += int(item["n_samples"])
     return SplitShards(split, tuple(entries), token_space_sha256)
@@ -141,8 +143,13 @@ def open_jsonl_split(path: Path, split: str, token_space_sha256: str) -> SplitSh
         entry = index["splits"][split]
         file = path / entry["file"]
         if not file.is_file():
-            raise MissingUpstreamError(f"{file}: listed in {path / 'index.json'} but missing: export again (`lumo export-jsonl`)")
-        parts = tuple(ShardEntry(file, int(p["n_samples"]), int(p["first"]), (int(p["offset"]), int(p["length"]))) for p in entry["parts"])
+            raise MissingUpstreamError(
+                f"{file}: listed in {path / 'index.json'} but missing: export again (`lumo export-jsonl`)"
+            )
+        parts = tuple(
+            ShardEntry(file, int(p["n_samples"]), int(p["first"]), (int(p["offset"]), int(p["length"])))
+            for p in entry["parts"]
+        )
         return SplitShards(split, parts, token_space_sha256, "jsonl")
     if not path.is_file():
         raise LumoError(f"data.jsonl {path}: no such file or folder")
@@ -183,7 +190,11 @@ def owner(sample_number: int, n_consumers: int) -> int:
 
 def consumer_shards(split: SplitShards, consumer: int, n_consumers: int) -> list[ShardEntry]:
     """The shards holding at least one sample of `consumer`."""
-    return [s for s in split.shards if s.n_samples >= n_consumers or any(owner(s.first + p, n_consumers) == consumer for p in range(s.n_samples))]
+    return [
+        s
+        for s in split.shards
+        if s.n_samples >= n_consumers or any(owner(s.first + p, n_consumers) == consumer for p in range(s.n_samples))
+    ]
 
 
 def derive_seed(*parts: Any) -> int:
@@ -192,7 +203,9 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def _keep_owned(samples: Iterator[dict[str, Any]], first: dict[str, int], consumer: int, n_consumers: int) -> Iterator[dict[str, Any]]:
+def _keep_owned(
+    samples: Iterator[dict[str, Any]], first: dict[str, int], consumer: int, n_consumers: int
+) -> Iterator[dict[str, Any]]:
     positions: Counter[str] = Counter()
     for sample in samples:
         url = sample["__url__"]
@@ -317,9 +330,17 @@ class BatchPlan:
     def from_config(cls, config: TrainConfig, split: SplitShards, pad_id: int) -> BatchPlan:
         data = config.data
         return cls(
-            split=split, pad_id=pad_id, seed=config.seed, block_size=data.block_size, micro_batch_size=data.micro_batch_size,
-            packing=data.packing, pack_buffer=data.pack_buffer, pad_to_multiple_of=data.pad_to_multiple_of,
-            shuffle_buffer=data.shuffle_buffer, grad_accum_steps=config.optim.grad_accum_steps, curriculum=tuple(data.curriculum),
+            split=split,
+            pad_id=pad_id,
+            seed=config.seed,
+            block_size=data.block_size,
+            micro_batch_size=data.micro_batch_size,
+            packing=data.packing,
+            pack_buffer=data.pack_buffer,
+            pad_to_multiple_of=data.pad_to_multiple_of,
+            shuffle_buffer=data.shuffle_buffer,
+            grad_accum_steps=config.optim.grad_accum_steps,
+            curriculum=tuple(data.curriculum),
         )
 
     def stage_at(self, step: int) -> StageConfig:
@@ -334,7 +355,17 @@ class TaskStream:
     sample of the share once, in an order shuffled from (seed, consumer, task, epoch). Samples
     longer than block_size are passed over and counted in `skipped` each time they come up."""
 
-    def __init__(self, plan: BatchPlan, consumer: int, n_consumers: int, task: str, epoch: int = 0, offset: int = 0, empty: bool = False, skipped: Counter | None = None) -> None:
+    def __init__(
+        self,
+        plan: BatchPlan,
+        consumer: int,
+        n_consumers: int,
+        task: str,
+        epoch: int = 0,
+        offset: int = 0,
+        empty: bool = False,
+        skipped: Counter | None = None,
+    ) -> None:
         self.plan = plan
         self.consumer = consumer
         self.n_consumers = n_consumers
@@ -355,14 +386,25 @@ class TaskStream:
         random.Random(derive_seed(self.plan.seed, "shard-order", self.consumer, self.task, self.epoch)).shuffle(shards)
         pipeline = wds.DataPipeline(
             *_source(self.plan.split, shards),
-            partial(_keep_owned, first={shard.url: shard.first for shard in shards}, consumer=self.consumer, n_consumers=self.n_consumers),
+            partial(
+                _keep_owned,
+                first={shard.url: shard.first for shard in shards},
+                consumer=self.consumer,
+                n_consumers=self.n_consumers,
+            ),
             partial(_decode, token_space_sha256=self.plan.split.token_space_sha256, task=self.task),
-            wds.shuffle(self.plan.shuffle_buffer, initial=self.plan.shuffle_buffer, rng=random.Random(derive_seed(self.plan.seed, "shuffle", self.consumer, self.task, self.epoch))),
+            wds.shuffle(
+                self.plan.shuffle_buffer,
+                initial=self.plan.shuffle_buffer,
+                rng=random.Random(derive_seed(self.plan.seed, "shuffle", self.consumer, self.task, self.epoch)),
+            ),
         )
         iterator = iter(pipeline)
         for done in range(self.offset):
             if next(iterator, None) is None:
-                raise LumoError(f"cannot resume the {self.task} stream at epoch {self.epoch} offset {self.offset}: the shards hold only {done} samples there")
+                raise LumoError(
+                    f"cannot resume the {self.task} stream at epoch {self.epoch} offset {self.offset}: the shards hold only {done} samples there"
+                )
         return iterator
 
     def next(self) -> TokenSample | None:
@@ -421,7 +463,9 @@ class MicroBatch:
         return inputs
 
 
-def collate_padded(samples: list[TokenSample], pad_id: int, pad_to_multiple_of: int = 1, max_length: int | None = None) -> dict[str, Any]:
+def collate_padded(
+    samples: list[TokenSample], pad_id: int, pad_to_multiple_of: int = 1, max_length: int | None = None
+) -> dict[str, Any]:
     """One sample a row, right-padded with `pad_id` to the longest row (rounded up to a multiple)."""
     import torch
 
@@ -486,13 +530,23 @@ def best_fill(lengths: list[int], capacity: int) -> list[int]:
     return sorted(chosen)
 
 
-def iter_micro_batches(plan: BatchPlan, rank: int, world_size: int, slot: int, n_slots: int, state: StreamState | None = None) -> Iterator[MicroBatch]:
+def iter_micro_batches(
+    plan: BatchPlan, rank: int, world_size: int, slot: int, n_slots: int, state: StreamState | None = None
+) -> Iterator[MicroBatch]:
     """The infinite micro-batch stream of worker slot `slot` on `rank`."""
     state = state or StreamState()
     consumer, n_consumers = rank * n_slots + slot, world_size * n_slots
     skipped: Counter[str] = Counter(state.skipped_overlong)
     streams = {
-        task: TaskStream(plan, consumer, n_consumers, task, *state.task_positions.get(task, (0, 0)), empty=task in state.empty_tasks, skipped=skipped)
+        task: TaskStream(
+            plan,
+            consumer,
+            n_consumers,
+            task,
+            *state.task_positions.get(task, (0, 0)),
+            empty=task in state.empty_tasks,
+            skipped=skipped,
+        )
         for task in TASKS
     }
     pool = list(state.pool)
@@ -544,7 +598,13 @@ def iter_micro_batches(plan: BatchPlan, rank: int, world_size: int, slot: int, n
             sample_ids=[s.id for s in samples],
             task_counts=dict(Counter(s.task for s in samples)),
             slot=slot,
-            state=StreamState(k, {t: (s.epoch, s.offset) for t, s in streams.items()}, frozenset(t for t, s in streams.items() if s.empty), list(pool), dict(skipped)),
+            state=StreamState(
+                k,
+                {t: (s.epoch, s.offset) for t, s in streams.items()},
+                frozenset(t for t, s in streams.items() if s.empty),
+                list(pool),
+                dict(skipped),
+            ),
         )
 
 
@@ -557,7 +617,15 @@ class TrainStream:
     serves slot (w + start) % workers, so that after a resume at micro-batch `start` the first
     worker serves the next micro-batch."""
 
-    def __init__(self, plan: BatchPlan, rank: int, world_size: int, num_workers: int, start_micro_batch: int = 0, slot_states: dict[int, StreamState] | None = None) -> None:
+    def __init__(
+        self,
+        plan: BatchPlan,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        start_micro_batch: int = 0,
+        slot_states: dict[int, StreamState] | None = None,
+    ) -> None:
         self.plan = plan
         self.rank = rank
         self.world_size = world_size

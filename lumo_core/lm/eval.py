@@ -44,7 +44,9 @@ from lumo_core.uti.token_space import (
 SPAN_OPENERS = ("<|soi|>", "<|soa|>", "<|sot|>")
 
 
-def evaluate_lm(model: Any, split: Any, token_space: TokenSpace, batch_size: int, device: Any, max_samples: int | None = None) -> dict[str, Any]:
+def evaluate_lm(
+    model: Any, split: Any, token_space: TokenSpace, batch_size: int, device: Any, max_samples: int | None = None
+) -> dict[str, Any]:
     """Per-task loss and perplexity, and next-token accuracy per modality, on a split."""
     import torch
     import torch.nn.functional as F
@@ -59,14 +61,22 @@ def evaluate_lm(model: Any, split: Any, token_space: TokenSpace, batch_size: int
     samples = {t: 0 for t in TASKS}
     correct = {m: 0 for m in MODALITIES}
     counted = {m: 0 for m in MODALITIES}
-    autocast = (lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)) if torch.device(device).type == "cuda" else nullcontext
+    autocast = (
+        (lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16))
+        if torch.device(device).type == "cuda"
+        else nullcontext
+    )
     # A modality-heads model is scored with each target's own head (its softmax); None: shared head.
     heads = model_head_index(model)
 
     def run(batch: list[Any]) -> None:
         tensors = collate_padded(batch, pad_id, 8)
         with torch.no_grad(), autocast():
-            logits = model(input_ids=tensors["input_ids"].to(device), attention_mask=tensors["attention_mask"].to(device), use_cache=False).logits
+            logits = model(
+                input_ids=tensors["input_ids"].to(device),
+                attention_mask=tensors["attention_mask"].to(device),
+                use_cache=False,
+            ).logits
         logits = logits[:, :-1].float().cpu()
         labels = tensors["labels"][:, 1:]
         logits = restrict_to_target_heads(logits, labels, heads)
@@ -78,7 +88,7 @@ def evaluate_lm(model: Any, split: Any, token_space: TokenSpace, batch_size: int
             targets[sample.task] += int(keep.sum())
             samples[sample.task] += 1
             truth = labels[row][keep].numpy()
-            hits = (predicted[row][keep].numpy() == truth)
+            hits = predicted[row][keep].numpy() == truth
             modality = token_space.modality_of(truth)
             for code, name in enumerate(MODALITIES):
                 chosen = modality == code
@@ -108,7 +118,9 @@ def evaluate_lm(model: Any, split: Any, token_space: TokenSpace, batch_size: int
         "n_samples": seen,
         "per_task": {t: {**entry(loss_sum[t], targets[t]), "n_samples": samples[t]} for t in TASKS},
         "overall": entry(sum(loss_sum.values()), sum(targets.values())),
-        "next_token_accuracy": {m: {"accuracy": correct[m] / counted[m] if counted[m] else None, "n": counted[m]} for m in MODALITIES},
+        "next_token_accuracy": {
+            m: {"accuracy": correct[m] / counted[m] if counted[m] else None, "n": counted[m]} for m in MODALITIES
+        },
     }
 
 
@@ -148,7 +160,9 @@ def sample_prompt(input_ids: np.ndarray, labels: np.ndarray, token_space: TokenS
     return np.asarray(input_ids[: first + 1] if int(input_ids[first]) in openers else input_ids[:first])
 
 
-def write_samples(model: Any, token_space: TokenSpace, decoder: Any, split: Any, sampling: SamplingConfig, device: Any, out_dir: Path) -> list[dict[str, Any]]:
+def write_samples(
+    model: Any, token_space: TokenSpace, decoder: Any, split: Any, sampling: SamplingConfig, device: Any, out_dir: Path
+) -> list[dict[str, Any]]:
     """Generate `samples_per_task` answers per task (lumo_core.lm.generate_run.generate_sample, as
     `lumo generate` does) to eval prompts, and decode their spans to files."""
     from lumo_core.lm.data import iter_split
@@ -164,7 +178,19 @@ def write_samples(model: Any, token_space: TokenSpace, decoder: Any, split: Any,
         index = sampling.samples_per_task - wanted[sample.task]
         wanted[sample.task] -= 1
         prompt = sample_prompt(sample.input_ids, sample.labels, token_space)
-        record = generate_sample(model, token_space, decoder, sample.task, prompt, sampling, sampling.seed + len(records), device, out_dir, f"{sample.task}-{index}", text_files=True)
+        record = generate_sample(
+            model,
+            token_space,
+            decoder,
+            sample.task,
+            prompt,
+            sampling,
+            sampling.seed + len(records),
+            device,
+            out_dir,
+            f"{sample.task}-{index}",
+            text_files=True,
+        )
         records.append({"id": sample.id, **record})
     return records
 
@@ -176,7 +202,9 @@ def _per_task_table(metrics: dict[str, Any]) -> str:
         ppl = f"{row['perplexity']:.2f}" if row["perplexity"] is not None else "-"
         lines.append(f"| {task} | {row['n_samples']} | {row['n_target_tokens']} | {loss} | {ppl} |")
     overall = metrics["overall"]
-    lines.append(f"| **all** | {metrics['n_samples']} | {overall['n_target_tokens']} | {overall['loss']:.4f} | {overall['perplexity']:.2f} |")
+    lines.append(
+        f"| **all** | {metrics['n_samples']} | {overall['n_target_tokens']} | {overall['loss']:.4f} | {overall['perplexity']:.2f} |"
+    )
     return "\n".join(lines)
 
 
@@ -206,7 +234,9 @@ def run_eval(settings: Settings, reporter: Reporter, overrides: dict[str, Any] |
     model = load_lm(final, device)
     trained_for = getattr(model.config, TOKEN_SPACE_ATTR, None)
     if trained_for != token_space.sha256:
-        raise TokenSpaceError(f"{final} was trained for token space {str(trained_for)[:12]}, the outputs hold {token_space.sha256[:12]}: train again")
+        raise TokenSpaceError(
+            f"{final} was trained for token space {str(trained_for)[:12]}, the outputs hold {token_space.sha256[:12]}: train again"
+        )
     evaluated_weights = weights_sha256(final)
     split = open_split(shards_dir, "eval", token_space.sha256)
     reporter.log(f"evaluating {final} on {split.n_samples} eval samples")
@@ -249,4 +279,11 @@ def run_eval(settings: Settings, reporter: Reporter, overrides: dict[str, Any] |
         encoded = base64.b64encode((out_dir / "loss_curve.png").read_bytes()).decode("ascii")
         metadata["loss_curve"] = markdown(f"![loss](data:image/png;base64,{encoded})")
     reporter.report_materialization(metadata=metadata, data_version=sha256_hex(payload))
-    return {"report": str(out_dir / "report.json"), **{k: report[k] for k in ("n_samples", "overall", "per_task", "next_token_accuracy", "loss_curve", "weights_sha256")}, "samples": len(samples)}
+    return {
+        "report": str(out_dir / "report.json"),
+        **{
+            k: report[k]
+            for k in ("n_samples", "overall", "per_task", "next_token_accuracy", "loss_curve", "weights_sha256")
+        },
+        "samples": len(samples),
+    }

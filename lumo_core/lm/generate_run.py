@@ -65,8 +65,14 @@ def weights_sha256(folder: Path) -> str:
 def require_checkpoint(path: Path) -> None:
     """MissingUpstreamError unless `path` holds a saved model (checked before any model loads)."""
     if not (Path(path) / "config.json").is_file():
-        hint = " (a LoRA checkpoint-N holds adapters only: use final/)" if (Path(path) / "adapter_config.json").is_file() else ""
-        raise MissingUpstreamError(f"{path}: no model checkpoint there (no config.json){hint}: train first: {rebuild_hint('lm_checkpoint', 'lumo train')}; or pass --checkpoint FOLDER")
+        hint = (
+            " (a LoRA checkpoint-N holds adapters only: use final/)"
+            if (Path(path) / "adapter_config.json").is_file()
+            else ""
+        )
+        raise MissingUpstreamError(
+            f"{path}: no model checkpoint there (no config.json){hint}: train first: {rebuild_hint('lm_checkpoint', 'lumo train')}; or pass --checkpoint FOLDER"
+        )
 
 
 def load_checkpoint(path: Path, token_space_dir: Path, device: Any) -> LoadedCheckpoint:
@@ -81,7 +87,9 @@ def load_checkpoint(path: Path, token_space_dir: Path, device: Any) -> LoadedChe
     model = load_lm(path, device)
     trained_for = getattr(model.config, TOKEN_SPACE_ATTR, None)
     if trained_for != token_space.sha256:
-        raise TokenSpaceError(f"{path} was trained for token space {str(trained_for)[:12]}, the outputs hold {token_space.sha256[:12]}: train again")
+        raise TokenSpaceError(
+            f"{path} was trained for token space {str(trained_for)[:12]}, the outputs hold {token_space.sha256[:12]}: train again"
+        )
     return LoadedCheckpoint(path, model, token_space, weights_sha256(path))
 
 
@@ -113,8 +121,17 @@ def _wav_bytes(waveform: np.ndarray, sample_rate: int) -> bytes:
 
 
 def generate_sample(
-    model: Any, token_space: TokenSpace, decoder: Any, task: str, prompt: np.ndarray, sampling: SamplingConfig,
-    seed: int, device: Any, out_dir: Path, stem: str, text_files: bool = False,
+    model: Any,
+    token_space: TokenSpace,
+    decoder: Any,
+    task: str,
+    prompt: np.ndarray,
+    sampling: SamplingConfig,
+    seed: int,
+    device: Any,
+    out_dir: Path,
+    stem: str,
+    text_files: bool = False,
 ) -> dict[str, Any]:
     """Generate one answer to `prompt` for `task` and decode its target spans into `out_dir`
     (files named `<stem>-<span number>-<modality>.<ext>`); see the module doc."""
@@ -171,9 +188,21 @@ def _sampling(settings: Settings, overrides: dict[str, Any]) -> tuple[SamplingCo
 
 
 def run_generate(
-    settings: Settings, reporter: Any, task: str, *, text: str | None = None, image: Path | None = None, audio: Path | None = None,
-    out_dir: Path | None = None, checkpoint: Path | None = None, num_samples: int = 1, seed: int | None = None,
-    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None, max_new_tokens: int | None = None,
+    settings: Settings,
+    reporter: Any,
+    task: str,
+    *,
+    text: str | None = None,
+    image: Path | None = None,
+    audio: Path | None = None,
+    out_dir: Path | None = None,
+    checkpoint: Path | None = None,
+    num_samples: int = 1,
+    seed: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
     """`lumo generate`: answer one input for `task` with `num_samples` samples; see the module doc."""
     from transformers.utils import logging as hf_logging
@@ -195,7 +224,10 @@ def run_generate(
         raise LumoError("--text is empty")
     if num_samples < 1:
         raise LumoError(f"--num-samples must be at least 1, got {num_samples}")
-    sampling, config = _sampling(settings, {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed})
+    sampling, config = _sampling(
+        settings,
+        {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed},
+    )
     checkpoint = Path(checkpoint) if checkpoint is not None else settings.layout.lm_checkpoint / FINAL
     require_checkpoint(checkpoint)
     hf_logging.disable_progress_bar()
@@ -215,11 +247,24 @@ def run_generate(
         segments[AUDIO] = decoder.encode_audio(Path(audio)).ids
     prompt = SequenceBuilder(decoder.token_space, decoder.config.templates).build_prompt(task, segments)
     out_dir = Path(out_dir) if out_dir is not None else settings.layout.generate
-    reporter.log(f"{task}: {num_samples} sample(s) from {checkpoint} (weights {loaded.weights_sha256[:12]}), prompt of {prompt.size} ids")
+    reporter.log(
+        f"{task}: {num_samples} sample(s) from {checkpoint} (weights {loaded.weights_sha256[:12]}), prompt of {prompt.size} ids"
+    )
     samples = []
     for index in range(num_samples):
         sample_seed = sampling.seed + index
-        record = generate_sample(loaded.model, loaded.token_space, decoder, task, prompt, sampling, sample_seed, device, out_dir, f"{task}-seed{sample_seed}")
+        record = generate_sample(
+            loaded.model,
+            loaded.token_space,
+            decoder,
+            task,
+            prompt,
+            sampling,
+            sample_seed,
+            device,
+            out_dir,
+            f"{task}-seed{sample_seed}",
+        )
         samples.append({"index": index, **record})
     return {
         "task": task,

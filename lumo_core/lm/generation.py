@@ -64,7 +64,9 @@ class SpanGrammar:
         self.audio_start = token_space.audio_start
         self.codebook_size = token_space.audio_codebook_size
         if not self.id_sets()["outside"].any():
-            raise TokenSpaceError("the token space has no token that may stand outside spans (such as <|eos_mm|>): generation could not end")
+            raise TokenSpaceError(
+                "the token space has no token that may stand outside spans (such as <|eos_mm|>): generation could not end"
+            )
 
     def advance(self, state: SpanState, token: int) -> SpanState:
         if token == self.pad:
@@ -90,7 +92,11 @@ class SpanGrammar:
 
     def opening_budget(self, mode: str) -> int:
         """Tokens needed after an opener to close the shortest span."""
-        return {IN_IMAGE: self.tokens_per_image + 1, IN_AUDIO: self.n_codebooks * self.min_audio_frames + 1, IN_TEXT: 1}[mode]
+        return {
+            IN_IMAGE: self.tokens_per_image + 1,
+            IN_AUDIO: self.n_codebooks * self.min_audio_frames + 1,
+            IN_TEXT: 1,
+        }[mode]
 
     def tokens_to_close(self, state: SpanState) -> int:
         """The fewest tokens that close the span open in `state` (0 outside spans)."""
@@ -117,7 +123,9 @@ class SpanGrammar:
         if state.mode == IN_TEXT:
             return ("text", "eot") if remaining > 1 else ("eot",)
         opening = {"soi": IN_IMAGE, "soa": IN_AUDIO, **({"sot": IN_TEXT} if self.text_spans else {})}
-        return ("outside",) + tuple(name for name, mode in opening.items() if remaining - 1 >= self.opening_budget(mode))
+        return ("outside",) + tuple(
+            name for name, mode in opening.items() if remaining - 1 >= self.opening_budget(mode)
+        )
 
     def id_sets(self) -> dict[str, np.ndarray]:
         """Boolean masks over the vocabulary for every name `rule` returns."""
@@ -137,7 +145,12 @@ class SpanGrammar:
         markers = {name: token for name, token in markers.items() if token is not None}
         for token in [*markers.values(), self.pad]:
             outside[token] = False
-        sets = {"outside": outside, "text": text, "image": mask(*self.image_range), **{name: single(token) for name, token in markers.items()}}
+        sets = {
+            "outside": outside,
+            "text": text,
+            "image": mask(*self.image_range),
+            **{name: single(token) for name, token in markers.items()},
+        }
         for k in range(self.n_codebooks):
             start = self.audio_start + k * self.codebook_size
             sets[f"audio_cb{k}"] = mask(start, start + self.codebook_size)
@@ -181,14 +194,24 @@ class ModalitySpanConstraint:
             self._states = [self.grammar.scan(row) for row in input_ids.cpu().numpy()]
         self._seen = length
         remaining = self.max_length - length
-        allowed = torch.stack([self._mask(self.grammar.rule(state, remaining), scores.device) for state in self._states])
+        allowed = torch.stack(
+            [self._mask(self.grammar.rule(state, remaining), scores.device) for state in self._states]
+        )
         if scores.shape[-1] > allowed.shape[-1]:
             # Heads padded past the vocabulary: the extra rows are never valid ids.
             allowed = torch.nn.functional.pad(allowed, (0, scores.shape[-1] - allowed.shape[-1]), value=False)
         return scores.masked_fill(~allowed, float("-inf"))
 
 
-def generate(model: Any, token_space: TokenSpace, prompt: np.ndarray, sampling: SamplingConfig, seed: int, device: Any = "cpu", task: str | None = None) -> np.ndarray:
+def generate(
+    model: Any,
+    token_space: TokenSpace,
+    prompt: np.ndarray,
+    sampling: SamplingConfig,
+    seed: int,
+    device: Any = "cpu",
+    task: str | None = None,
+) -> np.ndarray:
     """Sample a continuation of `prompt` (global ids); returns the new ids. With `task`, under
     that task's `TaskGrammar` (the prompt must follow the task's template, and generation stops
     at the template's last item); without, under the free `SpanGrammar`."""
@@ -200,7 +223,9 @@ def generate(model: Any, token_space: TokenSpace, prompt: np.ndarray, sampling: 
         grammar = TaskGrammar(token_space, task, sampling.min_audio_frames, sampling.max_audio_frames)
         needed = grammar.tokens_to_finish(grammar.scan(prompt))
         if needed > sampling.max_new_tokens:
-            raise LumoError(f"sampling.max_new_tokens {sampling.max_new_tokens} cannot complete a {task} answer (it needs at least {needed} tokens)")
+            raise LumoError(
+                f"sampling.max_new_tokens {sampling.max_new_tokens} cannot complete a {task} answer (it needs at least {needed} tokens)"
+            )
         end_token = grammar.end_token
     else:
         grammar = SpanGrammar(token_space, sampling.min_audio_frames, sampling.max_audio_frames)
@@ -231,7 +256,7 @@ def generate(model: Any, token_space: TokenSpace, prompt: np.ndarray, sampling: 
             generation_config=generation_config,
             logits_processor=[ModalitySpanConstraint(grammar, max_length)],
         )
-    return output[0, input_ids.shape[1]:].cpu().numpy()
+    return output[0, input_ids.shape[1] :].cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -246,7 +271,9 @@ class TaskGrammar:
 
     MIN_TEXT_TOKENS = 1
 
-    def __init__(self, token_space: TokenSpace, task: str, min_audio_frames: int = 1, max_audio_frames: int = 75) -> None:
+    def __init__(
+        self, token_space: TokenSpace, task: str, min_audio_frames: int = 1, max_audio_frames: int = 75
+    ) -> None:
         templates = token_space.extra.get("templates") or {}
         if task not in templates:
             raise TokenSpaceError(f"the token space has no template for task {task!r} (it has {sorted(templates)})")
@@ -260,7 +287,9 @@ class TaskGrammar:
         names = list(template["prompt"]) + list(template["target"])
         self.n_prompt_items = len(template["prompt"])
         # Specials as ids, segments by name.
-        self.items: list[int | str] = [name if name in (TEXT, IMAGE, AUDIO) else token_space.special_id(name) for name in names]
+        self.items: list[int | str] = [
+            name if name in (TEXT, IMAGE, AUDIO) else token_space.special_id(name) for name in names
+        ]
         for index, item in enumerate(self.items):
             if isinstance(item, str) and (index + 1 == len(self.items) or isinstance(self.items[index + 1], str)):
                 raise TokenSpaceError(
@@ -272,12 +301,20 @@ class TaskGrammar:
         self._min_from = [0] * (len(self.items) + 1)
         for index in range(len(self.items) - 1, -1, -1):
             self._min_from[index] = self._min_from[index + 1] + self._min_length(self.items[index])
-        self._ranges = {TEXT: token_space.modality_range(TEXT), IMAGE: token_space.modality_range(IMAGE), AUDIO: token_space.modality_range(AUDIO)}
+        self._ranges = {
+            TEXT: token_space.modality_range(TEXT),
+            IMAGE: token_space.modality_range(IMAGE),
+            AUDIO: token_space.modality_range(AUDIO),
+        }
 
     def _min_length(self, item: int | str) -> int:
         if not isinstance(item, str):
             return 1
-        return {IMAGE: self.tokens_per_image, AUDIO: self.n_codebooks * self.min_audio_frames, TEXT: self.MIN_TEXT_TOKENS}[item]
+        return {
+            IMAGE: self.tokens_per_image,
+            AUDIO: self.n_codebooks * self.min_audio_frames,
+            TEXT: self.MIN_TEXT_TOKENS,
+        }[item]
 
     def done(self, state: TaskState) -> bool:
         return state.item >= len(self.items)
@@ -295,7 +332,9 @@ class TaskGrammar:
             return TaskState(state.item + 2)
         start, end = self._ranges[item]
         if not start <= token < end:
-            raise TokenSpaceError(f"task {self.task}: id {token} inside the {item} segment (item {state.item}) is not a {item} id")
+            raise TokenSpaceError(
+                f"task {self.task}: id {token} inside the {item} segment (item {state.item}) is not a {item} id"
+            )
         return TaskState(state.item, state.codes + 1)
 
     def scan(self, ids: Any) -> TaskState:
@@ -352,7 +391,11 @@ class TaskGrammar:
             in_segment = not self.done(before) and isinstance(self.items[before.item], str)
             if in_segment and state.item != before.item:
                 if position >= start:
-                    spans.append(GeneratedSpan(str(self.items[before.item]), np.asarray(sequence[begin:position], dtype=np.int64)))
+                    spans.append(
+                        GeneratedSpan(
+                            str(self.items[before.item]), np.asarray(sequence[begin:position], dtype=np.int64)
+                        )
+                    )
             elif not in_segment and not self.done(state) and isinstance(self.items[state.item], str):
                 begin = position + 1
         return spans
@@ -383,8 +426,16 @@ class GeneratedSpan:
 
 def closed_spans(sequence: np.ndarray, token_space: TokenSpace, start: int = 0) -> list[GeneratedSpan]:
     """Image, audio and text spans of `sequence` whose closing marker is at or after `start`."""
-    markers = {token_space.special_id(t): m for t, m in (("<|soi|>", IMAGE), ("<|soa|>", AUDIO), ("<|sot|>", TEXT)) if t in token_space.special_tokens}
-    closers = {token_space.special_id(t): m for t, m in (("<|eoi|>", IMAGE), ("<|eoa|>", AUDIO), ("<|eot|>", TEXT)) if t in token_space.special_tokens}
+    markers = {
+        token_space.special_id(t): m
+        for t, m in (("<|soi|>", IMAGE), ("<|soa|>", AUDIO), ("<|sot|>", TEXT))
+        if t in token_space.special_tokens
+    }
+    closers = {
+        token_space.special_id(t): m
+        for t, m in (("<|eoi|>", IMAGE), ("<|eoa|>", AUDIO), ("<|eot|>", TEXT))
+        if t in token_space.special_tokens
+    }
     spans: list[GeneratedSpan] = []
     open_at: tuple[str, int] | None = None
     for position, token in enumerate(np.asarray(sequence).tolist()):
@@ -393,7 +444,9 @@ def closed_spans(sequence: np.ndarray, token_space: TokenSpace, start: int = 0) 
         elif token in closers and open_at is not None:
             modality, begin = open_at
             if closers[token] != modality:
-                raise TokenSpaceError(f"a {modality} span opened at {begin - 1} is closed by a {closers[token]} marker at {position}")
+                raise TokenSpaceError(
+                    f"a {modality} span opened at {begin - 1} is closed by a {closers[token]} marker at {position}"
+                )
             if position >= start:
                 spans.append(GeneratedSpan(modality, np.asarray(sequence[begin:position], dtype=np.int64)))
             open_at = None

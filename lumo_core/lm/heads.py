@@ -46,11 +46,15 @@ def heads_for(token_space: TokenSpace) -> list[Head]:
     text_end = token_space.range(SPECIAL).end
     eoa = token_space.special_tokens.get(AUDIO_CLOSER)
     moved = eoa if eoa is not None and token_space.n_audio_codebooks else None
-    text_ranges = ((0, text_end),) if moved is None else tuple((a, b) for a, b in ((0, moved), (moved + 1, text_end)) if b > a)
+    text_ranges = (
+        ((0, text_end),) if moved is None else tuple((a, b) for a, b in ((0, moved), (moved + 1, text_end)) if b > a)
+    )
     heads = [Head(TEXT, text_ranges), Head(IMAGE, (token_space.modality_range(IMAGE),))]
     for k in range(token_space.n_audio_codebooks):
         r = token_space.range(f"{AUDIO}_cb{k}")
-        heads.append(Head(r.name, (((moved, moved + 1),) if k == 0 and moved is not None else ()) + ((r.start, r.end),)))
+        heads.append(
+            Head(r.name, (((moved, moved + 1),) if k == 0 and moved is not None else ()) + ((r.start, r.end),))
+        )
     return heads
 
 
@@ -78,7 +82,9 @@ def head_index(heads: list[Head], vocab_size: int) -> np.ndarray:
             raise LumoError(f"head {head.name!r} overlaps another head")
         index[ids] = number
     if (index < 0).any():
-        raise LumoError(f"{int((index < 0).sum())} ids belong to no head, the first is {int(np.flatnonzero(index < 0)[0])}")
+        raise LumoError(
+            f"{int((index < 0).sum())} ids belong to no head, the first is {int(np.flatnonzero(index < 0)[0])}"
+        )
     return index
 
 

@@ -55,7 +55,9 @@ def _default_model(config: TrainConfig, token_space: TokenSpace) -> Any:
     model_config = LlamaConfig(**common) if spec.architecture == "llama" else Qwen2Config(**common)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.model.init_seed)
-        return AutoModelForCausalLM.from_config(model_config, attn_implementation=config.model.attn_implementation, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(
+            model_config, attn_implementation=config.model.attn_implementation, dtype=torch.float32
+        )
 
 
 def _init_rows(weight: Any, start: int, noise: float, generator: Any) -> None:
@@ -77,18 +79,26 @@ def _loaded_model(config: TrainConfig, token_space: TokenSpace) -> Any:
     path = Path(config.model.path)
     if not (path / "config.json").is_file():
         raise LumoError(f"model.path {path}: not a Hugging Face model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=config.model.attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=config.model.attn_implementation
+    )
     recorded = getattr(model.config, TOKEN_SPACE_ATTR, None)
     rows = model.get_input_embeddings().weight.shape[0]
     if recorded is not None:
         if recorded != token_space.sha256:
-            raise TokenSpaceError(f"model.path {path} was trained for token space {recorded[:12]}, not {token_space.sha256[:12]}")
+            raise TokenSpaceError(
+                f"model.path {path} was trained for token space {recorded[:12]}, not {token_space.sha256[:12]}"
+            )
         if rows != token_space.vocab_size_total:
-            raise TokenSpaceError(f"model.path {path} has {rows} embedding rows, its token space has {token_space.vocab_size_total}")
+            raise TokenSpaceError(
+                f"model.path {path} has {rows} embedding rows, its token space has {token_space.vocab_size_total}"
+            )
         return model
     text_size = token_space.range(TEXT).size
     if rows < text_size:
-        raise TokenSpaceError(f"model.path {path} has {rows} embedding rows, fewer than the {text_size} ids of the text tokenizer: it is not a model for this tokenizer")
+        raise TokenSpaceError(
+            f"model.path {path} has {rows} embedding rows, fewer than the {text_size} ids of the text tokenizer: it is not a model for this tokenizer"
+        )
     model.resize_token_embeddings(token_space.vocab_size_total, mean_resizing=False)
     generator = torch.Generator().manual_seed(config.model.init_seed)
     embeddings = model.get_input_embeddings().weight
@@ -134,7 +144,9 @@ def lora_config(model: Any, config: TrainConfig, token_space: TokenSpace) -> Any
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight.data_ptr() == embeddings.weight.data_ptr()
     # peft ties the head to the embedding adapter by itself; an untied head needs its own rows.
-    indices: list[int] | dict[str, list[int]] = rows if tied or head is None else {_module_name(model, embeddings): rows, _module_name(model, head): rows}
+    indices: list[int] | dict[str, list[int]] = (
+        rows if tied or head is None else {_module_name(model, embeddings): rows, _module_name(model, head): rows}
+    )
     lora = config.finetune.lora
     return LoraConfig(
         r=lora.r,

@@ -42,9 +42,13 @@ class DefaultModelConfig(StrictModel):
     @model_validator(mode="after")
     def _heads_divide(self) -> DefaultModelConfig:
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}")
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}"
+            )
         return self
 
 
@@ -187,7 +191,9 @@ class SamplingConfig(StrictModel):
     @model_validator(mode="after")
     def _frames_ordered(self) -> SamplingConfig:
         if self.min_audio_frames > self.max_audio_frames:
-            raise ValueError(f"min_audio_frames {self.min_audio_frames} exceeds max_audio_frames {self.max_audio_frames}")
+            raise ValueError(
+                f"min_audio_frames {self.min_audio_frames} exceeds max_audio_frames {self.max_audio_frames}"
+            )
         return self
 
 
@@ -215,7 +221,22 @@ class TrainConfig(StrictModel):
         only into a run with the same ones. Logging, saving and device choices are left out, and
         so is `train.max_steps`: a run may be continued to more steps (the learning-rate schedule
         then follows the new total, see lumo_core.lm.training)."""
-        recipe = self.model_dump(mode="json", exclude={"eval": True, "sampling": True, "train": {"max_steps", "device", "log_every", "save_every", "keep_checkpoints", "record_sample_ids", "torch_threads"}})
+        recipe = self.model_dump(
+            mode="json",
+            exclude={
+                "eval": True,
+                "sampling": True,
+                "train": {
+                    "max_steps",
+                    "device",
+                    "log_every",
+                    "save_every",
+                    "keep_checkpoints",
+                    "record_sample_ids",
+                    "torch_threads",
+                },
+            },
+        )
         return _flatten(recipe)
 
     def trajectory_fingerprint(self) -> str:

@@ -63,10 +63,14 @@ def token_loss_sum(logits: Any, labels: Any, head_index: Any = None) -> Any:
     # Shifting the labels left (not the logits right) avoids copying the logits.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     logits = restrict_to_target_heads(logits.float(), targets, head_index)
-    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
-def run_recipe(config: TrainConfig, token_space: TokenSpace, shards_dir: Path, init_sha256: str | None = None) -> dict[str, Any]:
+def run_recipe(
+    config: TrainConfig, token_space: TokenSpace, shards_dir: Path, init_sha256: str | None = None
+) -> dict[str, Any]:
     """What a checkpoint must share with a run to be resumed by it, as dotted keys."""
     return {
         **config.trajectory_settings(),
@@ -92,7 +96,11 @@ def changed_settings(recorded: dict[str, Any] | None, current: dict[str, Any]) -
         return json.dumps(entries[key], sort_keys=True) if key in entries else "(absent)"
 
     keys = sorted(set(recorded) | set(current))
-    changes = [f"{key} {shown(recorded, key)} -> {shown(current, key)}" for key in keys if shown(recorded, key) != shown(current, key)]
+    changes = [
+        f"{key} {shown(recorded, key)} -> {shown(current, key)}"
+        for key in keys
+        if shown(recorded, key) != shown(current, key)
+    ]
     listed = changes[:6] + ([f"and {len(changes) - 6} more"] if len(changes) > 6 else [])
     return "; ".join(listed)
 
@@ -101,8 +109,15 @@ class TrainingRun:
     """One training run of `config` on the shards, writing into `out_dir` (see module doc)."""
 
     def __init__(
-        self, config: TrainConfig, token_space: TokenSpace, shards_dir: Path, out_dir: Path, reporter: Reporter, dist: Distributed,
-        init_from: Path | None = None, new_run: bool = False,
+        self,
+        config: TrainConfig,
+        token_space: TokenSpace,
+        shards_dir: Path,
+        out_dir: Path,
+        reporter: Reporter,
+        dist: Distributed,
+        init_from: Path | None = None,
+        new_run: bool = False,
     ) -> None:
         self.config = config
         self.token_space = token_space
@@ -165,10 +180,16 @@ class TrainingRun:
                 self.previous_run = target
                 self.reporter.log(f"the previous run in {self.out_dir} is kept whole as {target}; starting a new run")
             else:
-                self.reporter.log(f"clearing {self.out_dir}: it holds no complete checkpoint, only leftovers of a run that stopped before one")
+                self.reporter.log(
+                    f"clearing {self.out_dir}: it holds no complete checkpoint, only leftovers of a run that stopped before one"
+                )
                 checkpoints.clear_leftovers(self.out_dir)
         self.previous_run = self.dist.gather(self.previous_run)[0]
-        if self.previous_run is not None and self.init_from is not None and self.init_from.is_relative_to(self.out_dir.resolve()):
+        if (
+            self.previous_run is not None
+            and self.init_from is not None
+            and self.init_from.is_relative_to(self.out_dir.resolve())
+        ):
             # The weights to start from were inside the folder just set aside.
             self.init_from = self.previous_run.resolve() / self.init_from.relative_to(self.out_dir.resolve())
         self.dist.barrier()
@@ -183,7 +204,11 @@ class TrainingRun:
         # Anything random in building the model is drawn from `seed`, the same on every rank.
         torch.manual_seed(self.config.seed)
         attn = self.config.model.attn_implementation
-        init = checkpoints.load_weights(self.init_from, self.token_space, attn) if self.init_from is not None and checkpoint is None else None
+        init = (
+            checkpoints.load_weights(self.init_from, self.token_space, attn)
+            if self.init_from is not None and checkpoint is None
+            else None
+        )
         if not self.lora:
             if checkpoint is not None:
                 return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation=attn)
@@ -243,7 +268,8 @@ class TrainingRun:
             dist.barrier()
             self._log(
                 f"continuing {checkpoint} (step {start_step}, trained to max_steps {continued_from}) to max_steps {config.train.max_steps}: "
-                f"the cosine schedule is recomputed over {config.train.max_steps} steps" + (f"; its final model is kept as {kept}" if kept else "")
+                f"the cosine schedule is recomputed over {config.train.max_steps} steps"
+                + (f"; its final model is kept as {kept}" if kept else "")
             )
         elif checkpoint is not None:
             self._log(f"resuming from {checkpoint} (step {start_step})")
@@ -261,12 +287,19 @@ class TrainingRun:
             head_index = head_index.to(device)
         params = [p for _, p in trainable_parameters(model)]
         optimizer = torch.optim.AdamW(
-            params, lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
-            weight_decay=config.optim.weight_decay, fused=device.type == "cuda",
+            params,
+            lr=config.optim.lr,
+            betas=config.optim.betas,
+            eps=config.optim.eps,
+            weight_decay=config.optim.weight_decay,
+            fused=device.type == "cuda",
         )
         scheduler = get_scheduler(
-            "cosine_with_min_lr", optimizer, num_warmup_steps=config.optim.warmup_steps,
-            num_training_steps=config.train.max_steps, scheduler_specific_kwargs={"min_lr_rate": config.optim.min_lr_ratio},
+            "cosine_with_min_lr",
+            optimizer,
+            num_warmup_steps=config.optim.warmup_steps,
+            num_training_steps=config.train.max_steps,
+            scheduler_specific_kwargs={"min_lr_rate": config.optim.min_lr_ratio},
         )
         rank_state: dict[str, Any] = {"slot_states": {}, "tokens": 0, "pad_tokens": 0}
         if checkpoint is not None:
@@ -288,7 +321,9 @@ class TrainingRun:
 
         plan = BatchPlan.from_config(config, split, self.token_space.special_id("<|pad_mm|>"))
         accum = config.optim.grad_accum_steps
-        stream = TrainStream(plan, dist.rank, dist.world_size, config.data.num_workers, start_step * accum, rank_state["slot_states"])
+        stream = TrainStream(
+            plan, dist.rank, dist.world_size, config.data.num_workers, start_step * accum, rank_state["slot_states"]
+        )
         batches = iter(make_loader(stream, config.data.num_workers, pin_memory=device.type == "cuda"))
         counts = parameter_counts(model)
         self._log(
@@ -303,12 +338,16 @@ class TrainingRun:
         last_entry: dict[str, Any] = {}
         for step in range(start_step + 1, config.train.max_steps + 1):
             micro_batches = [next(batches) for _ in range(accum)]
-            local = [sum(mb.n_target_tokens for mb in micro_batches), sum(mb.n_real_tokens for mb in micro_batches), sum(mb.n_pad_tokens for mb in micro_batches)]
+            local = [
+                sum(mb.n_target_tokens for mb in micro_batches),
+                sum(mb.n_real_tokens for mb in micro_batches),
+                sum(mb.n_pad_tokens for mb in micro_batches),
+            ]
             global_targets, global_tokens, global_pad = dist.sum(local, device)
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
             for index, mb in enumerate(micro_batches):
                 syncing = dist.world_size == 1 or index == accum - 1
-                with (nullcontext() if syncing else ddp_model.no_sync()):
+                with nullcontext() if syncing else ddp_model.no_sync():
                     with autocast():
                         logits = ddp_model(**mb.model_inputs(device), use_cache=False).logits
                     loss_sum = token_loss_sum(logits, mb.labels.to(device, non_blocking=True), head_index)
@@ -329,7 +368,9 @@ class TrainingRun:
             interval["loss"] += float(step_loss)
             if config.train.record_sample_ids:
                 with open(ids_log, "a") as handle:
-                    handle.write(json.dumps({"step": step, "ids": [i for mb in micro_batches for i in mb.sample_ids]}) + "\n")
+                    handle.write(
+                        json.dumps({"step": step, "ids": [i for mb in micro_batches for i in mb.sample_ids]}) + "\n"
+                    )
 
             if step % config.train.log_every == 0 or step == config.train.max_steps:
                 (loss_total,) = dist.sum([interval["loss"]], device)
@@ -369,7 +410,9 @@ class TrainingRun:
             for skips in rank_skips:
                 overlong.update(skips)
         if overlong:
-            self._log(f"samples longer than block_size {config.data.block_size} were passed over (each time met): {dict(sorted(overlong.items()))}")
+            self._log(
+                f"samples longer than block_size {config.data.block_size} were passed over (each time met): {dict(sorted(overlong.items()))}"
+            )
         tokens_all, pad_all = dist.sum([rank_state["tokens"], rank_state["pad_tokens"]], device)
         summary = {
             "run_identity": self.identity,
@@ -403,7 +446,9 @@ class TrainingRun:
         return summary
 
     # ------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self, step: int, model: Any, optimizer: Any, scheduler: Any, rank_state: dict[str, Any]) -> None:
+    def _save_checkpoint(
+        self, step: int, model: Any, optimizer: Any, scheduler: Any, rank_state: dict[str, Any]
+    ) -> None:
         run_state = {
             "max_steps": self.config.train.max_steps,
             "run_identity": self.identity,
@@ -414,8 +459,16 @@ class TrainingRun:
             "token_space_sha256": self.token_space.sha256,
         }
         checkpoints.save_checkpoint(
-            self.out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, rank_state=rank_state,
-            token_space=self.token_space, run_state=run_state, dist=self.dist, keep=self.config.train.keep_checkpoints,
+            self.out_dir,
+            step,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            rank_state=rank_state,
+            token_space=self.token_space,
+            run_state=run_state,
+            dist=self.dist,
+            keep=self.config.train.keep_checkpoints,
         )
 
 
@@ -424,7 +477,9 @@ def train_inputs(settings: Settings, need_shards: bool = True) -> tuple[TokenSpa
     (`need_shards=False`: a run on `data.jsonl` needs no shards)."""
     token_space_path = settings.layout.token_space / "token_space.json"
     if not token_space_path.is_file():
-        raise MissingUpstreamError(f"{token_space_path} not found: build the token space first: {rebuild_hint('token_space', 'lumo token-space')}")
+        raise MissingUpstreamError(
+            f"{token_space_path} not found: build the token space first: {rebuild_hint('token_space', 'lumo token-space')}"
+        )
     shards_dir = settings.layout.tokenized_shards
     if need_shards and not (shards_dir / "index.json").is_file():
         raise MissingUpstreamError(
@@ -435,7 +490,11 @@ def train_inputs(settings: Settings, need_shards: bool = True) -> tuple[TokenSpa
 
 
 def run_train(
-    settings: Settings, reporter: Reporter, overrides: dict[str, Any] | None = None, init_from: str | Path | None = None, new_run: bool = False,
+    settings: Settings,
+    reporter: Reporter,
+    overrides: dict[str, Any] | None = None,
+    init_from: str | Path | None = None,
+    new_run: bool = False,
 ) -> dict[str, Any]:
     """Train (or resume, or continue) the token LM on settings.output_dir/tokenized_shards.
     `new_run` sets a run of other settings aside instead of refusing; `init_from` starts a new run
@@ -453,7 +512,9 @@ def run_train(
     token_space, shards_dir = train_inputs(settings, need_shards=config.data.jsonl is None)
     dist = Distributed.start(config.train.device)
     try:
-        summary = TrainingRun(config, token_space, shards_dir, settings.layout.lm_checkpoint, reporter, dist, init_from, new_run).run()
+        summary = TrainingRun(
+            config, token_space, shards_dir, settings.layout.lm_checkpoint, reporter, dist, init_from, new_run
+        ).run()
     finally:
         dist.stop()
     if not dist.is_main:
@@ -480,4 +541,3 @@ def run_train(
     )
     summary["vocab_matches_token_space"] = bool(vocab["passed"])
     return summary
-

@@ -84,7 +84,9 @@ def _serve(conn: Connection, initializer: Callable[..., None], initargs: tuple, 
 
 
 class _Worker:
-    def __init__(self, context: Any, initializer: Callable[..., None], initargs: tuple, task: Callable[[Any], Any]) -> None:
+    def __init__(
+        self, context: Any, initializer: Callable[..., None], initargs: tuple, task: Callable[[Any], Any]
+    ) -> None:
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child, initializer, initargs, task), daemon=True)
         self.process.start()
@@ -123,8 +125,15 @@ class GuardedPool:
     """`workers` spawned processes running `task` on one item each at a time, in input order,
     with at most `window` items taken from the input ahead of the one yielded next."""
 
-    def __init__(self, workers: int, task: Callable[[Any], Any], initializer: Callable[..., None], initargs: tuple,
-                 timeout_s: float, fault: Callable[[Any, str, str], Any]) -> None:
+    def __init__(
+        self,
+        workers: int,
+        task: Callable[[Any], Any],
+        initializer: Callable[..., None],
+        initargs: tuple,
+        timeout_s: float,
+        fault: Callable[[Any, str, str], Any],
+    ) -> None:
         if workers < 1:
             raise ValueError("a GuardedPool needs at least one worker")
         # spawn, not fork: the parent holds torch thread pools that a forked child would inherit.
@@ -141,7 +150,9 @@ class GuardedPool:
     def _start(self) -> _Worker:
         return _Worker(self._context, self._initializer, self._initargs, self._task)
 
-    def imap(self, items: Iterable[Any], window: int, passthrough: Callable[[Any], bool] = lambda item: False) -> Iterator[Any]:
+    def imap(
+        self, items: Iterable[Any], window: int, passthrough: Callable[[Any], bool] = lambda item: False
+    ) -> Iterator[Any]:
         """Results in input order; items for which `passthrough` is true come back as they are."""
         source = iter(items)
         results: dict[int, Any] = {}
@@ -202,7 +213,9 @@ class GuardedPool:
                     continue
                 item = worker.job[1]
                 worker.job, worker.deadline = None, float("inf")
-                results[index] = payload if kind == "ok" else self._record(item, "decoder_failed", f"the decoder raised {payload}")
+                results[index] = (
+                    payload if kind == "ok" else self._record(item, "decoder_failed", f"the decoder raised {payload}")
+                )
         except (EOFError, OSError):
             pass  # the pipe broke: the worker is dead, handled below
         if worker.process.is_alive() and time.monotonic() < worker.deadline:
@@ -210,17 +223,25 @@ class GuardedPool:
         if worker.process.is_alive():
             worker.kill()
             index, item = worker.job
-            results[index] = self._record(item, "decoder_timeout", f"no result after {self.timeout_s:g} s (pipeline.decoder_timeout_s); the worker was killed")
+            results[index] = self._record(
+                item,
+                "decoder_timeout",
+                f"no result after {self.timeout_s:g} s (pipeline.decoder_timeout_s); the worker was killed",
+            )
         else:
             worker.kill()
             if worker.job is not None:
                 index, item = worker.job
-                results[index] = self._record(item, "decoder_crashed", f"the media worker died while decoding it ({death_detail(worker.process)})")
+                results[index] = self._record(
+                    item, "decoder_crashed", f"the media worker died while decoding it ({death_detail(worker.process)})"
+                )
             elif not worker.ready:
                 self._failed_starts += 1
                 if self._failed_starts >= MAX_FAILED_STARTS:
-                    raise LumoError(f"media worker processes die before they are ready ({death_detail(worker.process)}, "
-                                    f"{self._failed_starts} times in a row): the decoding setup is broken, not a file")
+                    raise LumoError(
+                        f"media worker processes die before they are ready ({death_detail(worker.process)}, "
+                        f"{self._failed_starts} times in a row): the decoding setup is broken, not a file"
+                    )
         self.replaced += 1
         return self._start()
 

@@ -47,17 +47,28 @@ def sample_line(raw: dict[str, Any], where: str, token_space_sha256: str) -> tup
     number of tokens."""
     info = json.loads(raw["json"])
     if info.get("token_space_sha256") != token_space_sha256:
-        raise LumoError(f"{where} was tokenized for token space {str(info.get('token_space_sha256'))[:12]}, index.json names {token_space_sha256[:12]}")
+        raise LumoError(
+            f"{where} was tokenized for token space {str(info.get('token_space_sha256'))[:12]}, index.json names {token_space_sha256[:12]}"
+        )
     input_ids = npy_load(raw["input_ids.npy"])
     labels = npy_load(raw["labels.npy"])
     if token_sha256(input_ids) != info["token_sha256"]:
-        raise LumoError(f"{where}: input_ids do not match the sample's token_sha256: the shard is damaged, tokenize again")
+        raise LumoError(
+            f"{where}: input_ids do not match the sample's token_sha256: the shard is damaged, tokenize again"
+        )
     metadata = json.loads(info.pop("metadata_json", "{}"))
-    record = {**info, "metadata": metadata, "input_ids": input_ids.astype(np.int64).tolist(), "labels": labels.astype(np.int64).tolist()}
+    record = {
+        **info,
+        "metadata": metadata,
+        "input_ids": input_ids.astype(np.int64).tolist(),
+        "labels": labels.astype(np.int64).tolist(),
+    }
     return (json_text(record) + "\n").encode("utf-8"), int(input_ids.size)
 
 
-def _export_split(shards_dir: Path, out_dir: Path, split: str, shards: list[dict[str, Any]], token_space_sha256: str) -> dict[str, Any]:
+def _export_split(
+    shards_dir: Path, out_dir: Path, split: str, shards: list[dict[str, Any]], token_space_sha256: str
+) -> dict[str, Any]:
     final = out_dir / split_file(split)
     tmp = out_dir / f".{final.name}.tmp-{os.getpid()}"
     digest = hashlib.sha256()
@@ -76,14 +87,31 @@ def _export_split(shards_dir: Path, out_dir: Path, split: str, shards: list[dict
                     n_samples += 1
                     n_tokens += tokens
                 if n_samples - first != int(shard["n_samples"]):
-                    raise LumoError(f"{shards_dir / shard['name']}: holds {n_samples - first} samples, index.json says {shard['n_samples']}")
-                parts.append({"shard": shard["name"], "first": first, "n_samples": n_samples - first, "offset": start, "length": offset - start})
+                    raise LumoError(
+                        f"{shards_dir / shard['name']}: holds {n_samples - first} samples, index.json says {shard['n_samples']}"
+                    )
+                parts.append(
+                    {
+                        "shard": shard["name"],
+                        "first": first,
+                        "n_samples": n_samples - first,
+                        "offset": start,
+                        "length": offset - start,
+                    }
+                )
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"file": final.name, "sha256": digest.hexdigest(), "bytes": offset, "n_samples": n_samples, "n_tokens": n_tokens, "parts": parts}
+    return {
+        "file": final.name,
+        "sha256": digest.hexdigest(),
+        "bytes": offset,
+        "n_samples": n_samples,
+        "n_tokens": n_tokens,
+        "parts": parts,
+    }
 
 
 def export_jsonl(shards_dir: Path, out_dir: Path) -> dict[str, Any]:
@@ -114,7 +142,9 @@ def read_export_index(folder: Path) -> dict[str, Any]:
     """index.json of an export folder, checked to be one."""
     path = Path(folder) / INDEX
     if not path.is_file():
-        raise LumoError(f"{folder}: no {INDEX}: not a finished `lumo export-jsonl` folder (pass a .jsonl file, or export again)")
+        raise LumoError(
+            f"{folder}: no {INDEX}: not a finished `lumo export-jsonl` folder (pass a .jsonl file, or export again)"
+        )
     try:
         index = json.loads(path.read_bytes())
     except (ValueError, RecursionError) as exc:
@@ -136,5 +166,8 @@ def run_export_jsonl(settings: Settings, reporter: Any, out_dir: Path | None = N
         "index": str(out_dir / INDEX),
         "index_sha256": sha256_hex((out_dir / INDEX).read_bytes()),
         "token_space_sha256": export["token_space_sha256"],
-        "splits": {split: {k: entry[k] for k in ("file", "sha256", "n_samples", "n_tokens")} for split, entry in export["splits"].items()},
+        "splits": {
+            split: {k: entry[k] for k in ("file", "sha256", "n_samples", "n_tokens")}
+            for split, entry in export["splits"].items()
+        },
     }

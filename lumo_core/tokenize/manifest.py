@@ -139,7 +139,11 @@ def iter_manifest(
     with handle, parser.ids:
         for number, (raw, size) in enumerate(_bounded_lines(handle, limits.max_line_bytes), start=1):
             if raw is None:
-                yield Reject(number, None, f"line_too_long: {size} bytes exceeds limits.max_line_bytes ({limits.max_line_bytes}); skipped unread")
+                yield Reject(
+                    number,
+                    None,
+                    f"line_too_long: {size} bytes exceeds limits.max_line_bytes ({limits.max_line_bytes}); skipped unread",
+                )
                 continue
             if number == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
@@ -178,8 +182,10 @@ class _IdRegistry:
         self._folder = tempfile.TemporaryDirectory(prefix="lumo-ids-")
         db = sqlite3.connect(Path(self._folder.name) / "ids.sqlite")
         # A scratch file: nothing to keep after a crash, so no journal and no fsync.
-        db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16000;"
-                         "CREATE TABLE ids (digest BLOB PRIMARY KEY, line INTEGER NOT NULL) WITHOUT ROWID;")
+        db.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16000;"
+            "CREATE TABLE ids (digest BLOB PRIMARY KEY, line INTEGER NOT NULL) WITHOUT ROWID;"
+        )
         return db
 
     def first_line(self, digest: bytes, line: int) -> int:
@@ -210,7 +216,14 @@ class _IdRegistry:
 
 
 class _LineParser:
-    def __init__(self, base: Path, roots: tuple[Path, ...], map_path: Callable[[str], str], max_depth: int, max_caption_chars: int) -> None:
+    def __init__(
+        self,
+        base: Path,
+        roots: tuple[Path, ...],
+        map_path: Callable[[str], str],
+        max_depth: int,
+        max_caption_chars: int,
+    ) -> None:
         self.base = base
         self.roots = roots
         self.map_path = map_path
@@ -265,16 +278,25 @@ class _LineParser:
         if caption is None:
             return Reject(number, sample_id, "missing_field: text", task)
         if not _is_text(caption):
-            return Reject(number, sample_id, f"invalid_field: text must be a non-empty string, got {_short(caption)}", task)
+            return Reject(
+                number, sample_id, f"invalid_field: text must be a non-empty string, got {_short(caption)}", task
+            )
         if len(caption) > self.max_caption_chars:
-            return Reject(number, sample_id, f"caption_too_long: {len(caption)} characters exceeds limits.max_caption_chars ({self.max_caption_chars})", task)
+            return Reject(
+                number,
+                sample_id,
+                f"caption_too_long: {len(caption)} characters exceeds limits.max_caption_chars ({self.max_caption_chars})",
+                task,
+            )
 
         modality = TASK_MEDIA[task]
         raw_path = obj.get(modality)
         if raw_path is None:
             return Reject(number, sample_id, f"missing_field: {modality} (task {task} needs one)", task)
         if not _is_text(raw_path) or "\x00" in raw_path:
-            return Reject(number, sample_id, f"invalid_field: {modality} must be a file path, got {_short(raw_path)}", task)
+            return Reject(
+                number, sample_id, f"invalid_field: {modality} must be a file path, got {_short(raw_path)}", task
+            )
         resolved = self.resolve(raw_path)
         if isinstance(resolved, PathOutsideRootsError):
             return Reject(number, sample_id, str(resolved), task)
@@ -422,16 +444,28 @@ def audit_manifest(
     workers = config.pipeline.num_workers
     # The media checks run in guarded worker processes (lumo_core.tokenize.decode_workers): a file that
     # hangs or crashes its decoder is a reject, never the end of the audit.
-    pool = GuardedPool(workers, _audit_in_worker, _init_audit_worker, (config,), timeout_s=config.pipeline.decoder_timeout_s,
-                       fault=_fault_record) if workers else None
+    pool = (
+        GuardedPool(
+            workers,
+            _audit_in_worker,
+            _init_audit_worker,
+            (config,),
+            timeout_s=config.pipeline.decoder_timeout_s,
+            fault=_fault_record,
+        )
+        if workers
+        else None
+    )
     try:
         with pq.ParquetWriter(rows_tmp, schema) as parquet, open(rejects_tmp, "w", encoding="utf-8") as rejects:
             items = iter_manifest(manifest, config, map_path)
             if pool is None:
                 records = (_audit_one(item, config) for item in items)
             else:
-                records = (item if isinstance(item, dict) else _audit_one(item, config)
-                           for item in pool.imap(items, 16 * workers, passthrough=lambda item: isinstance(item, Reject)))
+                records = (
+                    item if isinstance(item, dict) else _audit_one(item, config)
+                    for item in pool.imap(items, 16 * workers, passthrough=lambda item: isinstance(item, Reject))
+                )
             for record in records:
                 stats.add(record)
                 if record["status"] == "rejected":
@@ -486,7 +520,10 @@ def _audit_in_worker(row: ManifestRow) -> dict[str, Any]:
 
 def _fault_record(row: ManifestRow, code: str, detail: str) -> dict[str, Any]:
     """The record of a row whose media worker hung, died or raised."""
-    return {**_row_record(row), **_reject_record(Reject.from_media_error(row, DECODER_FAULTS[code](row.media_path, detail)))}
+    return {
+        **_row_record(row),
+        **_reject_record(Reject.from_media_error(row, DECODER_FAULTS[code](row.media_path, detail))),
+    }
 
 
 def _row_record(row: ManifestRow) -> dict[str, Any]:
@@ -564,7 +601,9 @@ class _AuditStats:
             "reject_rate": round(n_rejected / n_lines, 6) if n_lines else 0.0,
             "tasks": tasks,
             "reject_reasons": dict(self.reasons),
-            "audio_seconds": _distribution(np.frombuffer(self.seconds, dtype=np.float64), with_mean=True, percentiles=(50, 95)),
+            "audio_seconds": _distribution(
+                np.frombuffer(self.seconds, dtype=np.float64), with_mean=True, percentiles=(50, 95)
+            ),
             "image_size": {
                 "width": _distribution(widths, percentiles=(50,)),
                 "height": _distribution(heights, percentiles=(50,)),
@@ -580,7 +619,11 @@ def _distribution(values: np.ndarray, percentiles: tuple[int, ...], with_mean: b
     if values.size == 0:
         return {"count": 0, **{key: None for key in keys}}
     integral = values.dtype.kind in "iu"
-    out: dict[str, Any] = {"count": int(values.size), "min": _number(values.min(), integral), "max": _number(values.max(), integral)}
+    out: dict[str, Any] = {
+        "count": int(values.size),
+        "min": _number(values.min(), integral),
+        "max": _number(values.max(), integral),
+    }
     if with_mean:
         out["mean"] = _number(values.mean(), integral)
     for p, value in zip(percentiles, np.percentile(values, percentiles)):

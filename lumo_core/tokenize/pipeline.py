@@ -87,11 +87,19 @@ class PipelineTimings:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(image_preprocessor: Callable, audio_preprocessor: Callable, max_pixels: int, max_seconds: float, cache: TokenCache | None = None) -> None:
+def _init_worker(
+    image_preprocessor: Callable,
+    audio_preprocessor: Callable,
+    max_pixels: int,
+    max_seconds: float,
+    cache: TokenCache | None = None,
+) -> None:
     from lumo_core.uti.media import warm_decoders
 
     warm_decoders()
-    _WORKER.update(image=image_preprocessor, audio=audio_preprocessor, max_pixels=max_pixels, max_seconds=max_seconds, cache=cache)
+    _WORKER.update(
+        image=image_preprocessor, audio=audio_preprocessor, max_pixels=max_pixels, max_seconds=max_seconds, cache=cache
+    )
 
 
 def _cached_codes(modality: str, path: str) -> tuple[CacheEntry | None, bool]:
@@ -134,7 +142,11 @@ def prepare_row(row: Any) -> PreparedRow | Any:
         else:
             waveform, rate = load_audio(path, _WORKER["max_seconds"])
             media = _WORKER["audio"](waveform, rate)
-            meta = {"source_sample_rate": rate, "source_channels": int(waveform.shape[0]), "duration_s": round(waveform.shape[1] / rate, 6)}
+            meta = {
+                "source_sample_rate": rate,
+                "source_channels": int(waveform.shape[0]),
+                "duration_s": round(waveform.shape[1] / rate, 6),
+            }
         meta["source_sha256"] = file_sha256(path)
     except MediaError as exc:
         return Reject(line=row.line, id=row.id, reason=str(exc))
@@ -180,7 +192,9 @@ class SampleEncoder:
     # Rows that may wait in all queues, in model calls.
     MAX_WAITING_BATCHES = 8
 
-    def __init__(self, tokenizer: Any, config: UTIConfig, timings: PipelineTimings, cache: TokenCache | None = None) -> None:
+    def __init__(
+        self, tokenizer: Any, config: UTIConfig, timings: PipelineTimings, cache: TokenCache | None = None
+    ) -> None:
         from lumo_core.tokenize.model_calls import ModelCalls
 
         self.tokenizer = tokenizer
@@ -201,7 +215,10 @@ class SampleEncoder:
         if prepared.cached is not None:
             self.timings.rows_from_cache += 1
             return [self.build_sample(prepared, prepared.cached.codes, prepared.cached.codec_meta), *self._finished()]
-        key = (prepared.modality, self.tokenizer.audio.batch_key(prepared.media.shape[-1]) if prepared.modality == "audio" else 0)
+        key = (
+            prepared.modality,
+            self.tokenizer.audio.batch_key(prepared.media.shape[-1]) if prepared.modality == "audio" else 0,
+        )
         queue = self.queues.setdefault(key, [])
         queue.append(prepared)
         if len(queue) >= self.rows_per_call[prepared.modality]:
@@ -231,7 +248,9 @@ class SampleEncoder:
         shape = self.rows_per_call[modality]
         self.timings.call_rows[modality] = self.timings.call_rows.get(modality, 0) + shape
         self.timings.padding_rows[modality] = self.timings.padding_rows.get(modality, 0) + shape - len(batch)
-        self.in_flight.append((modality, batch, self.calls.submit(modality, self.encode_media, modality, [p.media for p in batch])))
+        self.in_flight.append(
+            (modality, batch, self.calls.submit(modality, self.encode_media, modality, [p.media for p in batch]))
+        )
         # Two calls per thread in flight at most (one running, one ready): decoded media does
         # not pile up behind the models.
         if len(self.in_flight) > 2 * self.calls.calls_at_once:
@@ -246,7 +265,12 @@ class SampleEncoder:
             self.timings.rows_encoded += len(batch)
             if self.cache is not None:
                 for p, (c, meta) in zip(batch, codes):
-                    entry = CacheEntry(codes=np.asarray(c, dtype=np.int32), codec_meta=meta, media_meta=p.media_meta, n_media_samples=p.n_media_samples)
+                    entry = CacheEntry(
+                        codes=np.asarray(c, dtype=np.int32),
+                        codec_meta=meta,
+                        media_meta=p.media_meta,
+                        n_media_samples=p.n_media_samples,
+                    )
                     self.cache.put(modality, p.media_meta["source_sha256"], entry)
             samples += [self.build_sample(p, c, meta) for p, (c, meta) in zip(batch, codes)]
         return samples
@@ -257,13 +281,17 @@ class SampleEncoder:
             return [(codes, {}) for codes in self.tokenizer.image.encode_batch(np.stack(media))]
         return self.tokenizer.audio.encode_batch_with_meta(media)
 
-    def build_sample(self, prepared: PreparedRow, media_codes: np.ndarray, codec_meta: dict[str, Any]) -> SpooledSample | Any:
+    def build_sample(
+        self, prepared: PreparedRow, media_codes: np.ndarray, codec_meta: dict[str, Any]
+    ) -> SpooledSample | Any:
         from lumo_core.tokenize.manifest import Reject
 
         row = prepared.row
         text_ids = self.tokenizer.text.encode(row.text)
         if text_ids.size > self.config.limits.max_text_tokens:
-            error = TextTooLongError(f"line {row.line}", f"{text_ids.size} tokens exceeds the limit of {self.config.limits.max_text_tokens}")
+            error = TextTooLongError(
+                f"line {row.line}", f"{text_ids.size} tokens exceeds the limit of {self.config.limits.max_text_tokens}"
+            )
             return Reject(line=row.line, id=row.id, reason=str(error))
         if prepared.modality == "image":
             media_ids = self.space.image_to_global(media_codes)
@@ -272,9 +300,16 @@ class SampleEncoder:
             audio = self.tokenizer.audio
             media_ids = self.space.audio_to_global(media_codes)
             n_samples = prepared.n_media_samples
-            media_meta = {**prepared.media_meta, **codec_meta, "sample_rate": int(audio.sample_rate), "frames": int(media_codes.shape[1]),
-                          "padding_samples": int(audio.padding_samples(n_samples))}
-        sequence = self.builder.build(row.task, {"text": self.space.text_to_global(text_ids), prepared.modality: media_ids})
+            media_meta = {
+                **prepared.media_meta,
+                **codec_meta,
+                "sample_rate": int(audio.sample_rate),
+                "frames": int(media_codes.shape[1]),
+                "padding_samples": int(audio.padding_samples(n_samples)),
+            }
+        sequence = self.builder.build(
+            row.task, {"text": self.space.text_to_global(text_ids), prepared.modality: media_ids}
+        )
         split = split_of(row.id, self.config.split.salt, self.config.split.eval_fraction)
         info = {
             "id": row.id,
@@ -300,9 +335,17 @@ class SampleEncoder:
             "audio.npy": npy_bytes(codes["audio"]),
             "json": canonical_json_bytes(info),
         }
-        return SpooledSample(key=sample_key(row.id), split=split, line=row.line, sample_id=row.id, task=row.task,
-                             n_tokens=int(sequence.input_ids.size), members=members,
-                             from_cache=prepared.cached is not None, cache_damaged=prepared.cache_damaged)
+        return SpooledSample(
+            key=sample_key(row.id),
+            split=split,
+            line=row.line,
+            sample_id=row.id,
+            task=row.task,
+            n_tokens=int(sequence.input_ids.size),
+            members=members,
+            from_cache=prepared.cached is not None,
+            cache_damaged=prepared.cache_damaged,
+        )
 
 
 # --------------------------------------------------------------------- running rows
@@ -310,14 +353,24 @@ def cache_recipe_for(config: UTIConfig, token_space_sha: str) -> str:
     """The sha256 of everything that decides a row's media codes: the adapters (their
     descriptions are in the token space), their preprocessing settings, the limits that decide
     whether media is accepted at all, the device and the batch shapes."""
-    recipe = {"pipeline_version": PIPELINE_VERSION, "token_space_sha256": token_space_sha,
-              "model_calls": config.pipeline.model_dump(include={"device", "image_batch_size", "audio_batch_size"}),
-              "tokenizers": config.tokenizers.model_dump(mode="json"), "limits": config.limits.model_dump(mode="json")}
+    recipe = {
+        "pipeline_version": PIPELINE_VERSION,
+        "token_space_sha256": token_space_sha,
+        "model_calls": config.pipeline.model_dump(include={"device", "image_batch_size", "audio_batch_size"}),
+        "tokenizers": config.tokenizers.model_dump(mode="json"),
+        "limits": config.limits.model_dump(mode="json"),
+    }
     return sha256_hex(canonical_json_bytes(recipe))
 
 
 def _worker_state(tokenizer: Any, config: UTIConfig, cache: TokenCache | None = None) -> tuple[Any, ...]:
-    return tokenizer.image.preprocessor(), tokenizer.audio.preprocessor(), config.limits.max_image_pixels, config.limits.max_audio_seconds, cache
+    return (
+        tokenizer.image.preprocessor(),
+        tokenizer.audio.preprocessor(),
+        config.limits.max_image_pixels,
+        config.limits.max_audio_seconds,
+        cache,
+    )
 
 
 def init_media_decoding(tokenizer: Any, config: UTIConfig, cache: TokenCache | None = None) -> None:
@@ -331,8 +384,14 @@ def make_executor(tokenizer: Any, config: UTIConfig, cache: TokenCache | None = 
     if config.pipeline.num_workers == 0:
         init_media_decoding(tokenizer, config, cache)
         return None
-    return GuardedPool(config.pipeline.num_workers, prepare_row, _init_worker, _worker_state(tokenizer, config, cache),
-                       timeout_s=config.pipeline.decoder_timeout_s, fault=decoder_fault_reject)
+    return GuardedPool(
+        config.pipeline.num_workers,
+        prepare_row,
+        _init_worker,
+        _worker_state(tokenizer, config, cache),
+        timeout_s=config.pipeline.decoder_timeout_s,
+        fault=decoder_fault_reject,
+    )
 
 
 def encode_rows(rows: Iterable[Any], tokenizer: Any, config: UTIConfig) -> list[SpooledSample | Any]:

@@ -66,9 +66,14 @@ def run_key_for(manifest_sha: str, config: UTIConfig, token_space_sha: str) -> s
     # part of the recipe. Worker counts and commit cadence are not; the unit count shapes the
     # spools (not the shards), so it is recorded too.
     model_calls = config.pipeline.model_dump(include={"device", "image_batch_size", "audio_batch_size"})
-    recipe = {"pipeline_version": PIPELINE_VERSION, "manifest_sha256": manifest_sha, "token_space_sha256": token_space_sha,
-              "model_calls": model_calls, "work_units": config.pipeline.work_units,
-              "config": config.model_dump(mode="json", exclude={"pipeline", "audit"})}
+    recipe = {
+        "pipeline_version": PIPELINE_VERSION,
+        "manifest_sha256": manifest_sha,
+        "token_space_sha256": token_space_sha,
+        "model_calls": model_calls,
+        "work_units": config.pipeline.work_units,
+        "config": config.model_dump(mode="json", exclude={"pipeline", "audit"}),
+    }
     return sha256_hex(canonical_json_bytes(recipe))
 
 
@@ -109,7 +114,11 @@ class TokenizeRun:
         return unit_lock(self.work_dir, unit)
 
     def token_cache(self) -> TokenCache:
-        root = Path(self.config.pipeline.token_cache_dir) if self.config.pipeline.token_cache_dir else self.out_dir.parent / "token_cache"
+        root = (
+            Path(self.config.pipeline.token_cache_dir)
+            if self.config.pipeline.token_cache_dir
+            else self.out_dir.parent / "token_cache"
+        )
         return TokenCache(root, cache_recipe_for(self.config, self.space.sha256))
 
     def up_to_date(self) -> bool:
@@ -128,9 +137,17 @@ class TokenizeRun:
             recorded_key = json.loads(run_file.read_bytes()).get("run_key")
             index = json.loads(index_file.read_bytes())
             version = index.get("format_version")
-            entries = [entry for split in SPLITS for entry in index["splits"][split]["shards"]] if version == INDEX_FORMAT_VERSION else []
+            entries = (
+                [entry for split in SPLITS for entry in index["splits"][split]["shards"]]
+                if version == INDEX_FORMAT_VERSION
+                else []
+            )
             for entry in entries:
-                if not (isinstance(entry["name"], str) and isinstance(entry["size"], int) and isinstance(entry["sha256"], str)):
+                if not (
+                    isinstance(entry["name"], str)
+                    and isinstance(entry["size"], int)
+                    and isinstance(entry["sha256"], str)
+                ):
                     raise TypeError(f"shard entry {entry!r}")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             return f"index.json or run.json is damaged ({type(exc).__name__}: {exc})"
@@ -150,7 +167,9 @@ class TokenizeRun:
             if file_sha256(self.out_dir / entry["name"]) != entry["sha256"]:
                 return f"shard {entry['name']} does not match its sha256 in index.json"
         card = index.get("card")
-        if card is not None and (not (self.out_dir / card["name"]).is_file() or file_sha256(self.out_dir / card["name"]) != card["sha256"]):
+        if card is not None and (
+            not (self.out_dir / card["name"]).is_file() or file_sha256(self.out_dir / card["name"]) != card["sha256"]
+        ):
             return f"{card['name']} does not match its sha256 in index.json"
         return None
 
@@ -196,7 +215,9 @@ class TokenizeRun:
             spool.close()
 
 
-def start_run(settings: Settings, tokenizer: Any = None, load_models: bool = True, force: bool = False) -> tuple[TokenizeRun, Any]:
+def start_run(
+    settings: Settings, tokenizer: Any = None, load_models: bool = True, force: bool = False
+) -> tuple[TokenizeRun, Any]:
     """Read the config, the manifest and the token space, and check they agree. Without models
     (the merge) the recorded token space stands for the tokenizers'."""
     from lumo_core.sample_data import manifest_for
@@ -212,17 +233,29 @@ def start_run(settings: Settings, tokenizer: Any = None, load_models: bool = Tru
         tokenizer = UnifiedTokenizer(config)
     space = tokenizer.token_space if tokenizer is not None else recorded_space
     if space.sha256 != recorded_space.sha256:
-        raise LumoError(f"the token space of {settings.uti_config or 'the default config'} ({space.sha256[:12]}) differs from "
-                        f"{settings.layout.token_space}/token_space.json ({recorded_space.sha256[:12]}): rebuild it: {rebuild_hint('token_space', 'lumo token-space')}")
+        raise LumoError(
+            f"the token space of {settings.uti_config or 'the default config'} ({space.sha256[:12]}) differs from "
+            f"{settings.layout.token_space}/token_space.json ({recorded_space.sha256[:12]}): rebuild it: {rebuild_hint('token_space', 'lumo token-space')}"
+        )
     out_dir = settings.layout.tokenized_shards
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_sha = manifest_sha256(manifest)
-    run = TokenizeRun(settings=settings, config=config, manifest=manifest, space=space, manifest_sha256=manifest_sha,
-                      run_key=run_key_for(manifest_sha, config, space.sha256), out_dir=out_dir, force=force)
+    run = TokenizeRun(
+        settings=settings,
+        config=config,
+        manifest=manifest,
+        space=space,
+        manifest_sha256=manifest_sha,
+        run_key=run_key_for(manifest_sha, config, space.sha256),
+        out_dir=out_dir,
+        force=force,
+    )
     return run, tokenizer
 
 
-def tokenize(settings: Settings, reporter: Any, tokenizer: Any = None, workers: int = 1, force: bool = False) -> dict[str, Any]:
+def tokenize(
+    settings: Settings, reporter: Any, tokenizer: Any = None, workers: int = 1, force: bool = False
+) -> dict[str, Any]:
     """Tokenize the manifest into settings.output_dir/tokenized_shards: every unit not yet
     complete (in this process, or in `workers` processes), then the merge. Resumable; with
     `force`, every unit again from the media and the shards rewritten."""
@@ -235,10 +268,14 @@ def tokenize(settings: Settings, reporter: Any, tokenizer: Any = None, workers: 
         return _tokenize_locked(run, settings, reporter, tokenizer, workers, force)
 
 
-def _tokenize_locked(run: TokenizeRun, settings: Settings, reporter: Any, tokenizer: Any, workers: int, force: bool) -> dict[str, Any]:
+def _tokenize_locked(
+    run: TokenizeRun, settings: Settings, reporter: Any, tokenizer: Any, workers: int, force: bool
+) -> dict[str, Any]:
     stale = "forced (--force)" if force else run.stale_reason()
     if stale is None:
-        reporter.log("shards are up to date with the manifest, config and token space, and match index.json: nothing to do")
+        reporter.log(
+            "shards are up to date with the manifest, config and token space, and match index.json: nothing to do"
+        )
         return summarize(run.out_dir, reused=True)
     if (run.out_dir / "index.json").is_file():
         reporter.log(f"rebuilding the shards: {stale}")
@@ -262,13 +299,17 @@ def _tokenize_locked(run: TokenizeRun, settings: Settings, reporter: Any, tokeni
         unit_timings = PipelineTimings()
     summary = merge_units(run, reporter)
     seconds = time.perf_counter() - started
-    summary.update({"seconds": round(seconds, 3), "lines_per_s": round(summary["n_manifest_lines"] / max(seconds, 1e-9), 2)})
+    summary.update(
+        {"seconds": round(seconds, 3), "lines_per_s": round(summary["n_manifest_lines"] / max(seconds, 1e-9), 2)}
+    )
     if unit_timings is not None:
         summary["model_seconds"] = round(unit_timings.model_s, 3)
     return summary
 
 
-def tokenize_unit(settings: Settings, reporter: Any, unit: int | list[int], tokenizer: Any = None, force: bool = False) -> dict[str, Any]:
+def tokenize_unit(
+    settings: Settings, reporter: Any, unit: int | list[int], tokenizer: Any = None, force: bool = False
+) -> dict[str, Any]:
     """One work unit, or several in one pass over the manifest (`lumo tokenize --unit K
     [--unit L ...]`): their rows into their own spools. Resumable; with `force`, the units start
     over from the media."""
@@ -280,20 +321,32 @@ def tokenize_unit(settings: Settings, reporter: Any, unit: int | list[int], toke
         return _tokenize_unit_locked(settings, reporter, units, tokenizer, force)
 
 
-def _tokenize_unit_locked(settings: Settings, reporter: Any, units: list[int], tokenizer: Any, force: bool) -> dict[str, Any]:
+def _tokenize_unit_locked(
+    settings: Settings, reporter: Any, units: list[int], tokenizer: Any, force: bool
+) -> dict[str, Any]:
     run, tokenizer = start_run(settings, tokenizer, force=force)
     outside = [k for k in units if not 0 <= k < run.n_units]
     if outside:
-        raise LumoError(f"--unit {outside[0]}: the config's pipeline.work_units is {run.n_units}, so units are 0..{run.n_units - 1}")
+        raise LumoError(
+            f"--unit {outside[0]}: the config's pipeline.work_units is {run.n_units}, so units are 0..{run.n_units - 1}"
+        )
     if force:
         for k in units:
             run.discard_unit(k)
     pending = [k for k in units if not run.unit_complete(k)]
     if len(pending) < len(units):
-        reporter.log(f"{len(units) - len(pending)} of the {len(units)} units are already complete for this manifest, config and token space")
+        reporter.log(
+            f"{len(units) - len(pending)} of the {len(units)} units are already complete for this manifest, config and token space"
+        )
     timings = tokenize_units(run, tokenizer, pending, reporter) if pending else PipelineTimings()
-    summary: dict[str, Any] = {"units": units, "n_units": run.n_units, "n_samples": 0, "n_rejected": 0, **dict.fromkeys(SOURCE_COUNTS, 0),
-                               "model_seconds": round(timings.model_s, 3)}
+    summary: dict[str, Any] = {
+        "units": units,
+        "n_units": run.n_units,
+        "n_samples": 0,
+        "n_rejected": 0,
+        **dict.fromkeys(SOURCE_COUNTS, 0),
+        "model_seconds": round(timings.model_s, 3),
+    }
     for k in units:
         spool = run.open_unit(k)
         try:
@@ -318,7 +371,14 @@ def _units_in_processes(settings: Settings, units: list[int], workers: int, repo
         processes = []
         try:
             for number, share in enumerate(shares):
-                command = [sys.executable, "-m", "lumo_core.cli", "tokenize", *(arg for k in share for arg in ("--unit", str(k))), *(["--force"] if force else [])]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "lumo_core.cli",
+                    "tokenize",
+                    *(arg for k in share for arg in ("--unit", str(k))),
+                    *(["--force"] if force else []),
+                ]
                 with open(Path(logs) / f"{number}.err", "wb") as stderr:
                     processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr))
             for process in processes:
@@ -335,12 +395,17 @@ def _units_in_processes(settings: Settings, units: list[int], workers: int, repo
                     process.wait()
             raise
         for number, (share, process) in enumerate(zip(shares, processes)):
-            reporter.log(f"units {_ranges(share)}: {'done' if process.returncode == 0 else f'FAILED (exit {process.returncode})'}")
+            reporter.log(
+                f"units {_ranges(share)}: {'done' if process.returncode == 0 else f'FAILED (exit {process.returncode})'}"
+            )
             if process.returncode != 0:
                 stderr = (Path(logs) / f"{number}.err").read_text(errors="replace")
                 failed.append(f"units {_ranges(share)}: {(stderr.strip().splitlines() or ['no output'])[-1]}")
     if failed:
-        raise LumoError(f"{len(failed)} of {len(shares)} worker processes failed (completed units are kept; run again to retry): " + "; ".join(failed))
+        raise LumoError(
+            f"{len(failed)} of {len(shares)} worker processes failed (completed units are kept; run again to retry): "
+            + "; ".join(failed)
+        )
 
 
 def tokenize_units(run: TokenizeRun, tokenizer: Any, units: list[int], reporter: Any) -> PipelineTimings:
@@ -369,19 +434,29 @@ def _tokenize_units_locked(run: TokenizeRun, tokenizer: Any, units: list[int], r
     # The workers look rows up in the cache; a forced build encodes every row again, and its
     # fresh codes still go into the cache (the encoder writes them).
     executor = make_executor(tokenizer, config, None if run.force else cache)
-    window = max(4, 4 * config.pipeline.num_workers * max(config.pipeline.image_batch_size, config.pipeline.audio_batch_size))
+    window = max(
+        4, 4 * config.pipeline.num_workers * max(config.pipeline.image_batch_size, config.pipeline.audio_batch_size)
+    )
 
     def unit_of_item(item: Any) -> int:
         return unit_of_line(item.id, item.line, run.n_units)
 
-    rows = (r for r in iter_manifest(run.manifest, config, map_path=tokenizer.map_path) if unit_of_item(r) in wanted and r.line not in done[unit_of_item(r)])
-    pending: dict[int, tuple[list[SpooledSample], list[tuple[int, str | None, str]]]] = {unit: ([], []) for unit in units}
+    rows = (
+        r
+        for r in iter_manifest(run.manifest, config, map_path=tokenizer.map_path)
+        if unit_of_item(r) in wanted and r.line not in done[unit_of_item(r)]
+    )
+    pending: dict[int, tuple[list[SpooledSample], list[tuple[int, str | None, str]]]] = {
+        unit: ([], []) for unit in units
+    }
     processed = resumed
 
     def collect(results: list[Any]) -> None:
         for result in results:
             if isinstance(result, Reject):
-                pending[unit_of_line(result.id, result.line, run.n_units)][1].append((result.line, result.id, result.reason))
+                pending[unit_of_line(result.id, result.line, run.n_units)][1].append(
+                    (result.line, result.id, result.reason)
+                )
             else:
                 pending[unit_of_line(result.sample_id, result.line, run.n_units)][0].append(result)
 
@@ -408,12 +483,16 @@ def _tokenize_units_locked(run: TokenizeRun, tokenizer: Any, units: list[int], r
     if executor is not None:
         executor.close()
         if executor.faults:
-            reporter.log(f"units {_ranges(units)}: media workers replaced after {', '.join(f'{n} {code}' for code, n in sorted(executor.faults.items()))}")
+            reporter.log(
+                f"units {_ranges(units)}: media workers replaced after {', '.join(f'{n} {code}' for code, n in sorted(executor.faults.items()))}"
+            )
     for spool in spools.values():
         spool.set_meta("complete", "1")
         spool.close()
-    reporter.log(f"units {_ranges(units)}: {timings.rows_encoded} rows encoded, {timings.rows_from_cache} from the cache"
-                 f"{f', {timings.cache_damaged} damaged cache entries encoded again' if timings.cache_damaged else ''}")
+    reporter.log(
+        f"units {_ranges(units)}: {timings.rows_encoded} rows encoded, {timings.rows_from_cache} from the cache"
+        f"{f', {timings.cache_damaged} damaged cache entries encoded again' if timings.cache_damaged else ''}"
+    )
     return timings
 
 
@@ -421,8 +500,11 @@ def _source_counts(samples: list[SpooledSample]) -> dict[str, int]:
     """How many of these samples' media codes the models computed, and how many came from the
     token cache (a damaged entry's row was encoded again, and is counted both as encoded and
     as damaged)."""
-    return {"rows_encoded": sum(not s.from_cache for s in samples), "rows_from_cache": sum(s.from_cache for s in samples),
-            "cache_damaged": sum(s.cache_damaged for s in samples)}
+    return {
+        "rows_encoded": sum(not s.from_cache for s in samples),
+        "rows_from_cache": sum(s.from_cache for s in samples),
+        "cache_damaged": sum(s.cache_damaged for s in samples),
+    }
 
 
 def _ranges(units: list[int]) -> str:
@@ -448,7 +530,9 @@ def _merge_locked(run: TokenizeRun, reporter: Any) -> dict[str, Any]:
         return summarize(run.out_dir, reused=True)
     missing = [unit for unit in range(run.n_units) if not run.unit_complete(unit)]
     if missing:
-        raise LumoError(f"{len(missing)} of {run.n_units} work units are not complete ({_ranges(missing)}): run them first: {rebuild_hint('tokenized_shards', 'lumo tokenize --unit K, or lumo tokenize')}")
+        raise LumoError(
+            f"{len(missing)} of {run.n_units} work units are not complete ({_ranges(missing)}): run them first: {rebuild_hint('tokenized_shards', 'lumo tokenize --unit K, or lumo tokenize')}"
+        )
     out_dir = run.out_dir
     merge_marker = run.work_dir / "merge.json"
     # Shards of another build must not be reused under their names: clear them once per build.
@@ -462,8 +546,12 @@ def _merge_locked(run: TokenizeRun, reporter: Any) -> dict[str, Any]:
             spools[-1].verify()
         merged = MergedSpool(spools)
         config = run.config
-        split_summaries = {split: write_split_shards(merged, out_dir, split, config.shards.max_samples_per_shard, config.shards.max_bytes_per_shard, reporter)
-                           for split in SPLITS}
+        split_summaries = {
+            split: write_split_shards(
+                merged, out_dir, split, config.shards.max_samples_per_shard, config.shards.max_bytes_per_shard, reporter
+            )
+            for split in SPLITS
+        }
     except DamagedFileError as exc:
         # Never half-used: the damaged unit is dropped, to be tokenized again by the next run.
         for spool in spools:
@@ -471,8 +559,10 @@ def _merge_locked(run: TokenizeRun, reporter: Any) -> dict[str, Any]:
         unit = next((k for k in range(run.n_units) if unit_spool_path(run.work_dir, k) == Path(exc.path)), None)
         if unit is not None:
             run.discard_unit(unit)
-        raise LumoError(f"work unit {unit}'s spool is damaged ({exc}); it was removed and no shard was committed: "
-                        f"run `lumo tokenize` (or `lumo tokenize --unit {unit}`, then --merge) again to rebuild it") from exc
+        raise LumoError(
+            f"work unit {unit}'s spool is damaged ({exc}); it was removed and no shard was committed: "
+            f"run `lumo tokenize` (or `lumo tokenize --unit {unit}`, then --merge) again to rebuild it"
+        ) from exc
     write_rejects(out_dir, merged)
     atomic_write_bytes(out_dir / "stats.json", canonical_json_bytes(compute_stats(merged, run.space)))
     n_samples = merged.count()
@@ -485,23 +575,40 @@ def _merge_locked(run: TokenizeRun, reporter: Any) -> dict[str, Any]:
         "n_manifest_lines": n_lines,
         "n_samples": n_samples,
         "n_rejected": n_rejected,
-        "splits": {split: {k: v for k, v in summary.items() if k != "reused_shards"} for split, summary in split_summaries.items()},
+        "splits": {
+            split: {k: v for k, v in summary.items() if k != "reused_shards"}
+            for split, summary in split_summaries.items()
+        },
     }
     # The dataset card (the splits for `load_dataset(<folder>)`) goes in before the commit point,
     # which lists it.
     index["card"] = write_dataset_card(out_dir, dataset_card(index, run.space, _task_counts(merged), PIPELINE_VERSION))
     settings = run.settings
-    atomic_write_bytes(out_dir / "run.json", canonical_json_bytes({"run_key": run.run_key, "manifest": str(run.manifest.resolve()),
-                                                                   "manifest_sha256": run.manifest_sha256,
-                                                                   "uti_config": str(settings.uti_config) if settings.uti_config else None,
-                                                                   "work_units": run.n_units, **counts}))
+    atomic_write_bytes(
+        out_dir / "run.json",
+        canonical_json_bytes(
+            {
+                "run_key": run.run_key,
+                "manifest": str(run.manifest.resolve()),
+                "manifest_sha256": run.manifest_sha256,
+                "uti_config": str(settings.uti_config) if settings.uti_config else None,
+                "work_units": run.n_units,
+                **counts,
+            }
+        ),
+    )
     write_index(out_dir, index)
     for spool in spools:
         spool.close()
     shutil.rmtree(run.work_dir, ignore_errors=True)
-    reporter.log(f"{n_samples} samples in {sum(s['n_shards'] for s in split_summaries.values())} shards, {n_rejected} rejects; "
-                 f"{counts['rows_encoded']} rows encoded, {counts['rows_from_cache']} from the cache")
-    return {**summarize(out_dir, reused=False, reused_shards=sum(s["reused_shards"] for s in split_summaries.values())), **counts}
+    reporter.log(
+        f"{n_samples} samples in {sum(s['n_shards'] for s in split_summaries.values())} shards, {n_rejected} rejects; "
+        f"{counts['rows_encoded']} rows encoded, {counts['rows_from_cache']} from the cache"
+    )
+    return {
+        **summarize(out_dir, reused=False, reused_shards=sum(s["reused_shards"] for s in split_summaries.values())),
+        **counts,
+    }
 
 
 def _task_counts(spool: Spool | MergedSpool) -> dict[tuple[str, str], tuple[int, int]]:
@@ -514,7 +621,10 @@ def _task_counts(spool: Spool | MergedSpool) -> dict[tuple[str, str], tuple[int,
 
 
 def write_rejects(out_dir: Path, spool: Spool | MergedSpool) -> None:
-    lines = [json.dumps({"line": line, "id": rid, "reason": reason}, sort_keys=True, ensure_ascii=False) for line, rid, reason in spool.iter_rejects()]
+    lines = [
+        json.dumps({"line": line, "id": rid, "reason": reason}, sort_keys=True, ensure_ascii=False)
+        for line, rid, reason in spool.iter_rejects()
+    ]
     atomic_write_bytes(out_dir / "rejects.jsonl", ("\n".join(lines) + "\n" if lines else "").encode("utf-8"))
 
 

@@ -49,8 +49,16 @@ SAMPLE_MEMBERS = ("audio.npy", "image.npy", "input_ids.npy", "json", "labels.npy
 # chunked EnCodec models), as a JSON object text, because its keys vary by codec and by clip.
 MEDIA_FIELDS: dict[str, dict[str, Any]] = {
     "image": {"source_width": 0, "source_height": 0, "source_sha256": "", "tokens": 0},
-    "audio": {"source_sample_rate": 0, "source_channels": 0, "duration_s": 0.0, "source_sha256": "",
-              "sample_rate": 0, "frames": 0, "padding_samples": 0, "codec_json": "{}"},
+    "audio": {
+        "source_sample_rate": 0,
+        "source_channels": 0,
+        "duration_s": 0.0,
+        "source_sha256": "",
+        "sample_rate": 0,
+        "frames": 0,
+        "padding_samples": 0,
+        "codec_json": "{}",
+    },
 }
 
 
@@ -204,25 +212,48 @@ class Spool:
         lines.update(r[0] for r in self._db.execute("SELECT line FROM rejects"))
         return lines
 
-    def add(self, samples: list[SpooledSample], rejects: list[tuple[int, str | None, str]], counts: dict[str, int] | None = None) -> None:
+    def add(
+        self,
+        samples: list[SpooledSample],
+        rejects: list[tuple[int, str | None, str]],
+        counts: dict[str, int] | None = None,
+    ) -> None:
         """Commit a batch of samples and rejects, and add `counts` to the spool's counts, in one
         transaction: a crash never leaves rows without their counts or counts without rows."""
-        rows = [(s.key, s.split, s.line, s.sample_id, s.task, s.n_tokens, sum(len(v) for v in s.members.values()), pack_members(s.members))
-                for s in samples]
+        rows = [
+            (
+                s.key,
+                s.split,
+                s.line,
+                s.sample_id,
+                s.task,
+                s.n_tokens,
+                sum(len(v) for v in s.members.values()),
+                pack_members(s.members),
+            )
+            for s in samples
+        ]
         try:
             with self._db:
                 self._db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 self._db.executemany("INSERT INTO rejects VALUES (?, ?, ?)", rejects)
                 for name, value in (counts or {}).items():
-                    self._db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = CAST(v AS INTEGER) + ?", (name, str(value), value))
+                    self._db.execute(
+                        "INSERT INTO meta VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = CAST(v AS INTEGER) + ?",
+                        (name, str(value), value),
+                    )
         except sqlite3.OperationalError as exc:
             # The transaction is rolled back: the spool holds what it held before this batch.
             # SQLite reports ENOSPC as "full" and a write over RLIMIT_FSIZE as an I/O error.
             if "full" not in str(exc) and "I/O" not in str(exc):
                 raise
             needed = sum(len(row[-1]) for row in rows) + sum(len(str(r)) for r in rejects)
-            raise_if_out_of_space(OSError(errno.EFBIG if "I/O" in str(exc) else errno.ENOSPC, str(exc)), self.path, needed,
-                                  kept="the batch was rolled back, the spool keeps its earlier rows")
+            raise_if_out_of_space(
+                OSError(errno.EFBIG if "I/O" in str(exc) else errno.ENOSPC, str(exc)),
+                self.path,
+                needed,
+                kept="the batch was rolled back, the spool keeps its earlier rows",
+            )
             raise
 
     def get_count(self, name: str) -> int:
@@ -330,7 +361,9 @@ def shard_sha256(samples: list[tuple[str, dict[str, bytes]]]) -> str:
     return sink.digest.hexdigest()
 
 
-def write_split_shards(spool: Any, out_dir: Path, split: str, max_samples: int, max_bytes: int, reporter: Any = None) -> dict[str, Any]:
+def write_split_shards(
+    spool: Any, out_dir: Path, split: str, max_samples: int, max_bytes: int, reporter: Any = None
+) -> dict[str, Any]:
     """Write (or reuse, when already complete under its final name) every shard of a split."""
     split_dir = out_dir / split
     split_dir.mkdir(parents=True, exist_ok=True)
@@ -351,9 +384,19 @@ def write_split_shards(spool: Any, out_dir: Path, split: str, max_samples: int, 
             reused += 1
         else:
             if path.is_file() and reporter is not None:
-                reporter.log(f"{split}: shard {number + 1}/{len(plan)} on disk does not hold this spool's bytes: written again")
+                reporter.log(
+                    f"{split}: shard {number + 1}/{len(plan)} on disk does not hold this spool's bytes: written again"
+                )
             write_shard(path, samples)
-        entries.append({"name": name, "sha256": file_sha256(path), "size": path.stat().st_size, "n_samples": len(keys), "n_tokens": n_tokens})
+        entries.append(
+            {
+                "name": name,
+                "sha256": file_sha256(path),
+                "size": path.stat().st_size,
+                "n_samples": len(keys),
+                "n_tokens": n_tokens,
+            }
+        )
         if reporter is not None:
             reporter.log(f"{split}: shard {number + 1}/{len(plan)} {'reused' if already_complete else 'written'}")
     expected = {Path(e["name"]).name for e in entries}
@@ -390,7 +433,9 @@ def read_index(out_dir: Path) -> dict[str, Any]:
 
     path = Path(out_dir) / "index.json"
     if not path.is_file():
-        raise MissingUpstreamError(f"{path} not found: tokenize first: {rebuild_hint('tokenized_shards', 'lumo tokenize')}")
+        raise MissingUpstreamError(
+            f"{path} not found: tokenize first: {rebuild_hint('tokenized_shards', 'lumo tokenize')}"
+        )
     return json.loads(path.read_bytes())
 
 
@@ -414,7 +459,9 @@ def _card_yaml(index: dict[str, Any]) -> str:
     return "\n".join([*lines, "---", ""])
 
 
-def dataset_card(index: dict[str, Any], space: Any, task_counts: dict[tuple[str, str], tuple[int, int]], pipeline_version: str) -> bytes:
+def dataset_card(
+    index: dict[str, Any], space: Any, task_counts: dict[tuple[str, str], tuple[int, int]], pipeline_version: str
+) -> bytes:
     """The shards folder's README.md: the splits for `load_dataset(<folder>)`, what the shards
     hold (token space, counts per task and split, token layout, sample layout) and how to read
     and decode them. Only facts of the inputs go in, so equal runs write equal bytes.
@@ -423,14 +470,20 @@ def dataset_card(index: dict[str, Any], space: Any, task_counts: dict[tuple[str,
     sha = index["token_space_sha256"]
     out = [_card_yaml(index), "# Lumo tokenized shards", ""]
     out += [
-        ("Text, images and audio as discrete tokens of **one shared vocabulary**, written by Lumo "
-         f"(pipeline version {pipeline_version}) as WebDataset shards. `index.json` lists every shard with its "
-         "sha256 and this card with its sha256; it is written last, so a folder holding it is complete."),
+        (
+            "Text, images and audio as discrete tokens of **one shared vocabulary**, written by Lumo "
+            f"(pipeline version {pipeline_version}) as WebDataset shards. `index.json` lists every shard with its "
+            "sha256 and this card with its sha256; it is written last, so a folder holding it is complete."
+        ),
         "",
-        (f"- token space sha256: `{sha}` (every sample's `json.token_space_sha256` holds it: tokens are only "
-         "meaningful with this token space, and Lumo's training refuses shards of another)"),
-        (f"- manifest lines: {index['n_manifest_lines']}; samples: {index['n_samples']}; rejected rows: "
-         f"{index['n_rejected']} (`rejects.jsonl`: line, id, reason)"),
+        (
+            f"- token space sha256: `{sha}` (every sample's `json.token_space_sha256` holds it: tokens are only "
+            "meaningful with this token space, and Lumo's training refuses shards of another)"
+        ),
+        (
+            f"- manifest lines: {index['n_manifest_lines']}; samples: {index['n_samples']}; rejected rows: "
+            f"{index['n_rejected']} (`rejects.jsonl`: line, id, reason)"
+        ),
         "",
         "## Samples per task and split",
         "",
@@ -443,22 +496,35 @@ def dataset_card(index: dict[str, Any], space: Any, task_counts: dict[tuple[str,
             n, tokens = task_counts[(split, task)]
             out.append(f"| {split} | {task} | {n} | {tokens} |")
         out.append(f"| {split} | all | {index['splits'][split]['n_samples']} | {index['splits'][split]['n_tokens']} |")
-    out += ["", "## The token layout", "", f"{space.vocab_size_total} ids, contiguous, in this order:", "",
-            "| range | first id | last id | ids |", "|---|---:|---:|---:|"]
+    out += [
+        "",
+        "## The token layout",
+        "",
+        f"{space.vocab_size_total} ids, contiguous, in this order:",
+        "",
+        "| range | first id | last id | ids |",
+        "|---|---:|---:|---:|",
+    ]
     for r in space.ranges:
         out.append(f"| {r.name} | {r.start} | {r.end - 1} | {r.size} |")
-    specials = ", ".join(f"`{name}` {token_id}" for name, token_id in sorted(space.special_tokens.items(), key=lambda item: item[1]))
+    specials = ", ".join(
+        f"`{name}` {token_id}" for name, token_id in sorted(space.special_tokens.items(), key=lambda item: item[1])
+    )
     image, audio = space.image, space.audio
     out += [
         "",
         f"- text: the ids of the text tokenizer (`{space.text.get('tokenizer', space.text.get('kind'))}`) as they are.",
         f"- special tokens: {specials}.",
-        (f"- image: {space.tokens_per_image} codes of {image.get('codebook_size')} per image "
-         f"(`{image.get('tokenizer', image.get('kind'))}`, {image.get('resolution')} px); global id = image first id + code."),
-        (f"- audio: {space.n_audio_codebooks} codebooks of {audio.get('codebook_size')} at {audio.get('frame_rate')} frames/s "
-         f"(`{audio.get('codec', audio.get('kind'))}`, {audio.get('sample_rate')} Hz), flattened frame by frame "
-         "(`f0c0 f0c1 ... f1c0 ...`): flat position p of an audio span is codebook p % n_codebooks, and global id = "
-         "that codebook's first id + code."),
+        (
+            f"- image: {space.tokens_per_image} codes of {image.get('codebook_size')} per image "
+            f"(`{image.get('tokenizer', image.get('kind'))}`, {image.get('resolution')} px); global id = image first id + code."
+        ),
+        (
+            f"- audio: {space.n_audio_codebooks} codebooks of {audio.get('codebook_size')} at {audio.get('frame_rate')} frames/s "
+            f"(`{audio.get('codec', audio.get('kind'))}`, {audio.get('sample_rate')} Hz), flattened frame by frame "
+            "(`f0c0 f0c1 ... f1c0 ...`): flat position p of an audio span is codebook p % n_codebooks, and global id = "
+            "that codebook's first id + code."
+        ),
         "",
         "Sequences per task, prompt then target (labels are -100 on the prompt):",
         "",
@@ -470,20 +536,26 @@ def dataset_card(index: dict[str, Any], space: Any, task_counts: dict[tuple[str,
         "",
         "## A sample",
         "",
-        ("Every sample of every task has the same members and the same JSON schema; what a task does not use is "
-         "a typed empty value, never a missing member or a null:"),
+        (
+            "Every sample of every task has the same members and the same JSON schema; what a task does not use is "
+            "a typed empty value, never a missing member or a null:"
+        ),
         "",
         "- `input_ids.npy`: int32 [n_tokens], the global ids of the whole sequence",
         "- `labels.npy`: int32 [n_tokens], -100 where no loss is taken",
         "- `text.npy`: int32 [n], the text tokenizer's own ids of the caption",
         f"- `image.npy`: int32 [{space.tokens_per_image}], the image codes; shape [0] in audio tasks",
-        (f"- `audio.npy`: int32 [{space.n_audio_codebooks}, frames], the codes per codebook; shape "
-         f"[{space.n_audio_codebooks}, 0] in image tasks"),
-        ("- `json`: `id`, `task`, `split`, `text`, `n_tokens`, `token_sha256` (sha256 of `input_ids` as little-endian "
-         "int32 bytes), `token_space_sha256`, `spans` (`{modality, start, end}` into `input_ids`), `media` "
-         "(`image` and `audio` facts: source size, duration, sample rates, frames, padding, source sha256; "
-         "zeros and \"\" for the modality the task lacks; `media.audio.codec_json`: the codec's other facts as "
-         "JSON text) and `metadata_json` (the manifest row's own extra keys, as JSON text)"),
+        (
+            f"- `audio.npy`: int32 [{space.n_audio_codebooks}, frames], the codes per codebook; shape "
+            f"[{space.n_audio_codebooks}, 0] in image tasks"
+        ),
+        (
+            "- `json`: `id`, `task`, `split`, `text`, `n_tokens`, `token_sha256` (sha256 of `input_ids` as little-endian "
+            "int32 bytes), `token_space_sha256`, `spans` (`{modality, start, end}` into `input_ids`), `media` "
+            "(`image` and `audio` facts: source size, duration, sample rates, frames, padding, source sha256; "
+            'zeros and "" for the modality the task lacks; `media.audio.codec_json`: the codec\'s other facts as '
+            "JSON text) and `metadata_json` (the manifest row's own extra keys, as JSON text)"
+        ),
         "",
         "## Reading",
         "",
@@ -491,39 +563,41 @@ def dataset_card(index: dict[str, Any], space: Any, task_counts: dict[tuple[str,
         "from glob import glob",
         "from datasets import load_dataset",
         "",
-        "ds = load_dataset(\"path/to/tokenized_shards\")  # this card names the splits: train, eval",
-        "files = {s: sorted(glob(f\"path/to/tokenized_shards/{s}/*.tar\")) for s in (\"train\", \"eval\")}",
-        "ds = load_dataset(\"webdataset\", data_files=files, streaming=True)  # or the shards themselves",
-        "sample = next(iter(ds[\"train\"]))  # sample[\"input_ids.npy\"]: a list of ints; sample[\"json\"][\"task\"]",
-        "# ds.with_format(\"numpy\") gives arrays (as int64: cast to int32 before hashing against token_sha256)",
+        'ds = load_dataset("path/to/tokenized_shards")  # this card names the splits: train, eval',
+        'files = {s: sorted(glob(f"path/to/tokenized_shards/{s}/*.tar")) for s in ("train", "eval")}',
+        'ds = load_dataset("webdataset", data_files=files, streaming=True)  # or the shards themselves',
+        'sample = next(iter(ds["train"]))  # sample["input_ids.npy"]: a list of ints; sample["json"]["task"]',
+        '# ds.with_format("numpy") gives arrays (as int64: cast to int32 before hashing against token_sha256)',
         "",
         "import webdataset as wds",
-        "for sample in wds.WebDataset(files[\"train\"], shardshuffle=False).decode():",
+        'for sample in wds.WebDataset(files["train"], shardshuffle=False).decode():',
         "    ...  # numpy arrays and a dict",
         "",
         "import io, json, tarfile, numpy as np",
-        "with tarfile.open(files[\"train\"][0]) as tar:",
+        'with tarfile.open(files["train"][0]) as tar:',
         "    for member in tar:  # a sample's members are adjacent; the key is the name up to the first dot",
-        "        key, ext = member.name.split(\".\", 1)",
+        '        key, ext = member.name.split(".", 1)',
         "        data = tar.extractfile(member).read()",
-        "        value = json.loads(data) if ext == \"json\" else np.load(io.BytesIO(data), allow_pickle=False)",
+        '        value = json.loads(data) if ext == "json" else np.load(io.BytesIO(data), allow_pickle=False)',
         "```",
         "",
         "## Decoding",
         "",
-        ("The spans say where each modality sits in `input_ids`; `text.npy`, `image.npy` and `audio.npy` hold the "
-         "same codes in each tokenizer's own numbering, ready for its decoder. With Lumo and the UTI config of "
-         "this run (its token space must have the sha256 above):"),
+        (
+            "The spans say where each modality sits in `input_ids`; `text.npy`, `image.npy` and `audio.npy` hold the "
+            "same codes in each tokenizer's own numbering, ready for its decoder. With Lumo and the UTI config of "
+            "this run (its token space must have the sha256 above):"
+        ),
         "",
         "```python",
         "from lumo_core.uti.unified import UnifiedTokenizer",
         "",
-        "tokenizer = UnifiedTokenizer.from_config_path(\"uti.yaml\")",
-        "for span in info[\"spans\"]:  # info: the sample's json; input_ids: its input_ids.npy",
-        "    ids = input_ids[span[\"start\"]:span[\"end\"]]",
-        "    if span[\"modality\"] == \"text\": print(tokenizer.decode_text(ids))",
-        "    if span[\"modality\"] == \"image\": tokenizer.decode_image(ids).save(\"image.png\")",
-        "    if span[\"modality\"] == \"audio\": waveform, rate = tokenizer.decode_audio(ids)",
+        'tokenizer = UnifiedTokenizer.from_config_path("uti.yaml")',
+        'for span in info["spans"]:  # info: the sample\'s json; input_ids: its input_ids.npy',
+        '    ids = input_ids[span["start"]:span["end"]]',
+        '    if span["modality"] == "text": print(tokenizer.decode_text(ids))',
+        '    if span["modality"] == "image": tokenizer.decode_image(ids).save("image.png")',
+        '    if span["modality"] == "audio": waveform, rate = tokenizer.decode_audio(ids)',
         "```",
         "",
     ]

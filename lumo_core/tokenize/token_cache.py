@@ -65,14 +65,24 @@ class TokenCache:
             if not newline or header.get("payload_sha256") != sha256_hex(payload):
                 raise DamagedEntry(f"{path}: payload does not match its sha256")
             codes = np.frombuffer(payload, dtype="<i4").reshape(header["shape"]).astype(np.int32)
-            return CacheEntry(codes=codes, codec_meta=header["codec_meta"], media_meta=header["media_meta"], n_media_samples=int(header["n_media_samples"]))
+            return CacheEntry(
+                codes=codes,
+                codec_meta=header["codec_meta"],
+                media_meta=header["media_meta"],
+                n_media_samples=int(header["n_media_samples"]),
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DamagedEntry(f"{path}: {type(exc).__name__}: {exc}") from exc
 
     def put(self, modality: str, source_sha256: str, entry: CacheEntry) -> None:
         payload = np.ascontiguousarray(entry.codes, dtype="<i4").tobytes()
-        header = {"payload_sha256": sha256_hex(payload), "shape": list(entry.codes.shape), "codec_meta": entry.codec_meta,
-                  "media_meta": entry.media_meta, "n_media_samples": entry.n_media_samples}
+        header = {
+            "payload_sha256": sha256_hex(payload),
+            "shape": list(entry.codes.shape),
+            "codec_meta": entry.codec_meta,
+            "media_meta": entry.media_meta,
+            "n_media_samples": entry.n_media_samples,
+        }
         path = self.path(modality, source_sha256)
         path.parent.mkdir(parents=True, exist_ok=True)
         # No fsync: a lost entry is only encoded again, and the hash catches a torn one.

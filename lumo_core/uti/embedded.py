@@ -51,7 +51,7 @@ def is_builtin(path: str) -> bool:
 
 
 def builtin_spec(path: str) -> tuple[str, Builtin]:
-    name = path[len(BUILTIN_PREFIX):]
+    name = path[len(BUILTIN_PREFIX) :]
     if name not in BUILTINS:
         raise ConfigError(f"unknown builtin model {path!r}; known: {sorted(BUILTIN_PREFIX + n for n in BUILTINS)}")
     return name, BUILTINS[name]
@@ -85,7 +85,9 @@ def build_builtin(name: str, target: str | os.PathLike) -> None:
 
 
 def _ensure_built(name: str, spec: Builtin) -> Path:
-    return build_folder_once(cache_dir() / f"{name}-v{spec.revision}", lambda staging: spec.build(spec.model_config(), staging))
+    return build_folder_once(
+        cache_dir() / f"{name}-v{spec.revision}", lambda staging: spec.build(spec.model_config(), staging)
+    )
 
 
 def _round_2sig(values: Any) -> Any:

@@ -70,7 +70,9 @@ def probe_image(path: str | os.PathLike, max_pixels: int) -> ImageInfo:
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise UnreadableMediaError(path, f"not a readable image ({exc})") from exc
     if info.width * info.height > max_pixels:
-        raise ImageTooLargeError(path, f"{info.width}x{info.height} = {info.width * info.height} px exceeds the limit of {max_pixels} px")
+        raise ImageTooLargeError(
+            path, f"{info.width}x{info.height} = {info.width * info.height} px exceeds the limit of {max_pixels} px"
+        )
     return info
 
 

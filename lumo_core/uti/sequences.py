@@ -67,7 +67,9 @@ class SequenceBuilder:
                 supervised.append(is_target)
                 cursor += ids.size
         input_ids = np.concatenate(pieces).astype(np.int32)
-        labels = np.concatenate([p if s else np.full(p.size, IGNORE_INDEX) for p, s in zip(pieces, supervised)]).astype(np.int32)
+        labels = np.concatenate([p if s else np.full(p.size, IGNORE_INDEX) for p, s in zip(pieces, supervised)]).astype(
+            np.int32
+        )
         return Sequence(input_ids, labels, tuple(spans))
 
     def build_prompt(self, task: str, segments: dict[str, np.ndarray]) -> np.ndarray:
@@ -124,4 +126,3 @@ def split_of(sample_id: str, salt: str, eval_fraction: float) -> str:
     digest = hashlib.sha256(f"{salt}\0{sample_id}".encode()).digest()
     position = int.from_bytes(digest[:8], "big") / 2**64
     return "eval" if position < eval_fraction else "train"
-

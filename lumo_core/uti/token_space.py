@@ -69,7 +69,11 @@ class TokenSpace:
         """
         ranges: list[Range] = []
         cursor = 0
-        for name, size in [(TEXT, int(text["vocab_size"])), (SPECIAL, len(special_tokens)), (IMAGE, int(image["codebook_size"]))]:
+        for name, size in [
+            (TEXT, int(text["vocab_size"])),
+            (SPECIAL, len(special_tokens)),
+            (IMAGE, int(image["codebook_size"])),
+        ]:
             ranges.append(Range(name, cursor, size))
             cursor += size
         for k in range(int(audio["n_codebooks"])):
@@ -112,7 +116,9 @@ class TokenSpace:
             cursor = r.start + r.size
         total = sum(r.size for r in self.ranges)
         if total != self.vocab_size_total or cursor != self.vocab_size_total:
-            problems.append(f"vocab_size_total is {self.vocab_size_total} but the ranges sum to {total} and end at {cursor}")
+            problems.append(
+                f"vocab_size_total is {self.vocab_size_total} but the ranges sum to {total} and end at {cursor}"
+            )
         ids = list(self.special_tokens.values())
         if len(set(ids)) != len(ids):
             problems.append("two special tokens share one id")
@@ -121,7 +127,9 @@ class TokenSpace:
         if SPECIAL in names:
             special = self.range(SPECIAL)
             if sorted(ids) != list(range(special.start, special.end)):
-                problems.append(f"special token ids {sorted(ids)} do not fill the special range [{special.start}, {special.end})")
+                problems.append(
+                    f"special token ids {sorted(ids)} do not fill the special range [{special.start}, {special.end})"
+                )
         for required in ("<|soi|>", "<|eoi|>", "<|soa|>", "<|eoa|>", "<|pad_mm|>"):
             if required not in self.special_tokens:
                 problems.append(f"missing special token {required}")
@@ -205,7 +213,9 @@ class TokenSpace:
             raise TokenSpaceError(f"{path}: not valid JSON: {exc}") from exc
         space = cls.from_dict(data)
         if space.to_json_bytes() != payload:
-            raise TokenSpaceError(f"{path}: not in canonical form: rewrite it: {rebuild_hint('token_space', 'lumo token-space')}")
+            raise TokenSpaceError(
+                f"{path}: not in canonical form: rewrite it: {rebuild_hint('token_space', 'lumo token-space')}"
+            )
         return space
 
     @classmethod
@@ -213,7 +223,9 @@ class TokenSpace:
         """The `token_space` step's output, or a MissingUpstreamError that says how to build it."""
         path = Path(token_space_dir) / "token_space.json"
         if not path.is_file():
-            raise MissingUpstreamError(f"{path} not found: build the token space first: {rebuild_hint('token_space', 'lumo token-space')}")
+            raise MissingUpstreamError(
+                f"{path} not found: build the token space first: {rebuild_hint('token_space', 'lumo token-space')}"
+            )
         return cls.read(path)
 
     # ------------------------------------------------------------------ queries
@@ -281,7 +293,9 @@ class TokenSpace:
         expected = np.tile(np.arange(n_q), ids.size // n_q)
         bad = np.flatnonzero(codebook != expected)
         if bad.size:
-            raise TokenSpaceError(f"audio id at flat position {int(bad[0])} belongs to codebook {int(codebook[bad[0]])}, expected {int(expected[bad[0]])}")
+            raise TokenSpaceError(
+                f"audio id at flat position {int(bad[0])} belongs to codebook {int(codebook[bad[0]])}, expected {int(expected[bad[0]])}"
+            )
         return local.reshape(-1, n_q).T
 
     def image_from_global(self, ids: np.ndarray) -> np.ndarray:
@@ -319,7 +333,9 @@ class TokenSpace:
         r = self.range(name)
         outside = np.flatnonzero((ids < r.start) | (ids >= r.end))
         if outside.size:
-            raise TokenSpaceError(f"id {int(ids[outside[0]])} at position {int(outside[0])} is outside the {name} range [{r.start}, {r.end})")
+            raise TokenSpaceError(
+                f"id {int(ids[outside[0]])} at position {int(outside[0])} is outside the {name} range [{r.start}, {r.end})"
+            )
         return ids - r.start
 
     @staticmethod

@@ -69,7 +69,10 @@ def prepare_image(source: Any, preprocess: Callable[[Any], np.ndarray], max_pixe
         digest = file_sha256(source)
     elif isinstance(source, Image.Image):
         if source.width * source.height > max_pixels:
-            raise ImageTooLargeError(IMAGE_SOURCE, f"{source.width}x{source.height} = {source.width * source.height} px exceeds the limit of {max_pixels} px")
+            raise ImageTooLargeError(
+                IMAGE_SOURCE,
+                f"{source.width}x{source.height} = {source.width * source.height} px exceeds the limit of {max_pixels} px",
+            )
         image = source.convert("RGB")
         digest = hashlib.sha256(image.tobytes()).hexdigest()
     else:
@@ -82,7 +85,9 @@ def _checked_waveform(waveform: Any, sample_rate: int, max_seconds: float, origi
     if array.ndim == 1:
         array = array[None, :]
     if array.ndim != 2:
-        raise UnreadableMediaError(origin, f"a waveform is [samples] or [channels, samples], got shape {list(array.shape)}")
+        raise UnreadableMediaError(
+            origin, f"a waveform is [samples] or [channels, samples], got shape {list(array.shape)}"
+        )
     if array.shape[1] == 0 or array.shape[0] == 0:
         raise EmptyAudioError(origin, "audio has no samples")
     if sample_rate <= 0:
@@ -94,7 +99,9 @@ def _checked_waveform(waveform: Any, sample_rate: int, max_seconds: float, origi
     return np.ascontiguousarray(array)
 
 
-def prepare_audio(source: Any, preprocess: Callable[[np.ndarray, int], np.ndarray], max_seconds: float) -> PreparedMedia:
+def prepare_audio(
+    source: Any, preprocess: Callable[[np.ndarray, int], np.ndarray], max_seconds: float
+) -> PreparedMedia:
     """A path or (waveform [c, n] or [n], sample_rate) -> the waveform at the codec's rate and
     channels, with sha256 (file bytes, or the float32 little-endian sample bytes) and the
     source facts."""
@@ -135,7 +142,11 @@ class UnifiedTokenizer:
         self.text, self.image, self.audio = build_adapters(
             config.tokenizers, self.device, config.pipeline.image_batch_size, config.pipeline.audio_batch_size
         )
-        self._descriptions = {"text": self.text.describe(), "image": self.image.describe(), "audio": self.audio.describe()}
+        self._descriptions = {
+            "text": self.text.describe(),
+            "image": self.image.describe(),
+            "audio": self.audio.describe(),
+        }
         self.token_space = TokenSpace.build(
             text=self._descriptions["text"],
             image=self._descriptions["image"],

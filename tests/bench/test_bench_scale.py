@@ -29,7 +29,19 @@ REPORT_KEYS = (
 
 def test_bench_scale_reports_scaling_incremental_rebuild_and_memory(tmp_path):
     env = {**os.environ, "LUMO_OUTPUT_DIR": str(tmp_path / "outputs"), "LUMO_CACHE_DIR": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "lumo_core.cli", "bench", "scale", "--rows", "40", "--incremental-rows", "20", "--memory-rows", "200"]
+    command = [
+        sys.executable,
+        "-m",
+        "lumo_core.cli",
+        "bench",
+        "scale",
+        "--rows",
+        "40",
+        "--incremental-rows",
+        "20",
+        "--memory-rows",
+        "200",
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -100,7 +100,9 @@ def test_every_gpu_pool_step_and_only_those_get_a_gpu_on_kubernetes() -> None:
     assert "limits" not in executor_config(K8S_EXECUTOR)["step_k8s_config"]["container_config"]["resources"]
 
 
-@pytest.mark.parametrize(("location", "executor_name"), [("k8s", "lumo_k8s_job_executor"), ("celery", "lumo_celery_executor")])
+@pytest.mark.parametrize(
+    ("location", "executor_name"), [("k8s", "lumo_k8s_job_executor"), ("celery", "lumo_celery_executor")]
+)
 def test_code_location_keeps_lumos_definitions_with_its_executor(location: str, executor_name: str) -> None:
     from lumo_pipeline.definitions import defs as lumo_defs
 

@@ -35,11 +35,17 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
 
 
 def arg_defaults(dockerfile: Path) -> dict[str, str]:
-    return dict(value.split("=", 1) for instruction, value in instructions(dockerfile) if instruction == "ARG" and "=" in value)
+    return dict(
+        value.split("=", 1) for instruction, value in instructions(dockerfile) if instruction == "ARG" and "=" in value
+    )
 
 
 def stage_names(dockerfile: Path) -> set[str]:
-    return {value.split()[-1] for instruction, value in instructions(dockerfile) if instruction == "FROM" and " AS " in value.upper()}
+    return {
+        value.split()[-1]
+        for instruction, value in instructions(dockerfile)
+        if instruction == "FROM" and " AS " in value.upper()
+    }
 
 
 def project_pins() -> dict[str, str]:
@@ -83,7 +89,9 @@ def test_dockerfile_passes_hadolint_without_findings(name: str) -> None:
         timeout=60,
     )
     findings = json.loads(result.stdout or "[]")
-    assert findings == [], "\n".join(f"{f['file']}:{f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings)
+    assert findings == [], "\n".join(
+        f"{f['file']}:{f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -111,12 +119,18 @@ def test_compose_builds_name_existing_dockerfiles_and_stages(path: Path) -> None
         dockerfile = context / build["dockerfile"]
         assert dockerfile.is_file(), f"{service_name}: {dockerfile} does not exist"
         if "target" in build:
-            assert build["target"] in stage_names(dockerfile), f"{service_name}: no stage {build['target']!r} in {dockerfile.name}"
+            assert build["target"] in stage_names(dockerfile), (
+                f"{service_name}: no stage {build['target']!r} in {dockerfile.name}"
+            )
 
 
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
 def test_dockerfile_copies_only_paths_that_exist_and_are_not_dockerignored(name: str) -> None:
-    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     for instruction, value in instructions(DOCKERFILES[name]):
         if instruction != "COPY" or value.startswith("--from"):
             continue
@@ -132,7 +146,11 @@ def test_dockerfiles_install_the_versions_the_project_pins() -> None:
     assert dagster_args["DAGSTER_VERSION"] == pins["dagster"] == pins["dagster-webserver"]
     assert dagster_args["DAGSTER_LIBS_VERSION"] == pins["dagster-postgres"]
     assert arg_defaults(DOCKERFILES["Dockerfile.gpu"])["DAGSTER_LIBS_VERSION"] == pins["dagster-postgres"]
-    cpu_constraints = {Requirement(line).name: line.split("==")[1] for line in (ROOT / "constraints" / "cpu.txt").read_text().splitlines() if line and not line.startswith("#")}
+    cpu_constraints = {
+        Requirement(line).name: line.split("==")[1]
+        for line in (ROOT / "constraints" / "cpu.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
     assert dagster_args["TORCH_VERSION"] == cpu_constraints["torch"]
 
 
@@ -142,7 +160,9 @@ def test_compose_services_share_the_instance_and_reach_the_code_location() -> No
     assert {"postgres", "lumo_code", "webserver", "daemon", "lumo_gpu"} <= set(services)
 
     instance = yaml.safe_load((DOCKER / "dagster.yaml").read_text())
-    needed = {field["env"] for field in instance["storage"]["postgres"]["postgres_db"].values() if isinstance(field, dict)}
+    needed = {
+        field["env"] for field in instance["storage"]["postgres"]["postgres_db"].values() if isinstance(field, dict)
+    }
     for name in INSTANCE_SERVICES:
         missing = needed - set(services[name]["environment"])
         assert not missing, f"{name} lacks {sorted(missing)} that docker/dagster.yaml reads"
@@ -188,7 +208,9 @@ def test_instance_config_passes_dagsters_schema_with_credentials_from_env(tmp_pa
     assert custom_class is None
     postgres_db = config["storage"]["postgres"]["postgres_db"]
     for field in ("hostname", "port", "username", "password", "db_name"):
-        assert set(postgres_db[field]) == {"env"}, f"storage.postgres.postgres_db.{field} must come from the environment"
+        assert set(postgres_db[field]) == {"env"}, (
+            f"storage.postgres.postgres_db.{field} must come from the environment"
+        )
     assert config["concurrency"]["pools"]["default_limit"] >= 1
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
 
@@ -197,21 +219,38 @@ def test_compose_file_has_no_top_level_name_that_compose_v1_rejects() -> None:
     # Debian's docker-compose 1.29: "'name' does not match any of the regexes"; the project name
     # comes from COMPOSE_PROJECT_NAME (docker/.env.example) or -p.
     assert "name" not in load_compose(DOCKER / "compose.yaml")
-    example = dict(line.split("=", 1) for line in (DOCKER / ".env.example").read_text().splitlines() if line and not line.startswith("#"))
+    example = dict(
+        line.split("=", 1)
+        for line in (DOCKER / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     assert example["COMPOSE_PROJECT_NAME"] == "lumo"
 
 
-@pytest.mark.parametrize("override", [None, ROOT / "scripts" / "compose_smoke.yaml"], ids=["compose.yaml", "with compose_smoke.yaml"])
+@pytest.mark.parametrize(
+    "override", [None, ROOT / "scripts" / "compose_smoke.yaml"], ids=["compose.yaml", "with compose_smoke.yaml"]
+)
 def test_compose_v1_accepts_the_compose_file(override: Path | None, tmp_path: Path) -> None:
     docker_compose = shutil.which("docker-compose")
     if docker_compose is None:
         pytest.skip("docker-compose (Debian's Compose v1) is not installed; scripts/compose_smoke.sh installs it")
     files = ["-f", str(DOCKER / "compose.yaml"), *(["-f", str(override)] if override else [])]
     env = {
-        "PATH": "/usr/bin:/bin", "DAGSTER_PG_PASSWORD": "x", "LUMO_DATA_DIR": str(tmp_path),
-        "LUMO_SMOKE_BASE_IMAGE": "lumo-test-base:x", "LUMO_DOCKER_SOCKET": str(tmp_path / "docker.sock"),
+        "PATH": "/usr/bin:/bin",
+        "DAGSTER_PG_PASSWORD": "x",
+        "LUMO_DATA_DIR": str(tmp_path),
+        "LUMO_SMOKE_BASE_IMAGE": "lumo-test-base:x",
+        "LUMO_DOCKER_SOCKET": str(tmp_path / "docker.sock"),
     }
-    result = subprocess.run([docker_compose, "-p", "lumo-check", *files, "config"], check=False, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    result = subprocess.run(
+        [docker_compose, "-p", "lumo-check", *files, "config"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
     if override:

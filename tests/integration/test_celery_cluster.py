@@ -45,8 +45,23 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     if not server:
         pytest.skip('no Redis server binary: set LUMO_TEST_REDIS (eval "$(scripts/test_services.sh)" installs one)')
     port = free_port()
-    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -62,11 +77,26 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 
 
 def start_worker(name: str, queue: str, env: dict[str, str], log: Path) -> subprocess.Popen:
-    command = [str(BIN / "dagster-celery"), "worker", "start", "--app", "dagster_celery.app", "--name", name,
-               "--config-yaml", str(ROOT / "deploy" / "celery" / "executor.yaml"), "--queue", queue,
-               "--", "--concurrency=1", "--pool=solo"]
+    command = [
+        str(BIN / "dagster-celery"),
+        "worker",
+        "start",
+        "--app",
+        "dagster_celery.app",
+        "--name",
+        name,
+        "--config-yaml",
+        str(ROOT / "deploy" / "celery" / "executor.yaml"),
+        "--queue",
+        queue,
+        "--",
+        "--concurrency=1",
+        "--pool=solo",
+    ]
     # Its own session: the worker starts celery as a child, both must go.
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -77,7 +107,9 @@ def stop(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def test_units_run_on_two_celery_workers_and_the_shards_equal_the_in_process_run(pg_database, redis_url, tmp_path, monkeypatch):
+def test_units_run_on_two_celery_workers_and_the_shards_equal_the_in_process_run(
+    pg_database, redis_url, tmp_path, monkeypatch
+):
     from dagster import (
         DagsterEventType,
         DagsterInstance,
@@ -89,18 +121,38 @@ def test_units_run_on_two_celery_workers_and_the_shards_equal_the_in_process_run
     shutil.copy(ROOT / "docker" / "dagster.yaml", dagster_home / "dagster.yaml")
     cluster_out, local_out = tmp_path / "cluster" / "outputs", tmp_path / "local" / "outputs"
     # The workers start `celery` by name: this environment's bin folder goes first on PATH.
-    base_env = {**os.environ, **pg_database, "DAGSTER_HOME": str(dagster_home), "DAGSTER_CELERY_BROKER_URL": f"{redis_url}/0",
-                "DAGSTER_CELERY_BACKEND_URL": f"{redis_url}/1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    base_env = {
+        **os.environ,
+        **pg_database,
+        "DAGSTER_HOME": str(dagster_home),
+        "DAGSTER_CELERY_BROKER_URL": f"{redis_url}/0",
+        "DAGSTER_CELERY_BACKEND_URL": f"{redis_url}/1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     for variable in ("LUMO_MANIFEST", "LUMO_UTI_CONFIG", "LUMO_TRAIN_CONFIG"):
         base_env.pop(variable, None)
     cluster_env = {**base_env, "LUMO_OUTPUT_DIR": str(cluster_out)}
     # The instance's schema first, once: workers started together on an empty database race to
     # create it, and the loser dies of "type ... already exists" (docs/deploy.md says the same).
-    subprocess.run([str(BIN / "dagster"), "instance", "migrate"], cwd=tmp_path, env=cluster_env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [str(BIN / "dagster"), "instance", "migrate"],
+        cwd=tmp_path,
+        env=cluster_env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     # Two GPUs' worth of units at once, as docs/deploy.md says to set it: under the shipped
     # default of one, the units run one after another and which worker takes each is chance.
-    subprocess.run([str(BIN / "dagster"), "instance", "concurrency", "set", "gpu", str(len(GPU_WORKERS))],
-                   cwd=tmp_path, env=cluster_env, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [str(BIN / "dagster"), "instance", "concurrency", "set", "gpu", str(len(GPU_WORKERS))],
+        cwd=tmp_path,
+        env=cluster_env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
     def log_of(name: str) -> str:
         return (tmp_path / f"{name}.log").read_text(errors="replace")
 
@@ -115,8 +167,21 @@ def test_units_run_on_two_celery_workers_and_the_shards_equal_the_in_process_run
             assert time.monotonic() < deadline, "the Celery workers did not start"
             time.sleep(0.5)
         materialize = subprocess.run(
-            [str(BIN / "dagster"), "asset", "materialize", "-f", str(ROOT / "deploy" / "celery" / "definitions.py"), "--select", "+tokenized_shards"],
-            cwd=tmp_path, env=cluster_env, capture_output=True, text=True, timeout=420, check=False,
+            [
+                str(BIN / "dagster"),
+                "asset",
+                "materialize",
+                "-f",
+                str(ROOT / "deploy" / "celery" / "definitions.py"),
+                "--select",
+                "+tokenized_shards",
+            ],
+            cwd=tmp_path,
+            env=cluster_env,
+            capture_output=True,
+            text=True,
+            timeout=420,
+            check=False,
         )
     finally:
         for worker in workers:
@@ -141,5 +206,11 @@ def test_units_run_on_two_celery_workers_and_the_shards_equal_the_in_process_run
     # The same chain in one process, with the plain CLI: the same bytes.
     local_env = {**base_env, "LUMO_OUTPUT_DIR": str(local_out)}
     for command in ("token-space", "tokenize"):
-        subprocess.run([sys.executable, "-m", "lumo_core.cli", command], env=local_env, check=True, capture_output=True, timeout=300)
+        subprocess.run(
+            [sys.executable, "-m", "lumo_core.cli", command],
+            env=local_env,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
     assert shard_bytes(cluster_out) == shard_bytes(local_out)

@@ -72,7 +72,9 @@ def engine() -> Iterator[Engine]:
     host = os.environ.get("LUMO_TEST_DOCKER_HOST")
     image = os.environ.get("LUMO_TEST_GPU_IMAGE")
     if not host or not image:
-        pytest.skip('no Docker engine: LUMO_TEST_DOCKER_HOST and LUMO_TEST_GPU_IMAGE are unset (eval "$(bash scripts/test_services.sh)" installs docker.io, starts dockerd and builds the image)')
+        pytest.skip(
+            'no Docker engine: LUMO_TEST_DOCKER_HOST and LUMO_TEST_GPU_IMAGE are unset (eval "$(bash scripts/test_services.sh)" installs docker.io, starts dockerd and builds the image)'
+        )
     client = docker.DockerClient(base_url=host)
     try:
         client.ping()
@@ -112,7 +114,9 @@ def inputs(engine: Engine) -> Iterator[Inputs]:
         else:
             # Then the containers run as root too (run_as_host_user gives them the caller's uid);
             # the ownership test still holds them to the uid that ran Dagster.
-            print(f"uid {UNPRIVILEGED_UID} cannot run {sys.executable} (a folder on its way is private to root): Dagster runs as root")
+            print(
+                f"uid {UNPRIVILEGED_UID} cannot run {sys.executable} (a folder on its way is private to root): Dagster runs as root"
+            )
     for path in [root, *root.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     yield Inputs(root, manifest, uti_config, train_config, uid, gid, groups)
@@ -122,7 +126,16 @@ def inputs(engine: Engine) -> Iterator[Inputs]:
 
 def can_run_dagster_as(uid: int, group: int) -> bool:
     try:
-        probe = subprocess.run([DAGSTER, "--version"], check=False, user=uid, group=uid, extra_groups=[group], cwd="/", capture_output=True, timeout=120)
+        probe = subprocess.run(
+            [DAGSTER, "--version"],
+            check=False,
+            user=uid,
+            group=uid,
+            extra_groups=[group],
+            cwd="/",
+            capture_output=True,
+            timeout=120,
+        )
     except PermissionError:
         return False
     return probe.returncode == 0
@@ -130,12 +143,22 @@ def can_run_dagster_as(uid: int, group: int) -> bool:
 
 def settings(inputs: Inputs, output_dir: Path, train_config: Path | None = None) -> LumoSettings:
     return LumoSettings(
-        output_dir=str(output_dir), manifest=str(inputs.manifest), uti_config=str(inputs.uti_config), train_config=str(train_config or inputs.train_config)
+        output_dir=str(output_dir),
+        manifest=str(inputs.manifest),
+        uti_config=str(inputs.uti_config),
+        train_config=str(train_config or inputs.train_config),
     )
 
 
 def docker_runner(engine: Engine) -> dict[str, Any]:
-    return {"mode": "docker", "image": engine.image, "gpus": 0, "shm_size": "256m", "host_paths": True, "run_as_host_user": True}
+    return {
+        "mode": "docker",
+        "image": engine.image,
+        "gpus": 0,
+        "shm_size": "256m",
+        "host_paths": True,
+        "run_as_host_user": True,
+    }
 
 
 def owned_folder(path: Path, inputs: Inputs) -> Path:
@@ -145,7 +168,9 @@ def owned_folder(path: Path, inputs: Inputs) -> Path:
     return path
 
 
-def materialize_cli(engine: Engine, inputs: Inputs, work: Path, selection: str, train_config: Path | None = None, **popen: Any) -> subprocess.Popen:
+def materialize_cli(
+    engine: Engine, inputs: Inputs, work: Path, selection: str, train_config: Path | None = None, **popen: Any
+) -> subprocess.Popen:
     """`dagster asset materialize` with the runner in docker mode (run config, as a user gives
     it), as inputs.uid, with `work/outputs` as the output folder; one instance (`home(inputs)`)
     for every run."""
@@ -164,10 +189,20 @@ def materialize_cli(engine: Engine, inputs: Inputs, work: Path, selection: str, 
         LUMO_UTI_CONFIG=str(inputs.uti_config),
         LUMO_TRAIN_CONFIG=str(train_config or inputs.train_config),
     )
-    as_user = {"user": inputs.uid, "group": inputs.gid, "extra_groups": list(inputs.groups)} if inputs.uid != os.getuid() else {}
+    as_user = (
+        {"user": inputs.uid, "group": inputs.gid, "extra_groups": list(inputs.groups)}
+        if inputs.uid != os.getuid()
+        else {}
+    )
     process = subprocess.Popen(
         [DAGSTER, "asset", "materialize", "-m", "lumo_pipeline", "--select", selection, "-c", str(run_config)],
-        cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **as_user, **popen,
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **as_user,
+        **popen,
     )
     return process
 
@@ -187,17 +222,28 @@ def lumo_steps(step_keys: set[str]) -> set[str]:
     """The steps among `step_keys` whose op runs `lumo` through the runner (needs the `runner`
     resource): what the code declares, not what the log says."""
     job = build_definitions(LumoSettings(), LumoRunner()).resolve_implicit_global_asset_job_def()
-    return {key for key in step_keys if "runner" in job.graph.get_node(NodeHandle.from_string(key.split("[")[0])).definition.required_resource_keys}
+    return {
+        key
+        for key in step_keys
+        if "runner" in job.graph.get_node(NodeHandle.from_string(key.split("[")[0])).definition.required_resource_keys
+    }
 
 
 def container_records(engine: Engine, run_id: str, since: float) -> dict[str, dict[str, Any]]:
     """The engine's event records of the containers labelled with this Dagster run: container id
     to {"labels", "image", "actions"}."""
     records: dict[str, dict[str, Any]] = {}
-    events = engine.client.events(since=int(since) - 1, until=int(time.time()) + 1, filters={"type": "container", "label": f"{RUN_ID_LABEL}={run_id}"}, decode=True)
+    events = engine.client.events(
+        since=int(since) - 1,
+        until=int(time.time()) + 1,
+        filters={"type": "container", "label": f"{RUN_ID_LABEL}={run_id}"},
+        decode=True,
+    )
     for event in events:
         attributes = event["Actor"]["Attributes"]
-        record = records.setdefault(event["Actor"]["ID"], {"labels": {}, "image": attributes.get("image"), "actions": []})
+        record = records.setdefault(
+            event["Actor"]["ID"], {"labels": {}, "image": attributes.get("image"), "actions": []}
+        )
         record["labels"].update({k: v for k, v in attributes.items() if k.startswith("lumo.")})
         record["actions"].append(event["Action"])
     return records
@@ -231,7 +277,12 @@ def docker_run(engine: Engine, inputs: Inputs) -> DockerRun:
 def local_outputs(inputs: Inputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
     outputs = tmp_path_factory.mktemp("local") / "outputs"
     resources = pipeline_resources(settings(inputs, outputs), LumoRunner())
-    result = materialize(LUMO_ASSETS + LUMO_CHECKS, selection=AssetSelection.assets(*ASSETS), resources=resources, instance=DagsterInstance.ephemeral())
+    result = materialize(
+        LUMO_ASSETS + LUMO_CHECKS,
+        selection=AssetSelection.assets(*ASSETS),
+        resources=resources,
+        instance=DagsterInstance.ephemeral(),
+    )
     assert result.success
     return outputs
 
@@ -239,8 +290,12 @@ def local_outputs(inputs: Inputs, tmp_path_factory: pytest.TempPathFactory) -> P
 def test_every_lumo_step_ran_in_a_container_of_the_image_and_none_is_left(engine, inputs, docker_run):
     assert docker_run.returncode == 0, docker_run.output[-6000:]
     with DagsterInstance.from_config(str(home(inputs))) as instance:
-        started = {entry.step_key for entry in instance.all_logs(docker_run.run_id, of_type=DagsterEventType.STEP_START)}
-        succeeded = {entry.step_key for entry in instance.all_logs(docker_run.run_id, of_type=DagsterEventType.STEP_SUCCESS)}
+        started = {
+            entry.step_key for entry in instance.all_logs(docker_run.run_id, of_type=DagsterEventType.STEP_START)
+        }
+        succeeded = {
+            entry.step_key for entry in instance.all_logs(docker_run.run_id, of_type=DagsterEventType.STEP_SUCCESS)
+        }
     expected = lumo_steps(started)
     assert started == succeeded
     assert {"token_space", "manifest_audit", "tokenized_shards.merge_units", "lm_checkpoint"} <= expected
@@ -266,17 +321,26 @@ def relative_files(root: Path) -> dict[str, Path]:
 
 def test_outputs_are_the_bytes_of_the_local_run(docker_run, local_outputs):
     assert docker_run.returncode == 0, docker_run.output[-6000:]
-    shards_docker, shards_local = relative_files(docker_run.outputs / "tokenized_shards"), relative_files(local_outputs / "tokenized_shards")
+    shards_docker, shards_local = (
+        relative_files(docker_run.outputs / "tokenized_shards"),
+        relative_files(local_outputs / "tokenized_shards"),
+    )
     assert set(shards_docker) == set(shards_local)
     assert {"index.json", "stats.json", "run.json"} <= set(shards_docker)
     assert any(name.endswith(".tar") for name in shards_docker)
     for name in sorted(shards_docker):
         assert shards_docker[name].read_bytes() == shards_local[name].read_bytes(), f"tokenized_shards/{name} differs"
     for name in ("token_space.json", "token_space.sha256"):
-        assert (docker_run.outputs / "token_space" / name).read_bytes() == (local_outputs / "token_space" / name).read_bytes()
+        assert (docker_run.outputs / "token_space" / name).read_bytes() == (
+            local_outputs / "token_space" / name
+        ).read_bytes()
 
-    weights_docker = {n: p for n, p in relative_files(docker_run.outputs / "lm_checkpoint").items() if n.endswith(".safetensors")}
-    weights_local = {n: p for n, p in relative_files(local_outputs / "lm_checkpoint").items() if n.endswith(".safetensors")}
+    weights_docker = {
+        n: p for n, p in relative_files(docker_run.outputs / "lm_checkpoint").items() if n.endswith(".safetensors")
+    }
+    weights_local = {
+        n: p for n, p in relative_files(local_outputs / "lm_checkpoint").items() if n.endswith(".safetensors")
+    }
     assert any(name.startswith("final/") for name in weights_docker)
     assert set(weights_docker) == set(weights_local)
     for name in sorted(weights_docker):
@@ -304,7 +368,13 @@ def test_a_failing_step_logs_its_lumo_reason_at_error_and_leaves_no_container(en
         resources = pipeline_resources(settings(inputs, outputs, bad_config), LumoRunner(**docker_runner(engine)))
         os.environ["DOCKER_HOST"] = engine.host
         try:
-            result = materialize(LUMO_ASSETS, selection=AssetSelection.assets("lm_checkpoint"), resources=resources, instance=instance, raise_on_error=False)
+            result = materialize(
+                LUMO_ASSETS,
+                selection=AssetSelection.assets("lm_checkpoint"),
+                resources=resources,
+                instance=instance,
+                raise_on_error=False,
+            )
         finally:
             del os.environ["DOCKER_HOST"]
             give_to(inputs, home(inputs))
@@ -322,7 +392,9 @@ def test_an_interrupted_step_leaves_no_container(engine, inputs, docker_run):
     """`dagster asset materialize` interrupted (SIGINT, what Ctrl-C and a run termination give the
     run's process) while lm_checkpoint trains in its container."""
     assert docker_run.returncode == 0, docker_run.output[-6000:]
-    long_config = write_train_config(inputs.root / "inputs" / "train_long.yaml", {"train": {"max_steps": 100000, "save_every": 100000}})
+    long_config = write_train_config(
+        inputs.root / "inputs" / "train_long.yaml", {"train": {"max_steps": 100000, "save_every": 100000}}
+    )
     long_config.chmod(0o644)
     # A child that inherits an ignored SIGINT (a non-interactive shell's background job) would
     # never see it: restore the default, which Python turns into KeyboardInterrupt.
@@ -330,14 +402,25 @@ def test_an_interrupted_step_leaves_no_container(engine, inputs, docker_run):
     for step in ("token_space", "tokenized_shards"):
         shutil.copytree(docker_run.outputs / step, work / "outputs" / step)
     give_to(inputs, work)
-    process = materialize_cli(engine, inputs, work, "lm_checkpoint", long_config, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = materialize_cli(
+        engine,
+        inputs,
+        work,
+        "lm_checkpoint",
+        long_config,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         running = []
         deadline = time.time() + 300
         while not running and time.time() < deadline and process.poll() is None:
-            running = engine.client.containers.list(filters={"label": f"{STEP_LABEL}=lm_checkpoint", "status": "running"})
+            running = engine.client.containers.list(
+                filters={"label": f"{STEP_LABEL}=lm_checkpoint", "status": "running"}
+            )
             time.sleep(0.5)
-        assert running, f"lm_checkpoint never started in a container: {process.communicate(timeout=60)[0][-6000:] if process.poll() is not None else 'still waiting'}"
+        assert running, (
+            f"lm_checkpoint never started in a container: {process.communicate(timeout=60)[0][-6000:] if process.poll() is not None else 'still waiting'}"
+        )
         run_id = running[0].labels[RUN_ID_LABEL]
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=300)
@@ -358,7 +441,12 @@ def test_host_paths_mount_each_folder_at_its_own_path(tmp_path):
     (tmp_path / "configs").mkdir()
     for name in ("manifest.jsonl", "configs/uti.yaml", "configs/train.yaml"):
         (tmp_path / name).write_text("")
-    lumo = LumoSettings(output_dir=str(tmp_path / "out"), manifest=str(tmp_path / "manifest.jsonl"), uti_config=str(tmp_path / "configs" / "uti.yaml"), train_config=str(tmp_path / "configs" / "train.yaml"))
+    lumo = LumoSettings(
+        output_dir=str(tmp_path / "out"),
+        manifest=str(tmp_path / "manifest.jsonl"),
+        uti_config=str(tmp_path / "configs" / "uti.yaml"),
+        train_config=str(tmp_path / "configs" / "train.yaml"),
+    )
     launch = build_launch(LumoRunner(mode="docker", host_paths=True), lumo.resolve(), ["tokenize"], gpu=False)
     assert [(m["Source"], m["Target"], m["ReadOnly"]) for m in launch.container_kwargs["mounts"]] == [
         (str(tmp_path / "out"), str(tmp_path / "out"), False),

@@ -20,7 +20,13 @@ CHAIN = ("token_space", "manifest_audit", "tokenized_shards")
 # docs/contract.md §7.
 CONTRACT_CHECKS = {
     "token_space": {"runtime_size_match"},
-    "tokenized_shards": {"ids_in_range", "rows_accounted", "splits_disjoint", "shards_match_index", "retokenize_matches"},
+    "tokenized_shards": {
+        "ids_in_range",
+        "rows_accounted",
+        "splits_disjoint",
+        "shards_match_index",
+        "retokenize_matches",
+    },
 }
 
 pytestmark = pytest.mark.slow
@@ -64,13 +70,19 @@ def test_tokenization_chain_records_runs_materializations_and_checks_in_postgres
             assert materialization is not None, f"no materialization of {name} in the instance"
             assert materialization.run_id == run.run_id
 
-        check_keys = [AssetCheckKey(AssetKey(asset), check) for asset, checks in CONTRACT_CHECKS.items() for check in sorted(checks)]
+        check_keys = [
+            AssetCheckKey(AssetKey(asset), check)
+            for asset, checks in CONTRACT_CHECKS.items()
+            for check in sorted(checks)
+        ]
         summaries = instance.event_log_storage.get_asset_check_summary_records(check_keys)
         for key in check_keys:
             record = summaries[key].last_check_execution_record
             assert record is not None, f"check {key.to_user_string()} never ran"
             assert record.run_id == run.run_id
-            assert record.status == AssetCheckExecutionRecordStatus.SUCCEEDED, f"{key.to_user_string()}: {record.status}"
+            assert record.status == AssetCheckExecutionRecordStatus.SUCCEEDED, (
+                f"{key.to_user_string()}: {record.status}"
+            )
             assert record.event.asset_check_evaluation.passed, f"{key.to_user_string()} did not pass"
 
     # The records live in the test database itself, not in a file beside DAGSTER_HOME.

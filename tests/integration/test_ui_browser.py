@@ -24,7 +24,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
-LUMO_ASSETS = ("token_space", "manifest_audit", "tokenized_shards", "tokenized_audit", "uti_audit", "lm_checkpoint", "lm_eval")
+LUMO_ASSETS = (
+    "token_space",
+    "manifest_audit",
+    "tokenized_shards",
+    "tokenized_audit",
+    "uti_audit",
+    "lm_checkpoint",
+    "lm_eval",
+)
 # The input files, observable source assets: observed, never materialized.
 INPUT_ASSETS = ("manifest", "uti_config", "train_config")
 TARGET = "tokenized_shards"
@@ -138,7 +146,9 @@ def wait_for_server(base_url: str, server: subprocess.Popen, log_path: Path) -> 
                     return
         except (urllib.error.URLError, ConnectionError):
             time.sleep(1)
-    pytest.fail(f"dagster-webserver did not answer /server_info within {SERVER_START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+    pytest.fail(
+        f"dagster-webserver did not answer /server_info within {SERVER_START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}"
+    )
 
 
 @pytest.fixture
@@ -199,8 +209,13 @@ def test_user_sees_assets_materializes_tokenized_shards_and_sees_checks_pass(pag
     data = graphql(page, ASSET_GRAPH_QUERY)
     (location,) = data["workspaceOrError"]["locationEntries"]
     (repository,) = location["locationOrLoadError"]["repositories"]
-    dependencies = {node["assetKey"]["path"][0]: [dep["path"][0] for dep in node["dependencyKeys"]] for node in data["assetNodes"]}
-    checks = {node["assetKey"]["path"][0]: [check["name"] for check in node["assetChecksOrError"]["checks"]] for node in data["assetNodes"]}
+    dependencies = {
+        node["assetKey"]["path"][0]: [dep["path"][0] for dep in node["dependencyKeys"]] for node in data["assetNodes"]
+    }
+    checks = {
+        node["assetKey"]["path"][0]: [check["name"] for check in node["assetChecksOrError"]["checks"]]
+        for node in data["assetNodes"]
+    }
     # What "Materialize" with its upstream does in the UI: the input files are observed by each
     # step, not materialized.
     materializable = {node["assetKey"]["path"][0] for node in data["assetNodes"] if node["isMaterializable"]}
@@ -216,7 +231,9 @@ def test_user_sees_assets_materializes_tokenized_shards_and_sees_checks_pass(pag
                     "repositoryName": repository["name"],
                     "pipelineName": "__ASSET_JOB",
                     "assetSelection": [{"path": [asset]} for asset in selection],
-                    "assetCheckSelection": [{"assetKey": {"path": [asset]}, "name": check} for asset in selection for check in checks[asset]],
+                    "assetCheckSelection": [
+                        {"assetKey": {"path": [asset]}, "name": check} for asset in selection for check in checks[asset]
+                    ],
                 },
                 "mode": "default",
                 "executionMetadata": {"tags": [{"key": "lumo/launched-by", "value": "test_ui_browser"}]},
@@ -255,5 +272,7 @@ def test_user_sees_assets_materializes_tokenized_shards_and_sees_checks_pass(pag
     n_checks = len(checks[TARGET])
     expect(target_node).to_contain_text(f"{n_checks} / {n_checks} Passed")
     for asset in sorted(set(LUMO_ASSETS) - set(selection)):
-        expect(graph_nodes.filter(has=page.get_by_text(asset, exact=True)).get_by_text("Never materialized")).to_be_visible()
+        expect(
+            graph_nodes.filter(has=page.get_by_text(asset, exact=True)).get_by_text("Never materialized")
+        ).to_be_visible()
     screenshot(page, "4-asset-graph-after")

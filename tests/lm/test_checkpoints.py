@@ -45,8 +45,16 @@ def save(out_dir, step, keep=2, rank_state=None):
     optimizer = torch.optim.SGD(model.layer.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     checkpoints.save_checkpoint(
-        out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, rank_state=rank_state or {"tokens": step},
-        token_space=FakeTokenSpace(), run_state={"run_identity": "run-1", "world_size": 1}, dist=Distributed(), keep=keep,
+        out_dir,
+        step,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        rank_state=rank_state or {"tokens": step},
+        token_space=FakeTokenSpace(),
+        run_state={"run_identity": "run-1", "world_size": 1},
+        dist=Distributed(),
+        keep=keep,
     )
     return optimizer, scheduler
 
@@ -59,7 +67,14 @@ def test_checkpoints_are_written_whole_pointed_at_by_latest_and_pruned(tmp_path)
     assert not list(tmp_path.glob(".*"))
     latest = checkpoints.latest_checkpoint(tmp_path)
     assert latest == tmp_path / "checkpoint-6"
-    assert {p.name for p in latest.iterdir()} == {"model.safetensors", "optimizer.pt", "scheduler.pt", "token_space.json", TRAINER_STATE, "rank-00000.pt"}
+    assert {p.name for p in latest.iterdir()} == {
+        "model.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "token_space.json",
+        TRAINER_STATE,
+        "rank-00000.pt",
+    }
     checkpoint, state = checkpoints.latest_state(tmp_path)
     assert checkpoint == latest
     assert state == {"format_version": STATE_FORMAT_VERSION, "step": 6, "run_identity": "run-1", "world_size": 1}
@@ -80,7 +95,9 @@ def test_resume_state_restores_optimizer_scheduler_and_rng(tmp_path):
     model = FakeModel()
     optimizer = torch.optim.SGD(model.layer.parameters(), lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    rank_state = checkpoints.load_training_state(tmp_path / "checkpoint-1", 0, optimizer, scheduler, torch.device("cpu"))
+    rank_state = checkpoints.load_training_state(
+        tmp_path / "checkpoint-1", 0, optimizer, scheduler, torch.device("cpu")
+    )
     assert rank_state["tokens"] == 11 and rank_state["slot_states"] == {} and "rng" in rank_state
     assert optimizer.param_groups[0]["lr"] == 0.1
     again = (random.random(), torch.rand(3))
@@ -119,8 +136,16 @@ def test_pruning_spares_the_last_checkpoint_of_a_finished_run(tmp_path):
         optimizer = torch.optim.SGD(model.layer.parameters(), lr=0.1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         checkpoints.save_checkpoint(
-            tmp_path, step, model=model, optimizer=optimizer, scheduler=scheduler, rank_state={},
-            token_space=FakeTokenSpace(), run_state={"run_identity": "run-1", "world_size": 1, "max_steps": max_steps}, dist=Distributed(), keep=1,
+            tmp_path,
+            step,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            rank_state={},
+            token_space=FakeTokenSpace(),
+            run_state={"run_identity": "run-1", "world_size": 1, "max_steps": max_steps},
+            dist=Distributed(),
+            keep=1,
         )
 
     for step in (2, 4):
@@ -148,14 +173,22 @@ def test_a_run_set_aside_keeps_every_byte_under_its_own_name(tmp_path):
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
-def test_the_torchrun_entry_point_is_lumo_train_and_only_rank_0_opens_pipes_and_prints(tmp_path, monkeypatch, capsys, rank):
+def test_the_torchrun_entry_point_is_lumo_train_and_only_rank_0_opens_pipes_and_prints(
+    tmp_path, monkeypatch, capsys, rank
+):
     import lumo_core.lm.training
     from lumo_core.torchrun_train import main
 
     seen = {}
 
     def fake_run_train(settings, reporter, overrides=None, init_from=None, new_run=False):
-        seen.update(open_pipes=reporter.open_pipes, overrides=overrides, output_dir=settings.output_dir, init_from=init_from, new_run=new_run)
+        seen.update(
+            open_pipes=reporter.open_pipes,
+            overrides=overrides,
+            output_dir=settings.output_dir,
+            init_from=init_from,
+            new_run=new_run,
+        )
         return {"steps": 3}
 
     monkeypatch.setattr(lumo_core.lm.training, "run_train", fake_run_train)
@@ -163,7 +196,13 @@ def test_the_torchrun_entry_point_is_lumo_train_and_only_rank_0_opens_pipes_and_
     monkeypatch.setenv("LUMO_OUTPUT_DIR", str(tmp_path))
     monkeypatch.setenv("LUMO_MANIFEST", str(tmp_path / "manifest.jsonl"))
     assert main(["--set", "train.max_steps=3", "--set", "optim.lr=0.5"]) == 0
-    assert seen == {"open_pipes": rank == "0", "overrides": {"train.max_steps": 3, "optim.lr": 0.5}, "output_dir": tmp_path, "init_from": None, "new_run": False}
+    assert seen == {
+        "open_pipes": rank == "0",
+        "overrides": {"train.max_steps": 3, "optim.lr": 0.5},
+        "output_dir": tmp_path,
+        "init_from": None,
+        "new_run": False,
+    }
     out = capsys.readouterr().out
     assert (json.loads(out) == {"steps": 3}) if rank == "0" else out == ""
 

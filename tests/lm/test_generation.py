@@ -32,18 +32,30 @@ from tests.lm_fixtures import lm_outputs
 
 SPACES = {
     "2 codebooks, 16 codes an image": TokenSpace.build(
-        text=DummyTextAdapter().describe(), image=DummyImageAdapter().describe(), audio=DummyAudioAdapter().describe(), special_tokens=DEFAULT_SPECIAL_TOKENS
+        text=DummyTextAdapter().describe(),
+        image=DummyImageAdapter().describe(),
+        audio=DummyAudioAdapter().describe(),
+        special_tokens=DEFAULT_SPECIAL_TOKENS,
     ),
     "3 codebooks, 4 codes an image": TokenSpace.build(
-        text=DummyTextAdapter().describe(), image=DummyImageAdapter(tokens_per_image=4).describe(), audio=DummyAudioAdapter(n_codebooks=3).describe(), special_tokens=DEFAULT_SPECIAL_TOKENS
+        text=DummyTextAdapter().describe(),
+        image=DummyImageAdapter(tokens_per_image=4).describe(),
+        audio=DummyAudioAdapter(n_codebooks=3).describe(),
+        special_tokens=DEFAULT_SPECIAL_TOKENS,
     ),
 }
 
 
-def violations(sequence: list[int], prompt_length: int, space: TokenSpace, min_frames: int, max_frames: int) -> list[str]:
+def violations(
+    sequence: list[int], prompt_length: int, space: TokenSpace, min_frames: int, max_frames: int
+) -> list[str]:
     """Every way the generated part of `sequence` breaks the span rules (empty when it keeps them)."""
     special = space.special_tokens
-    opener_to_closer = {special["<|soi|>"]: special["<|eoi|>"], special["<|soa|>"]: special["<|eoa|>"], special["<|sot|>"]: special["<|eot|>"]}
+    opener_to_closer = {
+        special["<|soi|>"]: special["<|eoi|>"],
+        special["<|soa|>"]: special["<|eoa|>"],
+        special["<|sot|>"]: special["<|eot|>"],
+    }
     forbidden_outside = set(opener_to_closer.values()) | {special["<|pad_mm|>"]}
     image_lo, image_hi = space.modality_range("image")
     text_lo, text_hi = space.modality_range("text")
@@ -64,7 +76,9 @@ def violations(sequence: list[int], prompt_length: int, space: TokenSpace, min_f
                 continue
             if opener == special["<|soi|>"] and len(span) != space.tokens_per_image:
                 problems.append(f"{position}: image span of {len(span)} ids")
-            if opener == special["<|soa|>"] and (len(span) % n_q or not min_frames * n_q <= len(span) <= max_frames * n_q):
+            if opener == special["<|soa|>"] and (
+                len(span) % n_q or not min_frames * n_q <= len(span) <= max_frames * n_q
+            ):
                 problems.append(f"{position}: audio span of {len(span)} ids")
             opener = None
             continue
@@ -74,7 +88,9 @@ def violations(sequence: list[int], prompt_length: int, space: TokenSpace, min_f
             if opener == special["<|soa|>"]:
                 start = audio_lo + (len(span) % n_q) * size
                 if not start <= token < start + size:
-                    problems.append(f"{position}: id {token} at audio position {len(span)} is not of codebook {len(span) % n_q}")
+                    problems.append(
+                        f"{position}: id {token} at audio position {len(span)} is not of codebook {len(span) % n_q}"
+                    )
             if opener == special["<|sot|>"] and not text_lo <= token < text_hi:
                 problems.append(f"{position}: id {token} in a text span")
         span.append(token)
@@ -99,12 +115,20 @@ def prompts(space: TokenSpace) -> list[list[int]]:
 
 @pytest.mark.parametrize("space_name", sorted(SPACES))
 @hypothesis_settings(max_examples=60, deadline=None)
-@given(data=st.data(), seed=st.integers(0, 2**31 - 1), max_new=st.integers(12, 60), frames=st.tuples(st.integers(1, 3), st.integers(3, 8)), marker_bias=st.floats(0, 8))
+@given(
+    data=st.data(),
+    seed=st.integers(0, 2**31 - 1),
+    max_new=st.integers(12, 60),
+    frames=st.tuples(st.integers(1, 3), st.integers(3, 8)),
+    marker_bias=st.floats(0, 8),
+)
 def test_random_logits_under_the_constraint_keep_every_span_rule(space_name, data, seed, max_new, frames, marker_bias):
     space = SPACES[space_name]
     min_frames, max_frames = frames
     grammar = SpanGrammar(space, min_frames, max_frames)
-    prompt = data.draw(st.sampled_from([p for p in prompts(space) if grammar.tokens_to_close(grammar.scan(p)) <= max_new]))
+    prompt = data.draw(
+        st.sampled_from([p for p in prompts(space) if grammar.tokens_to_close(grammar.scan(p)) <= max_new])
+    )
     processor = ModalitySpanConstraint(grammar, max_length=len(prompt) + max_new)
     generator = torch.Generator().manual_seed(seed)
     # Markers get a boost so spans open and close often; the rest is noise.
@@ -128,7 +152,9 @@ def test_model_generate_with_sampling_keeps_the_rules_and_decodable_spans(tmp_pa
     config = load_train_config(settings.train_config)
     space = TokenSpace.read(settings.layout.token_space)
     model = build_model(config, space).eval()
-    sampling = SamplingConfig(temperature=1.5, top_k=40, top_p=0.9, max_new_tokens=24, min_audio_frames=2, max_audio_frames=6, seed=3)
+    sampling = SamplingConfig(
+        temperature=1.5, top_k=40, top_p=0.9, max_new_tokens=24, min_audio_frames=2, max_audio_frames=6, seed=3
+    )
     split = open_split(settings.layout.tokenized_shards, "eval", space.sha256)
     seen_tasks = set()
     for sample in iter_split(split):

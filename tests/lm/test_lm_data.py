@@ -47,7 +47,9 @@ def make_plan(settings, overrides: dict | None = None) -> BatchPlan:
 
 
 def same_batches(a, b) -> bool:
-    return a.sample_ids == b.sample_ids and bool((a.input_ids == b.input_ids).all()) and bool((a.labels == b.labels).all())
+    return (
+        a.sample_ids == b.sample_ids and bool((a.input_ids == b.input_ids).all()) and bool((a.labels == b.labels).all())
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,12 @@ def test_dataloader_workers_take_turns_and_a_resumed_loader_continues_the_same_s
     states = {}
     for batch in reference[:5]:
         states[batch.slot] = batch.state
-    resumed = iter(make_loader(TrainStream(plan, rank=0, world_size=1, num_workers=2, start_micro_batch=5, slot_states=states), num_workers=2))
+    resumed = iter(
+        make_loader(
+            TrainStream(plan, rank=0, world_size=1, num_workers=2, start_micro_batch=5, slot_states=states),
+            num_workers=2,
+        )
+    )
     assert all(same_batches(a, next(resumed)) for a in reference[5:])
 
 
@@ -126,17 +133,33 @@ def test_stages_change_the_task_mix(data_settings):
 def test_best_fill_finds_the_fullest_subset_that_fits(lengths, capacity):
     chosen = best_fill(lengths, capacity)
     assert len(set(chosen)) == len(chosen) and sum(lengths[i] for i in chosen) <= capacity
-    fullest = max(sum(n for n, keep in zip(lengths, mask) if keep) for mask in itertools.product((0, 1), repeat=len(lengths)) if sum(n for n, keep in zip(lengths, mask) if keep) <= capacity)
+    fullest = max(
+        sum(n for n, keep in zip(lengths, mask) if keep)
+        for mask in itertools.product((0, 1), repeat=len(lengths))
+        if sum(n for n, keep in zip(lengths, mask) if keep) <= capacity
+    )
     assert sum(lengths[i] for i in chosen) == fullest
 
 
 def test_packing_keeps_loss_masks_and_isolates_samples():
-    a = TokenSample("a", "t2i", np.array([10, 11, 12, 13], np.int32), np.array([IGNORE_INDEX, IGNORE_INDEX, 12, 13], np.int32))
+    a = TokenSample(
+        "a", "t2i", np.array([10, 11, 12, 13], np.int32), np.array([IGNORE_INDEX, IGNORE_INDEX, 12, 13], np.int32)
+    )
     b = TokenSample("b", "i2t", np.array([20, 21, 22], np.int32), np.array([20, 21, 22], np.int32))
     packed = collate_packed([[a, b]], pad_id=0, block_size=9)
     assert packed["input_ids"][0].tolist() == [10, 11, 12, 13, 20, 21, 22, 0, 0]
     # b's first label would be predicted from a's last token: dropped. Padding carries no loss.
-    assert packed["labels"][0].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 12, 13, IGNORE_INDEX, 21, 22, IGNORE_INDEX, IGNORE_INDEX]
+    assert packed["labels"][0].tolist() == [
+        IGNORE_INDEX,
+        IGNORE_INDEX,
+        12,
+        13,
+        IGNORE_INDEX,
+        21,
+        22,
+        IGNORE_INDEX,
+        IGNORE_INDEX,
+    ]
     assert packed["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1]
     padded = collate_padded([a, b], pad_id=0, pad_to_multiple_of=1)
     assert padded["input_ids"].tolist() == [[10, 11, 12, 13], [20, 21, 22, 0]]

@@ -19,7 +19,11 @@ from tests.lm_fixtures import RecordingReporter, lm_outputs
 
 
 def test_eval_reports_losses_accuracy_curve_and_decoded_samples(tmp_path, tokenized_sample, one_torch_thread):
-    settings = lm_outputs(tmp_path, tokenized_sample, {"train": {"max_steps": 4}, "sampling": {"samples_per_task": 1, "max_new_tokens": 24, "max_audio_frames": 4}})
+    settings = lm_outputs(
+        tmp_path,
+        tokenized_sample,
+        {"train": {"max_steps": 4}, "sampling": {"samples_per_task": 1, "max_new_tokens": 24, "max_audio_frames": 4}},
+    )
     run_train(settings, RecordingReporter())
     reporter = RecordingReporter()
     summary = run_eval(settings, reporter)
@@ -41,15 +45,25 @@ def test_eval_reports_losses_accuracy_curve_and_decoded_samples(tmp_path, tokeni
     assert len(report["samples"]) == 4 and all(s["complete"] for s in report["samples"])
     # The evaluated weights and the generated ids are on record: each answer is its task's one
     # target span, its closer and the end token (the task grammar of `lumo generate`).
-    assert report["weights_sha256"] == file_sha256(settings.layout.lm_checkpoint / "final" / "model.safetensors") == summary["weights_sha256"]
+    assert (
+        report["weights_sha256"]
+        == file_sha256(settings.layout.lm_checkpoint / "final" / "model.safetensors")
+        == summary["weights_sha256"]
+    )
     eos = TokenSpace.read(settings.layout.token_space).special_id("<|eos_mm|>")
     for sample in report["samples"]:
         (span,) = sample["spans"]
         assert span["modality"] == {"t2i": "image", "t2a": "audio", "i2t": "text", "a2t": "text"}[sample["task"]]
-        assert sample["generated_ids"] == span["ids"] + sample["generated_ids"][-2:] and sample["generated_ids"][-1] == eos
+        assert (
+            sample["generated_ids"] == span["ids"] + sample["generated_ids"][-2:] and sample["generated_ids"][-1] == eos
+        )
     files = [out / "samples" / name for sample in report["samples"] for name in sample["files"]]
     space = TokenSpace.read(settings.layout.token_space)
-    assert any(f.suffix == ".png" for f in files) and any(f.suffix == ".wav" for f in files) and any(f.suffix == ".txt" for f in files)
+    assert (
+        any(f.suffix == ".png" for f in files)
+        and any(f.suffix == ".wav" for f in files)
+        and any(f.suffix == ".txt" for f in files)
+    )
     for path in files:
         if path.suffix == ".png":
             assert Image.open(path).size == tuple(space.image["resolution"])
@@ -63,7 +77,13 @@ def test_eval_reports_losses_accuracy_curve_and_decoded_samples(tmp_path, tokeni
     assert metadata["loss_curve"]["raw_value"].startswith("![loss](data:image/png;base64,iVBOR")
 
     # A model trained for another token space is refused.
-    other = TokenSpace.build(text={**space.text, "vocab_size": 300}, image=space.image, audio=space.audio, special_tokens=list(space.special_tokens), extra=space.extra)
+    other = TokenSpace.build(
+        text={**space.text, "vocab_size": 300},
+        image=space.image,
+        audio=space.audio,
+        special_tokens=list(space.special_tokens),
+        extra=space.extra,
+    )
     other.write(settings.layout.token_space)
     with pytest.raises(TokenSpaceError, match="trained for token space"):
         run_eval(settings, RecordingReporter())

@@ -52,7 +52,7 @@ def test_the_heads_cover_every_id_once_and_eoa_joins_codebook_0(space):
     assert (index[image_start:image_end] == 1).all()
     for k in range(space.n_audio_codebooks):
         r = space.range(f"audio_cb{k}")
-        assert (index[r.start:r.end] == 2 + k).all()
+        assert (index[r.start : r.end] == 2 + k).all()
 
 
 def test_every_set_of_ids_the_sampler_allows_lies_inside_one_head(space):
@@ -107,7 +107,9 @@ def test_the_loss_of_a_target_is_a_softmax_over_its_own_heads_ids_only(space):
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_a_model_trained_with_heads_saves_loads_evaluates_and_samples_under_the_grammar(tmp_path, tokenized_sample, space, method):
+def test_a_model_trained_with_heads_saves_loads_evaluates_and_samples_under_the_grammar(
+    tmp_path, tokenized_sample, space, method
+):
     from lumo_core.lm.data import iter_split, open_split
     from lumo_core.lm.eval import sample_prompt
 

@@ -29,7 +29,9 @@ OPENER = {"image": "<|soi|>", "audio": "<|soa|>", "text": "<|sot|>"}
 CLOSER = {"image": "<|eoi|>", "audio": "<|eoa|>", "text": "<|eot|>"}
 
 
-def assert_answer_structure(space: TokenSpace, task: str, prompt: list[int], new_ids: list[int], min_frames: int, max_frames: int) -> None:
+def assert_answer_structure(
+    space: TokenSpace, task: str, prompt: list[int], new_ids: list[int], min_frames: int, max_frames: int
+) -> None:
     """The generated part is exactly: the target's opener (unless the prompt ends with it), ids of
     the target modality only (image: tokens_per_image; audio: whole frames, each codebook in its
     place; text: at least one), the closer, then <|eos_mm|> and nothing after it."""
@@ -73,14 +75,22 @@ def tiny(tmp_path_factory, tokenized_sample):
 @pytest.mark.parametrize("task", TASKS)
 def test_a_task_directed_answer_is_one_span_of_the_task_then_its_end_token(tiny, task):
     _, space, model, decoder, prompts = tiny
-    sampling = SamplingConfig(temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=40, min_audio_frames=2, max_audio_frames=6)
+    sampling = SamplingConfig(
+        temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=40, min_audio_frames=2, max_audio_frames=6
+    )
     # The eval prompt (cut after the target's opener) and the template's bare prompt (as `lumo generate` builds it).
     builder = SequenceBuilder(space, decoder.config.templates)
     eval_prompt = prompts[task]
     assert TaskGrammar(space, task).scan(eval_prompt).item == len(decoder.config.templates[task].prompt) + 1
     text = decoder.encode_text("A small red square.").ids
-    bare_prompt = builder.build_prompt(task, {"text": text, "image": space.image_to_global(np.arange(space.tokens_per_image) % 64),
-                                               "audio": space.audio_to_global(np.zeros((space.n_audio_codebooks, 3), dtype=np.int64))})
+    bare_prompt = builder.build_prompt(
+        task,
+        {
+            "text": text,
+            "image": space.image_to_global(np.arange(space.tokens_per_image) % 64),
+            "audio": space.audio_to_global(np.zeros((space.n_audio_codebooks, 3), dtype=np.int64)),
+        },
+    )
     for prompt in (eval_prompt, bare_prompt):
         for seed in range(3):
             new_ids = generate(model, space, prompt, sampling, seed=seed, task=task)
@@ -107,7 +117,7 @@ def test_random_logits_under_the_task_grammar_never_leave_the_template(tiny, tas
         ids = torch.cat([ids, token], dim=1)
         if int(token) == grammar.end_token:
             break
-    assert_answer_structure(space, task, prompt, ids[0, len(prompt):].tolist(), 1, 4)
+    assert_answer_structure(space, task, prompt, ids[0, len(prompt) :].tolist(), 1, 4)
 
 
 def test_a_prompt_that_breaks_the_template_or_a_budget_too_small_is_refused(tiny):
@@ -115,7 +125,9 @@ def test_a_prompt_that_breaks_the_template_or_a_budget_too_small_is_refused(tiny
     with pytest.raises(TokenSpaceError, match="where the template has"):
         TaskGrammar(space, "t2a").scan(prompts["i2t"])
     with pytest.raises(LumoError, match="cannot complete a t2i answer"):
-        generate(model, space, prompts["t2i"], SamplingConfig(max_new_tokens=space.tokens_per_image), seed=0, task="t2i")
+        generate(
+            model, space, prompts["t2i"], SamplingConfig(max_new_tokens=space.tokens_per_image), seed=0, task="t2i"
+        )
 
 
 @pytest.mark.parametrize("task", ["t2i", "t2a", "a2t"])
@@ -125,7 +137,9 @@ def test_generate_sample_is_deterministic_for_a_seed_down_to_the_file_bytes(tiny
     records, contents = [], []
     for run in ("a", "b"):
         out = tmp_path / run
-        record = generate_sample(model, space, decoder, task, prompts[task], sampling, 5, "cpu", out, "x", text_files=True)
+        record = generate_sample(
+            model, space, decoder, task, prompts[task], sampling, 5, "cpu", out, "x", text_files=True
+        )
         records.append(record)
         contents.append({name: (out / name).read_bytes() for name in record["files"]})
     assert records[0] == records[1] and contents[0] == contents[1]

@@ -31,7 +31,9 @@ def train_log(settings) -> list[dict]:
     return [json.loads(line) for line in (settings.layout.lm_checkpoint / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_a_short_run_lowers_the_loss_and_saves_a_checkpoint_that_loads_with_the_right_vocabulary(tmp_path, tokenized_sample):
+def test_a_short_run_lowers_the_loss_and_saves_a_checkpoint_that_loads_with_the_right_vocabulary(
+    tmp_path, tokenized_sample
+):
     from transformers import AutoModelForCausalLM
 
     settings = lm_outputs(tmp_path, tokenized_sample)
@@ -51,7 +53,9 @@ def test_a_short_run_lowers_the_loss_and_saves_a_checkpoint_that_loads_with_the_
         model = AutoModelForCausalLM.from_pretrained(folder)
         assert model.get_input_embeddings().weight.shape[0] == space.vocab_size_total == model.config.vocab_size
         assert model.config.lumo_token_space_sha256 == space.sha256
-    assert {"optimizer.pt", "scheduler.pt", "rank-00000.pt", "trainer_state.json", "model.safetensors"} <= {p.name for p in (checkpoints / "checkpoint-4").iterdir()}
+    assert {"optimizer.pt", "scheduler.pt", "rank-00000.pt", "trainer_state.json", "model.safetensors"} <= {
+        p.name for p in (checkpoints / "checkpoint-4").iterdir()
+    }
 
     assert reporter.checks == [] and summary["vocab_matches_token_space"] is True
     (materialization,) = reporter.materializations
@@ -70,7 +74,11 @@ def test_a_short_run_lowers_the_loss_and_saves_a_checkpoint_that_loads_with_the_
 
 
 def test_resuming_from_a_checkpoint_gives_the_weights_of_an_uninterrupted_run(tmp_path, tokenized_sample):
-    settings = lm_outputs(tmp_path, tokenized_sample, {"data": {"num_workers": 1}, "optim": {"grad_accum_steps": 2}, "train": {"max_steps": 6, "save_every": 3}})
+    settings = lm_outputs(
+        tmp_path,
+        tokenized_sample,
+        {"data": {"num_workers": 1}, "optim": {"grad_accum_steps": 2}, "train": {"max_steps": 6, "save_every": 3}},
+    )
     run_train(settings, RecordingReporter())
     checkpoints = settings.layout.lm_checkpoint
     uninterrupted = load_file(checkpoints / "final" / "model.safetensors")
@@ -86,13 +94,22 @@ def test_resuming_from_a_checkpoint_gives_the_weights_of_an_uninterrupted_run(tm
     resumed = load_file(checkpoints / "final" / "model.safetensors")
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[name], uninterrupted[name]) for name in resumed)
-    assert train_log(settings) == [{**entry, "elapsed_s": again["elapsed_s"], "tokens_per_s": again["tokens_per_s"]} for entry, again in zip(log, train_log(settings))]
+    assert train_log(settings) == [
+        {**entry, "elapsed_s": again["elapsed_s"], "tokens_per_s": again["tokens_per_s"]}
+        for entry, again in zip(log, train_log(settings))
+    ]
 
 
 def test_a_token_space_mismatch_is_refused(tmp_path, tokenized_sample):
     settings = lm_outputs(tmp_path, tokenized_sample)
     space = TokenSpace.read(settings.layout.token_space)
-    other = TokenSpace.build(text={**space.text, "vocab_size": 300}, image=space.image, audio=space.audio, special_tokens=list(space.special_tokens), extra=space.extra)
+    other = TokenSpace.build(
+        text={**space.text, "vocab_size": 300},
+        image=space.image,
+        audio=space.audio,
+        special_tokens=list(space.special_tokens),
+        extra=space.extra,
+    )
     other.write(settings.layout.token_space)
     with pytest.raises(TokenSpaceError, match="tokenized for token space"):
         run_train(settings, RecordingReporter())
@@ -115,12 +132,25 @@ def test_a_local_text_model_gets_sensible_rows_for_the_new_tokens(tmp_path, toke
     space = TokenSpace.read(tokenized_sample / "token_space")
     text_size = space.range("text").size
     torch.manual_seed(0)
-    text_model = LlamaForCausalLM(LlamaConfig(vocab_size=text_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False))
+    text_model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=text_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+        )
+    )
     text_model.save_pretrained(tmp_path / "text-lm")
     config = load_train_config(None, {"model.path": str(tmp_path / "text-lm")})
     model = build_model(config, space)
     assert model.config.lumo_token_space_sha256 == space.sha256
-    for before, after in ((text_model.get_input_embeddings().weight, model.get_input_embeddings().weight), (text_model.lm_head.weight, model.lm_head.weight)):
+    for before, after in (
+        (text_model.get_input_embeddings().weight, model.get_input_embeddings().weight),
+        (text_model.lm_head.weight, model.lm_head.weight),
+    ):
         assert after.shape == (space.vocab_size_total, 32)
         assert torch.equal(after[:text_size], before)
         fresh = after[text_size:]
@@ -129,8 +159,19 @@ def test_a_local_text_model_gets_sensible_rows_for_the_new_tokens(tmp_path, toke
         assert (fresh - before.mean(dim=0)).abs().max() < 0.2 * before.std(dim=0).max()
 
     model.save_pretrained(tmp_path / "trained-for-this-space")
-    assert build_model(load_train_config(None, {"model.path": str(tmp_path / "trained-for-this-space")}), space).get_input_embeddings().weight.shape[0] == space.vocab_size_total
-    other = TokenSpace.build(text={**space.text, "vocab_size": 300}, image=space.image, audio=space.audio, special_tokens=list(space.special_tokens), extra=space.extra)
+    assert (
+        build_model(load_train_config(None, {"model.path": str(tmp_path / "trained-for-this-space")}), space)
+        .get_input_embeddings()
+        .weight.shape[0]
+        == space.vocab_size_total
+    )
+    other = TokenSpace.build(
+        text={**space.text, "vocab_size": 300},
+        image=space.image,
+        audio=space.audio,
+        special_tokens=list(space.special_tokens),
+        extra=space.extra,
+    )
     with pytest.raises(TokenSpaceError, match="was trained for token space"):
         build_model(load_train_config(None, {"model.path": str(tmp_path / "trained-for-this-space")}), other)
 
@@ -149,12 +190,21 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 def test_lora_trains_only_the_adapters_and_the_new_token_rows(tmp_path, tokenized_sample):
-    overrides = {"finetune": {"method": "lora", "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}, "train": {"max_steps": 4, "save_every": 2}}
+    overrides = {
+        "finetune": {"method": "lora", "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        "train": {"max_steps": 4, "save_every": 2},
+    }
     settings = lm_outputs(tmp_path, tokenized_sample, overrides)
     config = load_train_config(settings.train_config)
     space = TokenSpace.read(settings.layout.token_space)
     for tie in (True, False):
-        untied = config.model_copy(update={"model": config.model.model_copy(update={"default": config.model.default.model_copy(update={"tie_word_embeddings": tie})})})
+        untied = config.model_copy(
+            update={
+                "model": config.model.model_copy(
+                    update={"default": config.model.default.model_copy(update={"tie_word_embeddings": tie})}
+                )
+            }
+        )
         peft_model = apply_lora(build_model(untied, space), untied, space)
         trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
         assert trainable and all(".lora_A." in n or ".lora_B." in n or "trainable_tokens_delta" in n for n in trainable)
@@ -164,7 +214,9 @@ def test_lora_trains_only_the_adapters_and_the_new_token_rows(tmp_path, tokenize
     summary = run_train(settings, RecordingReporter())
     assert summary["method"] == "lora" and summary["trainable_parameters"] < summary["total_parameters"] / 2
     checkpoints = settings.layout.lm_checkpoint
-    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (checkpoints / "checkpoint-4").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {
+        p.name for p in (checkpoints / "checkpoint-4").iterdir()
+    }
     base = load_file(checkpoints / "base" / "model.safetensors")
     final = load_file(checkpoints / "final" / "model.safetensors")
     embed = "model.embed_tokens.weight"
@@ -196,7 +248,16 @@ def torchrun_train(settings) -> dict:
         "LUMO_MANIFEST": str(settings.manifest),
         "OMP_NUM_THREADS": "1",
     }
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lumo_core.torchrun_train"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "lumo_core.torchrun_train",
+    ]
     result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -210,7 +271,10 @@ def test_two_processes_under_torchrun_train_on_disjoint_data_and_end_in_sync(tmp
     assert len(summary["rank_weights_sha256"]) == 2 and summary["vocab_matches_token_space"] is True
 
     ids_dir = settings.layout.lm_checkpoint / "sample_ids"
-    seen = [[i for line in (ids_dir / f"rank-{rank:05d}.jsonl").read_text().splitlines() for i in json.loads(line)["ids"]] for rank in (0, 1)]
+    seen = [
+        [i for line in (ids_dir / f"rank-{rank:05d}.jsonl").read_text().splitlines() for i in json.loads(line)["ids"]]
+        for rank in (0, 1)
+    ]
     assert seen[0] and seen[1]
     assert not set(seen[0]) & set(seen[1])
     assert len(train_log(settings)) == 4
@@ -220,7 +284,10 @@ def test_two_processes_under_torchrun_train_on_disjoint_data_and_end_in_sync(tmp
     # tests/lm/test_training_runs.py).
     again = lm_outputs(tmp_path / "again", tokenized_sample, {"train": {"max_steps": 4, "record_sample_ids": True}})
     assert torchrun_train(again)["rank_weights_sha256"] == summary["rank_weights_sha256"]
-    assert Path(summary["checkpoint"], "model.safetensors").read_bytes() == (again.layout.lm_checkpoint / "final" / "model.safetensors").read_bytes()
+    assert (
+        Path(summary["checkpoint"], "model.safetensors").read_bytes()
+        == (again.layout.lm_checkpoint / "final" / "model.safetensors").read_bytes()
+    )
 
 
 @pytest.mark.slow

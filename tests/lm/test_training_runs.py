@@ -35,16 +35,35 @@ def weight_files(folder: Path) -> dict[str, str]:
 
 def cli_train(settings, capsys, *flags: str) -> tuple[int, dict | str]:
     """`lumo train` in this process; (exit code, JSON summary or the stderr line)."""
-    code = lumo(["train", "--output-dir", str(settings.output_dir), "--manifest", str(settings.manifest), "--uti-config", str(settings.uti_config), "--train-config", str(settings.train_config), *flags])
+    code = lumo(
+        [
+            "train",
+            "--output-dir",
+            str(settings.output_dir),
+            "--manifest",
+            str(settings.manifest),
+            "--uti-config",
+            str(settings.uti_config),
+            "--train-config",
+            str(settings.train_config),
+            *flags,
+        ]
+    )
     captured = capsys.readouterr()
     return code, (json.loads(captured.out.strip().splitlines()[-1]) if code == 0 else captured.err.strip())
 
 
-@pytest.mark.parametrize("variant", [{}, LORA, {"model": {"modality_heads": True}}, {**LORA, "model": {"modality_heads": True}}], ids=["full", "lora", "full-heads", "lora-heads"])
+@pytest.mark.parametrize(
+    "variant",
+    [{}, LORA, {"model": {"modality_heads": True}}, {**LORA, "model": {"modality_heads": True}}],
+    ids=["full", "lora", "full-heads", "lora-heads"],
+)
 def test_two_fresh_runs_with_the_same_settings_give_bit_identical_weights(tmp_path, tokenized_sample, variant):
     runs = []
     for number, name in enumerate(("a", "b")):
-        settings = lm_outputs(tmp_path / name, tokenized_sample, {**variant, "train": {"max_steps": 3, "save_every": 3}})
+        settings = lm_outputs(
+            tmp_path / name, tokenized_sample, {**variant, "train": {"max_steps": 3, "save_every": 3}}
+        )
         # Each run finds the process's generators in another state, as a fresh process may.
         torch.manual_seed(1000 + number)
         random.seed(1000 + number)
@@ -83,11 +102,19 @@ def test_changed_settings_are_refused_by_name_and_nothing_is_deleted(tmp_path, t
 
 
 def test_the_refusal_names_settings_added_since_the_checkpoint_and_old_fingerprints():
-    assert changed_settings({"optim.lr": 0.01, "data.jsonl": None}, {"optim.lr": 0.01, "data.jsonl": None, "model.modality_heads": False}) == "model.modality_heads (absent) -> false"
+    assert (
+        changed_settings(
+            {"optim.lr": 0.01, "data.jsonl": None},
+            {"optim.lr": 0.01, "data.jsonl": None, "model.modality_heads": False},
+        )
+        == "model.modality_heads (absent) -> false"
+    )
     assert "recorded only their fingerprint" in changed_settings(None, {"optim.lr": 0.01})
 
 
-def test_a_finished_run_continues_to_a_larger_max_steps_on_the_new_cosine_and_keeps_its_checkpoints(tmp_path, tokenized_sample, capsys):
+def test_a_finished_run_continues_to_a_larger_max_steps_on_the_new_cosine_and_keeps_its_checkpoints(
+    tmp_path, tokenized_sample, capsys
+):
     from transformers import get_scheduler
 
     settings = lm_outputs(tmp_path, tokenized_sample, SHORT)
@@ -110,10 +137,18 @@ def test_a_finished_run_continues_to_a_larger_max_steps_on_the_new_cosine_and_ke
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
 
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [json.dumps(json.loads(line), sort_keys=True) for line in log_before] == [json.dumps(e, sort_keys=True) for e in log[:4]]
+    assert [json.dumps(json.loads(line), sort_keys=True) for line in log_before] == [
+        json.dumps(e, sort_keys=True) for e in log[:4]
+    ]
     # Steps 5..8 follow the cosine over 8 steps, as if the run had been started with 8.
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
-    reference = get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=2, num_training_steps=8, scheduler_specific_kwargs={"min_lr_rate": 0.1})
+    reference = get_scheduler(
+        "cosine_with_min_lr",
+        optimizer,
+        num_warmup_steps=2,
+        num_training_steps=8,
+        scheduler_specific_kwargs={"min_lr_rate": 0.1},
+    )
     expected = []
     for _ in range(8):
         optimizer.step()
@@ -125,14 +160,25 @@ def test_a_finished_run_continues_to_a_larger_max_steps_on_the_new_cosine_and_ke
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_a_new_run_starts_from_any_checkpoints_weights_and_keeps_the_old_run_whole(tmp_path, tokenized_sample, capsys, method):
+def test_a_new_run_starts_from_any_checkpoints_weights_and_keeps_the_old_run_whole(
+    tmp_path, tokenized_sample, capsys, method
+):
     settings = lm_outputs(tmp_path, tokenized_sample, {**SHORT, **(LORA if method == "lora" else {})})
     assert cli_train(settings, capsys)[0] == 0
     out = settings.layout.lm_checkpoint
     before = snapshot(out)
     started_from = load_file(out / "final" / "model.safetensors")
 
-    code, summary = cli_train(settings, capsys, "--init-from", str(out / "checkpoint-4"), "--set", "train.max_steps=2", "--set", "optim.lr=1e-9")
+    code, summary = cli_train(
+        settings,
+        capsys,
+        "--init-from",
+        str(out / "checkpoint-4"),
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "optim.lr=1e-9",
+    )
     assert code == 0, summary
     kept = Path(summary["previous_run_kept_as"])
     assert kept.parent == out.parent and kept.name.startswith("lm_checkpoint-step4-")
@@ -151,7 +197,16 @@ def test_a_new_run_starts_from_any_checkpoints_weights_and_keeps_the_old_run_who
     assert not all(torch.equal(final[name], started_from[name]) for name in started_from)
 
     # Rerunning the same command resumes nothing new: the run is finished.
-    code, again = cli_train(settings, capsys, "--init-from", str(kept / "checkpoint-4"), "--set", "train.max_steps=2", "--set", "optim.lr=1e-9")
+    code, again = cli_train(
+        settings,
+        capsys,
+        "--init-from",
+        str(kept / "checkpoint-4"),
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "optim.lr=1e-9",
+    )
     assert code == 0 and again["reused"] is True
 
 

@@ -45,7 +45,9 @@ def test_ids_in_range_fails_on_a_shard_with_a_damaged_member(tmp_path, tokenized
     space = TokenSpace.read_output(settings.output_dir / "token_space")
     shard = min(shards_dir.glob("train/*.tar"))
     index = json.loads((shards_dir / "index.json").read_bytes())
-    listed = next(entry["n_samples"] for entry in index["splits"]["train"]["shards"] if entry["name"] == f"train/{shard.name}")
+    listed = next(
+        entry["n_samples"] for entry in index["splits"]["train"]["shards"] if entry["name"] == f"train/{shard.name}"
+    )
     assert check_ids_in_range(shards_dir, space).passed
 
     damage_member_header(shard, member_index=12)
@@ -68,7 +70,9 @@ def test_a_sample_that_cannot_be_decoded_is_listed_not_raised(tmp_path, tokenize
     shard.write_bytes(bytes(data))
     scan = scan_shards(shards_dir, TokenSpace.read_output(settings.output_dir / "token_space"))
     [problem] = scan.unreadable
-    assert problem["key"] == member.name.split(".")[0] and problem["problem"].startswith("sample unreadable: ValueError")
+    assert problem["key"] == member.name.split(".")[0] and problem["problem"].startswith(
+        "sample unreadable: ValueError"
+    )
 
 
 def test_retokenize_with_nothing_to_check_loads_no_model(tmp_path, tokenized_sample):
@@ -96,7 +100,9 @@ def test_a_control_character_is_rejected_with_a_readable_reason(tmp_path):
     assert "at at" not in reject.reason
 
 
-def test_the_fix_hint_names_the_asset_under_dagster_and_the_command_in_the_shell(tmp_path, tokenized_sample, monkeypatch):
+def test_the_fix_hint_names_the_asset_under_dagster_and_the_command_in_the_shell(
+    tmp_path, tokenized_sample, monkeypatch
+):
     settings = lm_outputs(tmp_path, tokenized_sample)
     changed = tmp_path / "uti.yaml"
     changed.write_text(Path(settings.uti_config).read_text().replace("n_codebooks: 2", "n_codebooks: 3"))
@@ -107,7 +113,10 @@ def test_the_fix_hint_names_the_asset_under_dagster_and_the_command_in_the_shell
     assert "rebuild it: `lumo token-space` (the `token_space` asset in Dagster)" in str(shell.value)
     with dagster_hints(), pytest.raises(LumoError) as in_dagster:
         start_run(settings)
-    assert "materialize the `token_space` asset (`dagster asset materialize -m lumo_pipeline --select '*token_space'`" in str(in_dagster.value)
+    assert (
+        "materialize the `token_space` asset (`dagster asset materialize -m lumo_pipeline --select '*token_space'`"
+        in str(in_dagster.value)
+    )
     assert "lumo token-space" not in str(in_dagster.value)
 
 
@@ -119,7 +128,14 @@ def test_no_preview_warning_for_each_pipes_session():
     )
     # Warnings shown as they would be in `dagster dev` (each once per place), and the check that
     # the property really warns without the filter.
-    shown = subprocess.run([sys.executable, "-W", "default", "-c", probe], capture_output=True, text=True, check=True).stderr
+    shown = subprocess.run(
+        [sys.executable, "-W", "default", "-c", probe], capture_output=True, text=True, check=True
+    ).stderr
     assert "expected_writer_count" not in shown, shown
-    bare = subprocess.run([sys.executable, "-W", "default", "-c", probe.replace("import lumo_pipeline.runner\n", "")], capture_output=True, text=True, check=True).stderr
+    bare = subprocess.run(
+        [sys.executable, "-W", "default", "-c", probe.replace("import lumo_pipeline.runner\n", "")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
     assert "expected_writer_count" in bare

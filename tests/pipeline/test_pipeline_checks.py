@@ -48,14 +48,18 @@ def write_checkpoint_config(settings: LumoSettings, config: dict) -> None:
 
 def test_vocab_check_passes_for_a_checkpoint_made_for_this_token_space(outputs):
     lumo, space = outputs
-    write_checkpoint_config(lumo, {"model_type": "llama", "vocab_size": space.vocab_size_total, TOKEN_SPACE_ATTR: space.sha256})
+    write_checkpoint_config(
+        lumo, {"model_type": "llama", "vocab_size": space.vocab_size_total, TOKEN_SPACE_ATTR: space.sha256}
+    )
     outcome = check_vocab_matches_token_space(lumo.resolve())
     assert outcome.passed and outcome.metadata["problems"] == []
 
 
 def test_vocab_check_names_each_field_that_differs(outputs):
     lumo, space = outputs
-    write_checkpoint_config(lumo, {"model_type": "llava", "text_config": {"vocab_size": 32000}, TOKEN_SPACE_ATTR: "f" * 64})
+    write_checkpoint_config(
+        lumo, {"model_type": "llava", "text_config": {"vocab_size": 32000}, TOKEN_SPACE_ATTR: "f" * 64}
+    )
     outcome = check_vocab_matches_token_space(lumo.resolve())
     assert not outcome.passed
     assert outcome.metadata["problems"] == [
@@ -69,8 +73,13 @@ def test_a_check_on_an_asset_never_materialized_is_skipped_and_says_how_to_build
     result = evaluate(check_vocab_matches_token_space, lumo, "lm_checkpoint", severity=AssetCheckSeverity.ERROR)
     # Skipped, not failed (Dagster 1.13 has no skip state for an @asset_check: see checks.skipped).
     assert result.passed and result.severity == AssetCheckSeverity.WARN and result.metadata["skipped"].value is True
-    assert result.description.startswith("skipped: lm_checkpoint was never materialized") and "not found" in result.description
-    assert result.metadata["build_command"].value == "dagster asset materialize -m lumo_pipeline --select '*lm_checkpoint'"
+    assert (
+        result.description.startswith("skipped: lm_checkpoint was never materialized")
+        and "not found" in result.description
+    )
+    assert (
+        result.metadata["build_command"].value == "dagster asset materialize -m lumo_pipeline --select '*lm_checkpoint'"
+    )
 
 
 def test_a_check_whose_output_is_unreadable_still_fails_and_says_how_to_build_it(outputs):
@@ -82,11 +91,15 @@ def test_a_check_whose_output_is_unreadable_still_fails_and_says_how_to_build_it
     result = evaluate(check_vocab_matches_token_space, lumo, "lm_checkpoint", severity=AssetCheckSeverity.WARN)
     assert not result.passed and result.severity == AssetCheckSeverity.WARN
     assert "not found" in result.description
-    assert result.metadata["build_command"].value == "dagster asset materialize -m lumo_pipeline --select '*lm_checkpoint'"
+    assert (
+        result.metadata["build_command"].value == "dagster asset materialize -m lumo_pipeline --select '*lm_checkpoint'"
+    )
 
 
 def test_plain_values_become_typed_metadata():
-    converted = as_dagster_metadata({"n": 3, "rate": 0.5, "ok": True, "none": None, "name": "x", "problems": [{"shard": "a"}]})
+    converted = as_dagster_metadata(
+        {"n": 3, "rate": 0.5, "ok": True, "none": None, "name": "x", "problems": [{"shard": "a"}]}
+    )
     assert converted["n"] == MetadataValue.int(3)
     assert converted["rate"] == MetadataValue.float(0.5)
     assert converted["ok"] == MetadataValue.bool(True)

@@ -34,7 +34,14 @@ from lumo_pipeline.resources import LumoSettings
 from lumo_pipeline.runner import DockerLaunch, LumoRunner, build_launch
 
 DAGSTER = str(Path(sys.executable).parent / "dagster")
-SHARD_CHECKS = ("ids_in_range", "rows_accounted", "splits_disjoint", "shards_match_index", "retokenize_matches", "reject_rate")
+SHARD_CHECKS = (
+    "ids_in_range",
+    "rows_accounted",
+    "splits_disjoint",
+    "shards_match_index",
+    "retokenize_matches",
+    "reject_rate",
+)
 
 
 def dagster_env(tmp_path: Path) -> dict[str, str]:
@@ -47,7 +54,12 @@ def dagster_env(tmp_path: Path) -> dict[str, str]:
 def materialize_cli(tmp_path: Path, selection: str, *location: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [DAGSTER, "asset", "materialize", *(location or ("-m", "lumo_pipeline")), "--select", selection],
-        check=False, cwd=tmp_path, env=dagster_env(tmp_path), capture_output=True, text=True, timeout=900,
+        check=False,
+        cwd=tmp_path,
+        env=dagster_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -57,7 +69,9 @@ def step_keys(instance: DagsterInstance, run_id: str, event_type: DagsterEventTy
 
 def unit_step_keys() -> set[str]:
     """One step per work unit of the config the CLI runs with (the embedded default)."""
-    return {f"tokenized_shards.tokenize_unit[unit_{unit:05d}]" for unit in range(load_uti_config(None).pipeline.work_units)}
+    return {
+        f"tokenized_shards.tokenize_unit[unit_{unit:05d}]" for unit in range(load_uti_config(None).pipeline.work_units)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +99,9 @@ def test_cli_materializes_tokenized_shards_with_upstream_and_records_checks(cli_
 
     with DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
         run = instance.get_runs()[-1]  # the oldest: `+tokenized_shards`
-        assert set(run.asset_selection or ()) == {AssetKey(name) for name in ("token_space", "manifest_audit", "tokenized_shards")}
+        assert set(run.asset_selection or ()) == {
+            AssetKey(name) for name in ("token_space", "manifest_audit", "tokenized_shards")
+        }
         succeeded = step_keys(instance, run.run_id, DagsterEventType.STEP_SUCCESS)
         assert {key for key in succeeded if key.startswith("tokenized_shards.tokenize_unit[")} == unit_step_keys()
         assert {"tokenized_shards.plan_units", "tokenized_shards.merge_units"} <= set(succeeded)
@@ -97,9 +113,13 @@ def test_cli_materializes_tokenized_shards_with_upstream_and_records_checks(cli_
         assert shards.tags["dagster/data_version"] == sha256_hex(index.read_bytes())
         assert shards.metadata["n_samples"].value > 0
         for check_name in SHARD_CHECKS:
-            record = instance.get_latest_asset_check_evaluation_record(AssetCheckKey(AssetKey("tokenized_shards"), check_name))
+            record = instance.get_latest_asset_check_evaluation_record(
+                AssetCheckKey(AssetKey("tokenized_shards"), check_name)
+            )
             assert record is not None and record.event.asset_check_evaluation.passed, check_name
-        record = instance.get_latest_asset_check_evaluation_record(AssetCheckKey(AssetKey("token_space"), "runtime_size_match"))
+        record = instance.get_latest_asset_check_evaluation_record(
+            AssetCheckKey(AssetKey("token_space"), "runtime_size_match")
+        )
         assert record is not None and record.event.asset_check_evaluation.passed
 
 
@@ -149,7 +169,9 @@ def test_multiprocess_code_location_runs_units_side_by_side_in_their_own_process
         in_own_process = set(step_keys(instance, latest.run_id, DagsterEventType.STEP_WORKER_STARTING))
         assert units <= in_own_process
         spans = {}
-        for entry in instance.all_logs(latest.run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS}):
+        for entry in instance.all_logs(
+            latest.run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS}
+        ):
             if entry.step_key in units:
                 spans.setdefault(entry.step_key, []).append(entry.timestamp)
         assert set(spans) == units and all(len(times) == 2 for times in spans.values())
@@ -190,10 +212,14 @@ def test_in_container_entry_point_reports_back_through_pipes(tmp_path):
     def runtime_size_match_in_container(context: AssetCheckExecutionContext):
         return run_as_container(context.op_execution_context, ["check", "runtime_size_match"]).get_asset_check_result()
 
-    result = materialize([token_space_in_container, runtime_size_match_in_container], instance=DagsterInstance.ephemeral())
+    result = materialize(
+        [token_space_in_container, runtime_size_match_in_container], instance=DagsterInstance.ephemeral()
+    )
     materialization = result.asset_materializations_for_node("token_space")[0]
     written = host_outputs / "token_space" / "token_space.json"
-    assert materialization.metadata["path"].value == str(container_root / "outputs" / "token_space" / "token_space.json")
+    assert materialization.metadata["path"].value == str(
+        container_root / "outputs" / "token_space" / "token_space.json"
+    )
     assert materialization.tags["dagster/data_version"] == sha256_hex(written.read_bytes())
     assert materialization.metadata["vocab_size_total"].value > 0
     [evaluation] = result.get_asset_check_evaluations()
@@ -216,7 +242,9 @@ def test_the_project_is_a_dg_project(cli_built):
         return subprocess.run([dg, *args], check=False, cwd=root, env=env, capture_output=True, text=True, timeout=900)
 
     checked = run_dg("check", "defs")
-    assert checked.returncode == 0 and "All definitions loaded successfully" in checked.stdout + checked.stderr, checked.stderr[-4000:]
+    assert checked.returncode == 0 and "All definitions loaded successfully" in checked.stdout + checked.stderr, (
+        checked.stderr[-4000:]
+    )
     listed = run_dg("list", "defs", "--json")
     assert listed.returncode == 0, listed.stderr[-4000:]
     assets = {entry["asset_key"] for entry in json.loads(listed.stdout)["assets"]}

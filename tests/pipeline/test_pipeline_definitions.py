@@ -20,7 +20,15 @@ from lumo_pipeline.io_managers import NO_STORE_IO_MANAGER_KEY, UNIT_IO_MANAGER_K
 from lumo_pipeline.jobs import reaudit_job, tokenization_job
 from lumo_pipeline.runner import GPU_OP_TAGS, GPU_POOL
 
-ASSETS = {"token_space", "manifest_audit", "tokenized_shards", "tokenized_audit", "uti_audit", "lm_checkpoint", "lm_eval"}
+ASSETS = {
+    "token_space",
+    "manifest_audit",
+    "tokenized_shards",
+    "tokenized_audit",
+    "uti_audit",
+    "lm_checkpoint",
+    "lm_eval",
+}
 CHECKS = {
     ("token_space", "runtime_size_match"),
     ("uti_audit", "tokenizers_deterministic"),
@@ -91,7 +99,10 @@ def test_tokenized_shards_is_a_fan_out_with_gpus_on_the_unit_steps_only():
     # The asset's value is None and stored nowhere; downstream assets use `deps`.
     assert merge.output_defs[0].io_manager_key == NO_STORE_IO_MANAGER_KEY
     assert tokenized_shards.get_io_manager_key_for_asset_key(AssetKey("tokenized_shards")) == NO_STORE_IO_MANAGER_KEY
-    assert tokenized_shards.code_versions_by_key[AssetKey("tokenized_shards")] == defs.resolve_asset_graph().get(AssetKey("tokenized_shards")).code_version
+    assert (
+        tokenized_shards.code_versions_by_key[AssetKey("tokenized_shards")]
+        == defs.resolve_asset_graph().get(AssetKey("tokenized_shards")).code_version
+    )
     assert tokenized_shards.partitions_def is None
 
 
@@ -122,7 +133,12 @@ def test_reaudit_job_runs_audits_and_every_check_but_never_tokenizes():
 
 def test_sensor_job_is_the_tokenization_chain():
     graph = defs.resolve_asset_graph()
-    assert {key.to_user_string() for key in tokenization_job.selection.resolve(graph)} == {"token_space", "manifest_audit", "tokenized_shards", "tokenized_audit"}
+    assert {key.to_user_string() for key in tokenization_job.selection.resolve(graph)} == {
+        "token_space",
+        "manifest_audit",
+        "tokenized_shards",
+        "tokenized_audit",
+    }
     selected_checks = tokenization_job.selection.resolve_checks(graph)
     assert BLOCKING <= {key.name for key in selected_checks}
     assert AssetCheckKey(AssetKey("lm_checkpoint"), "vocab_matches_token_space") not in selected_checks
@@ -139,7 +155,11 @@ def test_dagster_cli_finds_the_code_location(target):
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
     completed = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", *target],
-        cwd=repo_root, env=env, capture_output=True, text=True, timeout=300,
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "All code locations passed validation" in completed.stderr + completed.stdout

@@ -61,7 +61,10 @@ def check_evaluations(result: ExecuteInProcessResult) -> dict[str, object]:
 
 
 def materialized(result: ExecuteInProcessResult) -> dict[str, object]:
-    return {e.asset_key.to_user_string(): e.event_specific_data.materialization for e in result.get_asset_materialization_events()}
+    return {
+        e.asset_key.to_user_string(): e.event_specific_data.materialization
+        for e in result.get_asset_materialization_events()
+    }
 
 
 # Built once per worker: session scope, because a module fixture is torn down whenever the worker
@@ -72,13 +75,17 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[DagsterInstance, Pa
     """Every asset and every check, once, on one instance kept for the tests below."""
     instance = DagsterInstance.ephemeral()
     output_dir = tmp_path_factory.mktemp("graph") / "outputs"
-    result = materialize(LUMO_ASSETS + LUMO_CHECKS, instance=instance, resources=resources(output_dir), raise_on_error=False)
+    result = materialize(
+        LUMO_ASSETS + LUMO_CHECKS, instance=instance, resources=resources(output_dir), raise_on_error=False
+    )
     return instance, output_dir, result
 
 
 def test_whole_graph_materializes_and_every_check_passes(built):
     _, output_dir, result = built
-    assert result.success, [e.event_specific_data.error.message for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert result.success, [
+        e.event_specific_data.error.message for e in result.all_events if e.event_type_value == "STEP_FAILURE"
+    ]
     materializations = materialized(result)
     assert set(materializations) == ASSET_NAMES
     evaluations = check_evaluations(result)
@@ -88,7 +95,9 @@ def test_whole_graph_materializes_and_every_check_passes(built):
     for name, step in STEPS.items():
         materialization = materializations[name]
         # The data version is the content of the committed output, so equal outputs compare equal.
-        assert materialization.tags["dagster/data_version"] == sha256_hex((output_dir / step.commit_file).read_bytes()), name
+        assert materialization.tags["dagster/data_version"] == sha256_hex(
+            (output_dir / step.commit_file).read_bytes()
+        ), name
         assert materialization.tags["dagster/code_version"], name
 
     shards = materializations["tokenized_shards"].metadata
@@ -98,7 +107,11 @@ def test_whole_graph_materializes_and_every_check_passes(built):
     assert "data:image/png;base64," in shards["codebook_usage_plot"].value
     assert "data:image/png;base64," in materializations["uti_audit"].metadata["recon_image"].value
     assert materializations["manifest_audit"].metadata["n_lines"].value == shards["n_manifest_lines"].value
-    assert [r.data["name"] for r in materializations["token_space"].metadata["ranges"].value.records][:3] == ["text", "special", "image"]
+    assert [r.data["name"] for r in materializations["token_space"].metadata["ranges"].value.records][:3] == [
+        "text",
+        "special",
+        "image",
+    ]
 
     # Lineage as recorded for staleness: the shards were made from this exact token space.
     space_version = materializations["token_space"].tags["dagster/data_version"]
@@ -107,7 +120,9 @@ def test_whole_graph_materializes_and_every_check_passes(built):
 
 def test_rebuilding_an_unchanged_upstream_keeps_its_data_version(built):
     instance, output_dir, _ = built
-    before = instance.get_latest_materialization_event(AssetKey("token_space")).asset_materialization.tags["dagster/data_version"]
+    before = instance.get_latest_materialization_event(AssetKey("token_space")).asset_materialization.tags[
+        "dagster/data_version"
+    ]
     result = materialize(LUMO_ASSETS, selection=["token_space"], instance=instance, resources=resources(output_dir))
     assert materialized(result)["token_space"].tags["dagster/data_version"] == before
 
@@ -134,18 +149,30 @@ def test_tokenized_shards_ran_one_step_per_unit_and_match_a_plain_lumo_tokenize(
     unit_steps = {key for key in started_steps(result) if key.startswith("tokenized_shards.tokenize_unit[")}
     assert unit_steps == {f"tokenized_shards.tokenize_unit[unit_{unit:05d}]" for unit in range(n_units)}
     assert len(unit_steps) == n_units
-    succeeded = [e.step_key for e in result.all_events if e.event_type_value == "STEP_SUCCESS" and e.step_key.startswith("tokenized_shards.")]
+    succeeded = [
+        e.step_key
+        for e in result.all_events
+        if e.event_type_value == "STEP_SUCCESS" and e.step_key.startswith("tokenized_shards.")
+    ]
     assert sorted(succeeded) == sorted(["tokenized_shards.plan_units", *unit_steps, "tokenized_shards.merge_units"])
     # The merge materialized the asset, after every unit.
-    materialization = next(e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "tokenized_shards")
+    materialization = next(
+        e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "tokenized_shards"
+    )
     assert materialization.step_key == "tokenized_shards.merge_units"
     assert materialization.event_specific_data.materialization.metadata["units_tokenized_in_this_run"].value == n_units
 
     plain_dir = tmp_path / "plain"
     shutil.copytree(output_dir / "token_space", plain_dir / "token_space")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LUMO_") or k == "LUMO_CACHE_DIR"}
-    completed = subprocess.run([sys.executable, "-m", "lumo_core.cli", "tokenize"], check=False, env={**env, "LUMO_OUTPUT_DIR": str(plain_dir)},
-                               capture_output=True, text=True, timeout=900)
+    completed = subprocess.run(
+        [sys.executable, "-m", "lumo_core.cli", "tokenize"],
+        check=False,
+        env={**env, "LUMO_OUTPUT_DIR": str(plain_dir)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
 
     graph_shards, plain_shards = output_dir / "tokenized_shards", plain_dir / "tokenized_shards"
@@ -154,7 +181,9 @@ def test_tokenized_shards_ran_one_step_per_unit_and_match_a_plain_lumo_tokenize(
     assert shard_names
     for name in ["index.json", "rejects.jsonl", "stats.json", *shard_names]:
         assert (graph_shards / name).read_bytes() == (plain_shards / name).read_bytes(), name
-    assert sorted(p.relative_to(plain_shards) for p in plain_shards.rglob("*.tar")) == sorted(p.relative_to(graph_shards) for p in graph_shards.rglob("*.tar"))
+    assert sorted(p.relative_to(plain_shards) for p in plain_shards.rglob("*.tar")) == sorted(
+        p.relative_to(graph_shards) for p in graph_shards.rglob("*.tar")
+    )
 
 
 # ------------------------------------------------------------------ planted damage
@@ -181,7 +210,9 @@ def npy(array: np.ndarray) -> bytes:
 
 
 def first_train_shard(output_dir: Path) -> tuple[str, Path]:
-    name = json.loads((output_dir / "tokenized_shards" / "index.json").read_bytes())["splits"]["train"]["shards"][0]["name"]
+    name = json.loads((output_dir / "tokenized_shards" / "index.json").read_bytes())["splits"]["train"]["shards"][0][
+        "name"
+    ]
     return name, output_dir / "tokenized_shards" / name
 
 
@@ -280,8 +311,17 @@ def test_missing_row_fails_rows_accounted(built, tmp_path):
 
 
 def test_tampered_tokens_fail_retokenize_matches(built, tmp_path):
-    retokenized_ids = [e for e in built[2].get_asset_check_evaluations() if e.check_name == "retokenize_matches"][0].metadata["ids"].value
-    planted, metadata = audit_damaged_copy(built, tmp_path, "retokenize_matches", lambda d: tamper_recorded_token_sha(d, retokenized_ids))
+    retokenized_ids = (
+        [e for e in built[2].get_asset_check_evaluations() if e.check_name == "retokenize_matches"][0]
+        .metadata["ids"]
+        .value
+    )
+    planted, metadata = audit_damaged_copy(
+        built, tmp_path, "retokenize_matches", lambda d: tamper_recorded_token_sha(d, retokenized_ids)
+    )
     [mismatch] = [m for m in metadata["mismatches"] if m["id"] == planted["id"]]
-    assert (mismatch["shard"], mismatch["expected_token_sha256"]) == (planted["shard"], planted["expected_token_sha256"])
+    assert (mismatch["shard"], mismatch["expected_token_sha256"]) == (
+        planted["shard"],
+        planted["expected_token_sha256"],
+    )
     assert mismatch["found_token_sha256"] != planted["expected_token_sha256"]

@@ -39,7 +39,9 @@ def manifest(tmp_path: Path) -> Path:
     return path
 
 
-def _evaluate(manifest: Path, instance: DagsterInstance, cursor: str | None, uti_config: Path | None = None) -> SensorResult:
+def _evaluate(
+    manifest: Path, instance: DagsterInstance, cursor: str | None, uti_config: Path | None = None
+) -> SensorResult:
     lumo = LumoSettings(manifest=str(manifest), uti_config=str(uti_config) if uti_config else None)
     context = build_sensor_context(instance=instance, cursor=cursor, resources={"lumo": lumo})
     return manifest_changed(context)
@@ -61,7 +63,9 @@ def _stand_in() -> None:
     _noop()
 
 
-def _launch(instance: DagsterInstance, result: SensorResult, status: DagsterRunStatus | None = None, failure: str | None = None) -> str:
+def _launch(
+    instance: DagsterInstance, result: SensorResult, status: DagsterRunStatus | None = None, failure: str | None = None
+) -> str:
     [request] = result.run_requests
     run = instance.create_run_for_job(_stand_in, tags=request.tags, status=status)
     if failure is not None:
@@ -127,7 +131,11 @@ def test_a_manifest_put_back_to_earlier_content_runs_again_under_a_new_run_key(m
     reverted = _evaluate(manifest, instance, cursor=second.cursor)
     keys = [r.run_key for r in (*first.run_requests, *second.run_requests, *reverted.run_requests)]
     # Dagster drops a RunRequest whose run key was used before: the reverted content gets a new one.
-    assert keys == [f"{_sha(manifest)}-1", f"{second.run_requests[0].tags['lumo/manifest_sha256']}-2", f"{_sha(manifest)}-3"]
+    assert keys == [
+        f"{_sha(manifest)}-1",
+        f"{second.run_requests[0].tags['lumo/manifest_sha256']}-2",
+        f"{_sha(manifest)}-3",
+    ]
     assert len(set(keys)) == 3
     assert json.loads(reverted.cursor)["seq"] == 3
 
@@ -153,7 +161,10 @@ def test_a_failed_run_is_retried_with_backoff_and_given_up_after_the_last_attemp
         # Within the backoff: no request, the reason and the wait are said.
         waiting = _evaluate(manifest, instance, cursor=result.cursor)
         assert waiting.run_requests == [] and waiting.cursor == result.cursor
-        assert "the token space differs" in waiting.skip_reason.skip_message and "retrying in" in waiting.skip_reason.skip_message
+        assert (
+            "the token space differs" in waiting.skip_reason.skip_message
+            and "retrying in" in waiting.skip_reason.skip_message
+        )
         clock[0] += backoff_s(attempt) + 1
         result = _evaluate(manifest, instance, cursor=result.cursor)
         [retry] = result.run_requests
@@ -165,7 +176,10 @@ def test_a_failed_run_is_retried_with_backoff_and_given_up_after_the_last_attemp
     gave_up = _evaluate(manifest, instance, cursor=result.cursor)
     assert gave_up.run_requests == []
     message = gave_up.skip_reason.skip_message
-    assert f"gave up on change {change} after {MAX_ATTEMPTS} failed attempts" in message and "the token space differs" in message
+    assert (
+        f"gave up on change {change} after {MAX_ATTEMPTS} failed attempts" in message
+        and "the token space differs" in message
+    )
     assert json.loads(gave_up.cursor)["pending"]["gave_up"] is True
     # Given up: quiet until the next change, which is requested afresh.
     assert _evaluate(manifest, instance, cursor=gave_up.cursor).run_requests == []

@@ -27,7 +27,11 @@ def error_text(error) -> str:
 
 
 def step_failures(result) -> dict[str, str]:
-    return {e.step_key: error_text(e.event_specific_data.error) for e in result.all_events if e.event_type_value == "STEP_FAILURE"}
+    return {
+        e.step_key: error_text(e.event_specific_data.error)
+        for e in result.all_events
+        if e.event_type_value == "STEP_FAILURE"
+    }
 
 
 def shard_bytes(shards_dir: Path) -> dict[str, bytes]:
@@ -52,20 +56,32 @@ def project(tmp_path: Path, tokenized_sample: Path) -> tuple[LumoSettings, Dagst
     instance = DagsterInstance.ephemeral()
     for name in ("token_space", "manifest_audit", "tokenized_shards"):
         instance.report_runless_asset_event(AssetMaterialization(name))
-    lumo = LumoSettings(output_dir=str(settings.output_dir), manifest=str(settings.manifest), uti_config=str(settings.uti_config),
-                        train_config=str(settings.train_config))
+    lumo = LumoSettings(
+        output_dir=str(settings.output_dir),
+        manifest=str(settings.manifest),
+        uti_config=str(settings.uti_config),
+        train_config=str(settings.train_config),
+    )
     return lumo, instance
 
 
 def test_a_failed_lumo_step_shows_its_one_line_reason_as_the_step_error(tmp_path):
     lumo = LumoSettings(output_dir=str(tmp_path / "outputs"), manifest=str(tmp_path / "missing.jsonl"))
     instance = DagsterInstance.ephemeral()
-    result = materialize(LUMO_ASSETS, selection=["manifest_audit"], instance=instance, resources=pipeline_resources(lumo, LumoRunner()), raise_on_error=False)
+    result = materialize(
+        LUMO_ASSETS,
+        selection=["manifest_audit"],
+        instance=instance,
+        resources=pipeline_resources(lumo, LumoRunner()),
+        raise_on_error=False,
+    )
     assert not result.success
     failure = step_failures(result)["manifest_audit"]
     reason = f"{tmp_path / 'missing.jsonl'}: manifest file not found"
     # The step error's first line, what the run page shows first, is the reason.
-    assert failure.splitlines()[0] == f"dagster._core.definitions.events.Failure: `lumo audit-manifest` failed: {reason}", failure
+    assert (
+        failure.splitlines()[0] == f"dagster._core.definitions.events.Failure: `lumo audit-manifest` failed: {reason}"
+    ), failure
     # At ERROR level in the run's log, as `lumo` printed it.
     errors = [e.user_message for e in instance.all_logs(result.run_id) if e.level >= 40]
     assert any(f"lumo audit-manifest: error: {reason}" in message for message in errors), errors
@@ -91,13 +107,20 @@ def test_a_damaged_shard_is_rebuilt_byte_identical_by_lumo_tokenize_and_by_dagst
     # Through Dagster: a missing shard, then materialize tokenized_shards with its checks.
     shard.unlink()
     assert "is missing" in run.stale_reason()
-    result = materialize([*LUMO_ASSETS, *LUMO_CHECKS], selection=["tokenized_shards"], instance=instance,
-                         resources=pipeline_resources(lumo, LumoRunner()), raise_on_error=False)
+    result = materialize(
+        [*LUMO_ASSETS, *LUMO_CHECKS],
+        selection=["tokenized_shards"],
+        instance=instance,
+        resources=pipeline_resources(lumo, LumoRunner()),
+        raise_on_error=False,
+    )
     assert result.success, step_failures(result)
     assert shard_bytes(shards_dir) == clean
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert {"shards_match_index", "ids_in_range", "rows_accounted"} <= set(evaluations)
-    assert all(e.passed for e in evaluations.values()), {n: e.description for n, e in evaluations.items() if not e.passed}
+    assert all(e.passed for e in evaluations.values()), {
+        n: e.description for n, e in evaluations.items() if not e.passed
+    }
 
 
 def test_reaudit_without_a_checkpoint_succeeds_and_skips_the_checkpoint_check(project):

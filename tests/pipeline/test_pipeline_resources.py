@@ -96,7 +96,12 @@ def test_docker_launch_requests_gpus_mounts_folders_and_maps_env_to_container_pa
     models = tmp_path / "models"
     cache = tmp_path / "cache"
     runner = LumoRunner(
-        mode="docker", image="registry.example/lumo:1.2", shm_size="16g", cache_dir=str(cache), extra_mounts={str(models): "/models"}, env={"HF_HOME": "/tmp/hf"}
+        mode="docker",
+        image="registry.example/lumo:1.2",
+        shm_size="16g",
+        cache_dir=str(cache),
+        extra_mounts={str(models): "/models"},
+        env={"HF_HOME": "/tmp/hf"},
     )
     settings = LumoSettings(**{k: str(v) for k, v in host_files.items()}).resolve()
     launch = build_launch(runner, settings, ["tokenize"], gpu=True)

@@ -55,17 +55,24 @@ def project(tmp_path_factory: pytest.TempPathFactory):
     config.write_text(DUMMY_UTI_CONFIG)
     lumo = LumoSettings(output_dir=str(root / "outputs"), manifest=str(sample), uti_config=str(config))
     definitions = root / "definitions.py"
-    definitions.write_text(textwrap.dedent(f"""
+    definitions.write_text(
+        textwrap.dedent(f"""
         from lumo_pipeline.definitions import build_definitions
         from lumo_pipeline.resources import LumoSettings
         from lumo_pipeline.runner import LumoRunner
 
         defs = build_definitions(LumoSettings(output_dir={lumo.output_dir!r}, manifest={lumo.manifest!r}, uti_config={lumo.uti_config!r}), LumoRunner())
-    """))
+    """)
+    )
     # A persistent instance: the code server is another process.
     (root / "dagster_home").mkdir()
     with DagsterInstance.local_temp(str(root / "dagster_home")) as instance:
-        result = materialize([*INPUT_ASSETS, *LUMO_ASSETS], selection=CHAIN, instance=instance, resources=pipeline_resources(lumo, LumoRunner()))
+        result = materialize(
+            [*INPUT_ASSETS, *LUMO_ASSETS],
+            selection=CHAIN,
+            instance=instance,
+            resources=pipeline_resources(lumo, LumoRunner()),
+        )
         assert result.success
         with define_out_of_process_workspace(str(definitions), "defs", instance) as workspace:
             yield lumo, instance, workspace
@@ -151,17 +158,30 @@ def test_staleness_follows_the_manifest_and_the_config(project):
 def test_force_rebuilds_every_unit_from_the_media_byte_identical(project):
     lumo, instance, _ = project
     shards_dir = Path(lumo.output_dir) / "tokenized_shards"
+
     # Every file of the shard set; run.json records how the build went (rows from the cache).
     def shard_set() -> dict[Path, bytes]:
-        return {path.relative_to(shards_dir): path.read_bytes() for path in sorted(shards_dir.rglob("*")) if path.is_file() and path.name != "run.json"}
+        return {
+            path.relative_to(shards_dir): path.read_bytes()
+            for path in sorted(shards_dir.rglob("*"))
+            if path.is_file() and path.name != "run.json"
+        }
 
     before = shard_set()
     # Without force: up to date, nothing to do.
-    plain = materialize([*INPUT_ASSETS, *LUMO_ASSETS], selection=["tokenized_shards"], instance=instance, resources=pipeline_resources(lumo, LumoRunner()))
+    plain = materialize(
+        [*INPUT_ASSETS, *LUMO_ASSETS],
+        selection=["tokenized_shards"],
+        instance=instance,
+        resources=pipeline_resources(lumo, LumoRunner()),
+    )
     assert plain.success
     assert [e for e in plain.all_events if e.step_key and "tokenize_unit" in e.step_key] == []
     forced = materialize(
-        [*INPUT_ASSETS, *LUMO_ASSETS], selection=["tokenized_shards"], instance=instance, resources=pipeline_resources(lumo, LumoRunner()),
+        [*INPUT_ASSETS, *LUMO_ASSETS],
+        selection=["tokenized_shards"],
+        instance=instance,
+        resources=pipeline_resources(lumo, LumoRunner()),
         run_config={"ops": {"tokenized_shards": {"config": {"force": True}}}},
     )
     assert forced.success
@@ -178,6 +198,9 @@ def test_force_rebuilds_every_unit_from_the_media_byte_identical(project):
 def test_the_build_hint_selects_every_ancestor():
     # One layer up is all of tokenized_shards' ancestors (docs/contract.md §1 `+tokenized_shards`);
     # lm_eval's are two layers and more up.
-    assert build_command_hint("tokenized_shards") == "dagster asset materialize -m lumo_pipeline --select +tokenized_shards"
+    assert (
+        build_command_hint("tokenized_shards")
+        == "dagster asset materialize -m lumo_pipeline --select +tokenized_shards"
+    )
     assert build_command_hint("lm_eval") == "dagster asset materialize -m lumo_pipeline --select '*lm_eval'"
     assert build_command_hint("lm_checkpoint").endswith("--select '*lm_checkpoint'")

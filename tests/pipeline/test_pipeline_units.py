@@ -51,7 +51,9 @@ class RecordingRunner(LumoRunner):
         if subcommand[:2] == ("tokenize", "--unit") and int(subcommand[2]) in self.failing_units:
             raise DagsterPipesExecutionError(f"External execution process failed with code 1 (unit {subcommand[2]})")
         if tuple(subcommand) == ("tokenize", "--merge"):
-            raise DagsterPipesExecutionError("External execution process failed with code 2 (merge stopped by the test)")
+            raise DagsterPipesExecutionError(
+                "External execution process failed with code 2 (merge stopped by the test)"
+            )
 
 
 @pytest.fixture
@@ -67,7 +69,11 @@ def upstream(tmp_path: Path) -> tuple[LumoSettings, DagsterInstance]:
     (output_dir / "manifest_audit").mkdir(parents=True)
     (output_dir / "manifest_audit" / "report.json").write_text("{}")
     manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps({"id": f"row-{i}", "task": "t2i", "text": "x", "image": f"{i}.png"}) + "\n" for i in range(12)))
+    manifest.write_text(
+        "".join(
+            json.dumps({"id": f"row-{i}", "task": "t2i", "text": "x", "image": f"{i}.png"}) + "\n" for i in range(12)
+        )
+    )
     config = yaml.safe_load(embedded_path("uti_default.yaml").read_text())
     config["pipeline"]["work_units"] = 3
     uti_config = tmp_path / "uti.yaml"
@@ -78,8 +84,16 @@ def upstream(tmp_path: Path) -> tuple[LumoSettings, DagsterInstance]:
     return LumoSettings(output_dir=str(output_dir), manifest=str(manifest), uti_config=str(uti_config)), instance
 
 
-def materialize_shards(lumo: LumoSettings, instance: DagsterInstance, runner: RecordingRunner) -> ExecuteInProcessResult:
-    return materialize(LUMO_ASSETS, selection=["tokenized_shards"], instance=instance, resources=pipeline_resources(lumo, runner), raise_on_error=False)
+def materialize_shards(
+    lumo: LumoSettings, instance: DagsterInstance, runner: RecordingRunner
+) -> ExecuteInProcessResult:
+    return materialize(
+        LUMO_ASSETS,
+        selection=["tokenized_shards"],
+        instance=instance,
+        resources=pipeline_resources(lumo, runner),
+        raise_on_error=False,
+    )
 
 
 def recorded(runner: RecordingRunner) -> list[dict[str, Any]]:
@@ -94,7 +108,11 @@ def error_text(error: Any) -> str:
 
 
 def step_failures(result: ExecuteInProcessResult) -> dict[str, str]:
-    return {e.step_key: error_text(e.event_specific_data.error) for e in result.all_events if e.event_type_value == "STEP_FAILURE"}
+    return {
+        e.step_key: error_text(e.event_specific_data.error)
+        for e in result.all_events
+        if e.event_type_value == "STEP_FAILURE"
+    }
 
 
 def test_one_unit_step_per_configured_unit_each_on_the_gpu_and_a_failed_unit_is_retried_alone(upstream, tmp_path):
@@ -130,7 +148,11 @@ def test_units_already_complete_for_this_build_are_not_run_again(upstream, tmp_p
     result = materialize_shards(lumo, instance, runner)
 
     started = {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
-    assert started == {"tokenized_shards.plan_units", "tokenized_shards.tokenize_unit[unit_00001]", "tokenized_shards.merge_units"}
+    assert started == {
+        "tokenized_shards.plan_units",
+        "tokenized_shards.tokenize_unit[unit_00001]",
+        "tokenized_shards.merge_units",
+    }
     assert [c["command"] for c in recorded(runner)] == [["tokenize", "--unit", "1"], ["tokenize", "--merge"]]
     assert [c["gpu"] for c in recorded(runner)] == [True, False]
     # The stand-in merge exits 2; the failure names the command.
@@ -169,4 +191,6 @@ def test_unit_numbers_travel_as_mapping_keys_and_the_asset_value_is_never_stored
     with pytest.raises(TypeError, match="return None"):
         nothing.handle_output(build_output_context(asset_key=AssetKey("tokenized_shards")), {"rows": 1})
     with pytest.raises(TypeError, match=r"deps=\[\"tokenized_shards\"\]"):
-        nothing.load_input(build_input_context(upstream_output=build_output_context(asset_key=AssetKey("tokenized_shards"))))
+        nothing.load_input(
+            build_input_context(upstream_output=build_output_context(asset_key=AssetKey("tokenized_shards")))
+        )

@@ -40,7 +40,10 @@ from tests.tokenize.test_tokenization import tokenize_in_process as build
 DEVICE = os.environ.get("LUMO_TEST_DEVICE", "cpu")
 # The recipes this module holds to byte identity: the device's `auto` shape, and a small fixed
 # shape that pads (so padding rows and length buckets are exercised on every device).
-RECIPES = {"auto": {"image_batch_size": "auto", "audio_batch_size": "auto"}, "fixed": {"image_batch_size": 4, "audio_batch_size": 3}}
+RECIPES = {
+    "auto": {"image_batch_size": "auto", "audio_batch_size": "auto"},
+    "fixed": {"image_batch_size": 4, "audio_batch_size": 3},
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +68,17 @@ def write_config(path: Path, recipe: str) -> Path:
     return path
 
 
-
 # ----------------------------------------------------------------------------- config
 def test_auto_batch_sizes_follow_the_device(tmp_path: Path) -> None:
-    assert PipelineConfig().model_dump(include={"image_batch_size", "audio_batch_size"}) == AUTO_BATCH_SIZES["cpu"] == {"image_batch_size": 1, "audio_batch_size": 1}
-    assert PipelineConfig(device="cuda:1").model_dump(include={"image_batch_size", "audio_batch_size"}) == AUTO_BATCH_SIZES["gpu"]
+    assert (
+        PipelineConfig().model_dump(include={"image_batch_size", "audio_batch_size"})
+        == AUTO_BATCH_SIZES["cpu"]
+        == {"image_batch_size": 1, "audio_batch_size": 1}
+    )
+    assert (
+        PipelineConfig(device="cuda:1").model_dump(include={"image_batch_size", "audio_batch_size"})
+        == AUTO_BATCH_SIZES["gpu"]
+    )
     assert PipelineConfig(device="cuda", image_batch_size=8, audio_batch_size="auto").image_batch_size == 8
     assert (device_kind("cpu"), device_kind("cuda:0")) == ("cpu", "gpu")
     # The embedded default says `auto`; what the recipe records is the resolved number.
@@ -110,7 +119,11 @@ def test_encoder_counts_call_rows_and_padding_per_modality(tmp_path: Path, sampl
     config = load_uti_config(write_config(tmp_path / "uti.yaml", recipe))
     tokenizer = UnifiedTokenizer(config)
     init_media_decoding(tokenizer, config)
-    rows = [prepare_row(r) for r in iter_manifest(sample_manifest, config, map_path=tokenizer.map_path) if not isinstance(r, Reject)]
+    rows = [
+        prepare_row(r)
+        for r in iter_manifest(sample_manifest, config, map_path=tokenizer.map_path)
+        if not isinstance(r, Reject)
+    ]
     timings = PipelineTimings()
     encoder = SampleEncoder(tokenizer, config, timings)
     samples = [s for row in rows for s in encoder.add(row)] + encoder.flush_all()
@@ -125,7 +138,10 @@ def test_encoder_counts_call_rows_and_padding_per_modality(tmp_path: Path, sampl
             key = tokenizer.audio.batch_key(r.media.shape[-1])
             audio_keys[key] = audio_keys.get(key, 0) + 1
     shape = encoder.rows_per_call
-    assert timings.padding_rows == {"image": -n["image"] % shape["image"], "audio": sum(-count % shape["audio"] for count in audio_keys.values())}
+    assert timings.padding_rows == {
+        "image": -n["image"] % shape["image"],
+        "audio": sum(-count % shape["audio"] for count in audio_keys.values()),
+    }
     if recipe == "auto" and device_kind(DEVICE) == "cpu":
         assert shape == {"image": 1, "audio": 1} and timings.padding_rows == {"image": 0, "audio": 0}
     assert timings.rows_encoded == len(rows) and set(timings.model_call_s) == {"image", "audio"}
@@ -134,7 +150,9 @@ def test_encoder_counts_call_rows_and_padding_per_modality(tmp_path: Path, sampl
 # ------------------------------------------------------------------ byte identity, per recipe
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_shuffled_manifest_gives_identical_shards_and_retokenize_matches(tmp_path: Path, sample_manifest: Path, recipe: str) -> None:
+def test_shuffled_manifest_gives_identical_shards_and_retokenize_matches(
+    tmp_path: Path, sample_manifest: Path, recipe: str
+) -> None:
     """With the embedded EnCodec and VQ models on LUMO_TEST_DEVICE, batch partners and the order
     of the calls change with the manifest order: the shards must not, and rows tokenized again
     (`retokenize_matches`, every sample) must give the recorded tokens."""
@@ -148,7 +166,10 @@ def test_shuffled_manifest_gives_identical_shards_and_retokenize_matches(tmp_pat
     first = build(tmp_path / "ordered", sample_manifest, config)
     build(tmp_path / "shuffled", shuffled, config)
     # Rows whose media an earlier row of the build already encoded come from the token cache.
-    assert first["n_samples"] == first["rows_encoded"] + first["rows_from_cache"] == len(lines) and first["rows_encoded"] > len(lines) // 2
+    assert (
+        first["n_samples"] == first["rows_encoded"] + first["rows_from_cache"] == len(lines)
+        and first["rows_encoded"] > len(lines) // 2
+    )
     assert shard_bytes(tmp_path / "ordered") == shard_bytes(tmp_path / "shuffled")
     outcome = check_retokenize(tmp_path / "ordered" / "tokenized_shards", load_uti_config(config), len(lines))
     assert outcome.passed, outcome.metadata["mismatches"]

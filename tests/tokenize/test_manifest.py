@@ -136,7 +136,11 @@ def test_paths_outside_the_roots_are_never_opened(hostile) -> None:
 
 def test_check_media_reports_sizes(hostile) -> None:
     manifest, _, _, _ = hostile
-    rows = [item for item in iter_manifest(manifest, UTIConfig()) if isinstance(item, ManifestRow) and item.id.startswith("good-")]
+    rows = [
+        item
+        for item in iter_manifest(manifest, UTIConfig())
+        if isinstance(item, ManifestRow) and item.id.startswith("good-")
+    ]
     image_row = next(row for row in rows if row.image is not None)
     with Image.open(image_row.image) as image:
         assert check_media(image_row, UTIConfig()) == {"width": image.width, "height": image.height}
@@ -166,7 +170,13 @@ def test_data_roots_and_prefix_map_admit_paths_elsewhere(tmp_path: Path) -> None
     opened = UTIConfig(data_roots=[str(shared)], path_prefix_map={"/host/datasets": str(shared)})
     rows = list(iter_manifest(manifest, opened))
     assert [row.image for row in rows] == [(shared / "a.png").resolve()] * 2
-    by_caller = list(iter_manifest(manifest, UTIConfig(data_roots=[str(shared)]), map_path=lambda raw: raw.replace("/host/datasets", str(shared))))
+    by_caller = list(
+        iter_manifest(
+            manifest,
+            UTIConfig(data_roots=[str(shared)]),
+            map_path=lambda raw: raw.replace("/host/datasets", str(shared)),
+        )
+    )
     assert all(isinstance(row, ManifestRow) for row in by_caller)
 
 
@@ -175,7 +185,9 @@ def test_encoding_edge_cases(tmp_path: Path) -> None:
     good = json.dumps({"id": "one", "task": "t2i", "text": "x", "image": "a.png"})
     manifest = tmp_path / "m.jsonl"
     manifest.write_bytes(
-        b"\xef\xbb\xbf" + good.encode() + b"\r\n"
+        b"\xef\xbb\xbf"
+        + good.encode()
+        + b"\r\n"
         + b'{"id": "\xff\xfe", "task": "t2i"}\n'
         + b'{"id": "\\ud800", "task": "t2i", "text": "x", "image": "a.png"}\n'
         + b"   \n"
@@ -183,7 +195,12 @@ def test_encoding_edge_cases(tmp_path: Path) -> None:
     )
     parsed = list(iter_manifest(manifest, UTIConfig()))
     assert isinstance(parsed[0], ManifestRow) and parsed[0].id == "one"
-    assert [item.reason.split(":")[0] for item in parsed[1:]] == ["malformed_json", "invalid_field", "empty_line", "invalid_field"]
+    assert [item.reason.split(":")[0] for item in parsed[1:]] == [
+        "malformed_json",
+        "invalid_field",
+        "empty_line",
+        "invalid_field",
+    ]
     assert parsed[4].id == "two"
 
 
@@ -207,10 +224,13 @@ def test_empty_manifest_gives_an_empty_report(tmp_path: Path) -> None:
 def test_duplicate_ids_are_found_across_the_on_disk_registry(tmp_path, monkeypatch) -> None:
     """Ids spill from the in-memory batch to the SQLite registry: a duplicate far apart is caught."""
     from lumo_core.tokenize import manifest as manifest_module
+
     monkeypatch.setattr(manifest_module._IdRegistry, "BATCH", 3)
     manifest = tmp_path / "m.jsonl"
     ids = [f"row-{k}" for k in range(10)] + ["row-1", "row-8", "row-10"]
-    manifest.write_text("".join(json.dumps({"id": i, "task": "t2i", "text": "x", "image": "a.png"}) + "\n" for i in ids))
+    manifest.write_text(
+        "".join(json.dumps({"id": i, "task": "t2i", "text": "x", "image": "a.png"}) + "\n" for i in ids)
+    )
     reasons = {item.line: item.reason for item in iter_manifest(manifest, UTIConfig()) if isinstance(item, Reject)}
     assert {line: reason for line, reason in reasons.items() if reason.startswith("duplicate_id")} == {
         11: "duplicate_id: first seen on line 2",
@@ -279,7 +299,9 @@ def test_a_64_mib_line_is_skipped_without_holding_it(tmp_path: Path) -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert parsed[0].reason.startswith(f"line_too_long: {64 * (1 << 20) + 26} bytes exceeds limits.max_line_bytes (1048576)")
+    assert parsed[0].reason.startswith(
+        f"line_too_long: {64 * (1 << 20) + 26} bytes exceeds limits.max_line_bytes (1048576)"
+    )
     assert parsed[1].id == "after" and len(parsed) == 2
     assert peak < 8 << 20, f"peak {peak} bytes while reading a 64 MiB line"
 
@@ -294,7 +316,9 @@ def test_audit_manifest_command_survives_nesting_past_the_recursion_limit(tmp_pa
     manifest.write_bytes(b"[" * 50_000 + b"]" * 50_000 + b"\n" + good + b"\n")
     env = {**os.environ, "LUMO_OUTPUT_DIR": str(tmp_path / "out"), "LUMO_MANIFEST": str(manifest)}
     env.pop("LUMO_UTI_CONFIG", None)
-    result = subprocess.run([sys.executable, "-m", "lumo_core.cli", "audit-manifest"], env=env, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "lumo_core.cli", "audit-manifest"], env=env, capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["n_lines"] == 2 and report["n_ok"] == 1 and report["reject_reasons"] == {"json_too_deep": 1}

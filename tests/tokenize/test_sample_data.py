@@ -23,7 +23,9 @@ from lumo_core.sample_data import (
 from lumo_core.tokenize.manifest import ManifestRow, check_media, iter_manifest
 
 SINGLE_SHAPE = re.compile(r"^An? (small|large) (\w+) (\w+) on a (\w+) background, (.+)\.$")
-TWO_SHAPES = re.compile(r"^An? (small|large) (\w+) (\w+) (.+) and an? (small|large) (\w+) (\w+) (.+), on a (\w+) background\.$")
+TWO_SHAPES = re.compile(
+    r"^An? (small|large) (\w+) (\w+) (.+) and an? (small|large) (\w+) (\w+) (.+), on a (\w+) background\.$"
+)
 NOTE = re.compile(r"([A-G])(#{1,2}|b{1,2})?(-?\d)")
 LETTER_PITCH = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
 
@@ -155,7 +157,9 @@ def test_default_folder_follows_lumo_cache_dir(monkeypatch: pytest.MonkeyPatch, 
     assert manifest.is_file()
 
 
-def test_existing_set_is_reused_and_leftovers_of_a_killed_build_are_replaced(sample_manifest: Path, tmp_path: Path) -> None:
+def test_existing_set_is_reused_and_leftovers_of_a_killed_build_are_replaced(
+    sample_manifest: Path, tmp_path: Path
+) -> None:
     target = tmp_path / "set"
     (target / "images").mkdir(parents=True)
     (target / "images" / "junk.png").write_bytes(b"left by a killed build")
@@ -176,4 +180,3 @@ def test_concurrent_builders_agree(sample_manifest: Path, tmp_path: Path) -> Non
     assert results == [target / MANIFEST_NAME] * 2
     assert file_hashes(target) == file_hashes(sample_manifest.parent)
     assert not list(target.glob(".staging-*"))
-

@@ -41,8 +41,13 @@ def hf_offline(tmp_path_factory) -> Iterator[Path]:
     is imported (it reads them at import), and patched where an earlier import read them."""
     home = tmp_path_factory.mktemp("hf")
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in (("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1"), ("HF_HOME", str(home)),
-                            ("HF_DATASETS_CACHE", str(home / "datasets")), ("HF_HUB_DISABLE_TELEMETRY", "1")):
+        for name, value in (
+            ("HF_DATASETS_OFFLINE", "1"),
+            ("HF_HUB_OFFLINE", "1"),
+            ("HF_HOME", str(home)),
+            ("HF_DATASETS_CACHE", str(home / "datasets")),
+            ("HF_HUB_DISABLE_TELEMETRY", "1"),
+        ):
             patch.setenv(name, value)
         import datasets
         import huggingface_hub.constants
@@ -113,13 +118,37 @@ def _audio_first_manifest(directory: Path) -> Path:
         sample_id = f"a{index:03d}-audio"
         audio_per_split[split_of(sample_id, split.salt, split.eval_fraction)] += 1
         t = np.arange(2000 + 40 * index) / 8000
-        soundfile.write(media / f"{sample_id}.wav", (0.3 * np.sin(2 * np.pi * (200 + 10 * index) * t)).astype(np.float32), 8000, subtype="PCM_16")
-        rows.append({"id": sample_id, "task": ("a2t", "t2a")[index % 2], "text": f"A tone number {index}.", "audio": f"media/{sample_id}.wav"})
+        soundfile.write(
+            media / f"{sample_id}.wav",
+            (0.3 * np.sin(2 * np.pi * (200 + 10 * index) * t)).astype(np.float32),
+            8000,
+            subtype="PCM_16",
+        )
+        rows.append(
+            {
+                "id": sample_id,
+                "task": ("a2t", "t2a")[index % 2],
+                "text": f"A tone number {index}.",
+                "audio": f"media/{sample_id}.wav",
+            }
+        )
     for index in range(12):
         sample_id = f"b{index:03d}-image"
         Image.new("RGB", (20 + index, 12 + index), (20 * index, 80, 160)).save(media / f"{sample_id}.png")
-        extra = {"rating": index} if index % 2 else {"rating": f"{index} stars", "tags": ["x", {"nested": None}], "score": 0.5 + index}
-        rows.append({"id": sample_id, "task": IMAGE_TASKS[index % 2], "text": f"A rectangle number {index}.", "image": f"media/{sample_id}.png", **extra})
+        extra = (
+            {"rating": index}
+            if index % 2
+            else {"rating": f"{index} stars", "tags": ["x", {"nested": None}], "score": 0.5 + index}
+        )
+        rows.append(
+            {
+                "id": sample_id,
+                "task": IMAGE_TASKS[index % 2],
+                "text": f"A rectangle number {index}.",
+                "image": f"media/{sample_id}.png",
+                **extra,
+            }
+        )
     manifest = directory / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return manifest
@@ -215,7 +244,9 @@ def read_webdataset(built: Built, cache: Path) -> dict[str, list[dict[str, Any]]
     for split in SPLITS:
         files = built.shard_files(split)
         dataset = webdataset.WebDataset(files, shardshuffle=False, empty_check=False).decode() if files else []
-        result[split] = [{k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")} for sample in dataset]
+        result[split] = [
+            {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")} for sample in dataset
+        ]
     return result
 
 
@@ -246,7 +277,9 @@ def assert_same_value(got: Any, want: Any, where: str) -> None:
         for position, (g, w) in enumerate(zip(got, want)):
             assert_same_value(g, w, f"{where}[{position}]")
     else:
-        assert type(got) is type(want) and got == want, f"{where}: {got!r} ({type(got).__name__}) != {want!r} ({type(want).__name__})"
+        assert type(got) is type(want) and got == want, (
+            f"{where}: {got!r} ({type(got).__name__}) != {want!r} ({type(want).__name__})"
+        )
 
 
 def check_sample(sample: dict[str, Any], built: Built, where: str) -> None:
@@ -254,7 +287,9 @@ def check_sample(sample: dict[str, Any], built: Built, where: str) -> None:
     assert set(sample) - {"__key__"} == set(SAMPLE_MEMBERS), f"{where}: members {sorted(sample)}"
     info = sample["json"]
     assert CONTRACT_FIELDS <= set(info), f"{where}: json fields {sorted(info)}"
-    assert set(info["media"]) == set(MEDIA_FIELDS) and all(set(info["media"][m]) == set(MEDIA_FIELDS[m]) for m in MEDIA_FIELDS), f"{where}: media {info['media']}"
+    assert set(info["media"]) == set(MEDIA_FIELDS) and all(
+        set(info["media"][m]) == set(MEDIA_FIELDS[m]) for m in MEDIA_FIELDS
+    ), f"{where}: media {info['media']}"
     assert info["token_space_sha256"] == built.index["token_space_sha256"]
     input_ids, labels = sample["input_ids.npy"], sample["labels.npy"]
     assert input_ids.ndim == 1 and labels.shape == input_ids.shape and input_ids.size == info["n_tokens"]
@@ -269,7 +304,9 @@ def check_sample(sample: dict[str, Any], built: Built, where: str) -> None:
         assert info["media"]["image"]["source_sha256"] and info["media"]["image"]["tokens"] == image.size
     else:
         frames = info["media"]["audio"]["frames"]
-        assert frames > 0 and audio.shape == (space.n_audio_codebooks, frames), f"{where}: audio codes {audio.shape}, {frames} frames"
+        assert frames > 0 and audio.shape == (space.n_audio_codebooks, frames), (
+            f"{where}: audio codes {audio.shape}, {frames} frames"
+        )
         assert np.array_equal(space.audio_from_global(spans["audio"]), audio), where
         assert image.shape == (0,), f"{where}: image codes of an audio task {image.shape}"
         assert info["media"]["audio"]["source_sha256"]
@@ -281,7 +318,9 @@ def test_every_sample_arrives_whole(reader, built, tmp_path):
     samples = READERS[reader](built, tmp_path / "cache")
     for split in SPLITS:
         got, want = samples[split], built.truth[split]
-        assert len(got) == built.index["splits"][split]["n_samples"] == len(want), f"{reader} {split}: {len(got)} samples"
+        assert len(got) == built.index["splits"][split]["n_samples"] == len(want), (
+            f"{reader} {split}: {len(got)} samples"
+        )
         by_key = {sample["__key__"]: sample for sample in got}
         assert sorted(by_key) == sorted(sample["__key__"] for sample in want)
         for expected in want:
@@ -292,7 +331,9 @@ def test_every_sample_arrives_whole(reader, built, tmp_path):
             assert_same_value(sample["json"], expected["json"], f"{where} json")
             for name in SAMPLE_MEMBERS:
                 if name.endswith(".npy"):
-                    assert sample[name].shape == expected[name].shape and np.array_equal(sample[name], expected[name]), f"{where} {name}"
+                    assert sample[name].shape == expected[name].shape and np.array_equal(
+                        sample[name], expected[name]
+                    ), f"{where} {name}"
     n_tasks = {sample["json"]["task"] for split in SPLITS for sample in samples[split]}
     assert n_tasks == {"t2i", "i2t", "t2a", "a2t"}
 
@@ -303,12 +344,15 @@ def test_audio_first_shards_hold_only_audio(builds):
     built = builds("audio_first")
     for split in SPLITS:
         first = tar_samples(built.shard_files(split)[:1])
-        assert len(first) >= 5 and all(s["json"]["task"] in ("a2t", "t2a") and s["json"]["metadata_json"] == "{}" for s in first)
+        assert len(first) >= 5 and all(
+            s["json"]["task"] in ("a2t", "t2a") and s["json"]["metadata_json"] == "{}" for s in first
+        )
         assert any(s["json"]["task"] in IMAGE_TASKS and s["json"]["metadata_json"] != "{}" for s in built.truth[split])
 
 
 def test_dataset_card_is_written_before_the_index_and_listed(tmp_path, monkeypatch):
     from lumo_core.tokenize import run as tokenize_run
+
     seen = []
     original = tokenize_run.write_index
 
@@ -323,7 +367,11 @@ def test_dataset_card_is_written_before_the_index_and_listed(tmp_path, monkeypat
     assert seen == [True]
     card = (built.root / CARD_NAME).read_text(encoding="utf-8")
     header = card.split("---\n")[1]
-    assert "configs:" in header and "- split: train\n    path: train/shard-*.tar" in header and "- split: eval\n    path: eval/shard-*.tar" in header
+    assert (
+        "configs:" in header
+        and "- split: train\n    path: train/shard-*.tar" in header
+        and "- split: eval\n    path: eval/shard-*.tar" in header
+    )
     assert built.index["token_space_sha256"] in card
     for split in SPLITS:
         tasks: dict[str, list[int]] = {}
@@ -333,7 +381,10 @@ def test_dataset_card_is_written_before_the_index_and_listed(tmp_path, monkeypat
             counts[1] += sample["json"]["n_tokens"]
         for task, (n, tokens) in tasks.items():
             assert f"| {split} | {task} | {n} | {tokens} |" in card
-        assert f"| {split} | all | {built.index['splits'][split]['n_samples']} | {built.index['splits'][split]['n_tokens']} |" in card
+        assert (
+            f"| {split} | all | {built.index['splits'][split]['n_samples']} | {built.index['splits'][split]['n_tokens']} |"
+            in card
+        )
 
 
 def test_a_split_without_samples_is_left_out_of_the_card(tmp_path):
@@ -364,8 +415,17 @@ def test_a_split_without_samples_is_left_out_of_the_card(tmp_path):
 def test_media_facts_have_one_schema():
     from lumo_core.tokenize.shards import sample_media
 
-    audio = {"source_sample_rate": 48000, "source_channels": 2, "duration_s": 2, "source_sha256": "ab", "sample_rate": 48000,
-             "frames": 150, "padding_samples": 0, "chunk_scales": [0.25, 0.5], "last_chunk_pad_frames": 3}
+    audio = {
+        "source_sample_rate": 48000,
+        "source_channels": 2,
+        "duration_s": 2,
+        "source_sha256": "ab",
+        "sample_rate": 48000,
+        "frames": 150,
+        "padding_samples": 0,
+        "chunk_scales": [0.25, 0.5],
+        "last_chunk_pad_frames": 3,
+    }
     media = sample_media("audio", audio)
     # The codec's own facts (chunked EnCodec) travel as JSON text; a whole-number duration stays a float.
     assert json.loads(media["audio"]["codec_json"]) == {"chunk_scales": [0.25, 0.5], "last_chunk_pad_frames": 3}
@@ -388,4 +448,3 @@ class _Factory:
         path = self.root / name
         path.mkdir()
         return path
-

@@ -56,7 +56,9 @@ def dummy_config(tmp_path_factory) -> Path:
     return path
 
 
-def run_lumo(*args: str, output_dir: Path, manifest: Path, config: Path | None, check: bool = True) -> subprocess.CompletedProcess:
+def run_lumo(
+    *args: str, output_dir: Path, manifest: Path, config: Path | None, check: bool = True
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "LUMO_OUTPUT_DIR": str(output_dir), "LUMO_MANIFEST": str(manifest)}
     if config is not None:
         env["LUMO_UTI_CONFIG"] = str(config)
@@ -180,7 +182,12 @@ def test_audits_catch_a_flipped_byte_and_an_out_of_range_id(tmp_path, sample_man
     tokenize_in_process(tmp_path, sample_manifest, dummy_config)
     root = tmp_path / "tokenized_shards"
     space = TokenSpace.read(tmp_path / "token_space")
-    for check in (check_shards_match_index(root), check_ids_in_range(root, space), check_rows_accounted(root), check_splits_disjoint(root)):
+    for check in (
+        check_shards_match_index(root),
+        check_ids_in_range(root, space),
+        check_rows_accounted(root),
+        check_splits_disjoint(root),
+    ):
         assert check.passed, check
 
     index = json.loads((root / "index.json").read_text())
@@ -256,8 +263,15 @@ def test_kill_9_then_rerun_gives_the_bytes_of_a_clean_run(tmp_path, sample_manif
     run_lumo("token-space", output_dir=clean, manifest=sample_manifest, config=config)
     run_lumo("tokenize", output_dir=clean, manifest=sample_manifest, config=config)
     run_lumo("token-space", output_dir=crashed, manifest=sample_manifest, config=config)
-    env = {**os.environ, "LUMO_OUTPUT_DIR": str(crashed), "LUMO_MANIFEST": str(sample_manifest), "LUMO_UTI_CONFIG": str(config)}
-    process = subprocess.Popen([sys.executable, "-m", "lumo_core.cli", "tokenize"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        "LUMO_OUTPUT_DIR": str(crashed),
+        "LUMO_MANIFEST": str(sample_manifest),
+        "LUMO_UTI_CONFIG": str(config),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lumo_core.cli", "tokenize"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     work_dir = crashed / "tokenized_shards" / ".work"
     deadline = time.monotonic() + 120
     while _spooled_rows(work_dir) < 8 and process.poll() is None and time.monotonic() < deadline:
@@ -271,7 +285,9 @@ def test_kill_9_then_rerun_gives_the_bytes_of_a_clean_run(tmp_path, sample_manif
     rerun = run_lumo("tokenize", output_dir=crashed, manifest=sample_manifest, config=config)
     assert "resuming" in rerun.stderr
     assert shard_bytes(crashed) == shard_bytes(clean)
-    assert (crashed / "tokenized_shards" / "rejects.jsonl").read_bytes() == (clean / "tokenized_shards" / "rejects.jsonl").read_bytes()
+    assert (crashed / "tokenized_shards" / "rejects.jsonl").read_bytes() == (
+        clean / "tokenized_shards" / "rejects.jsonl"
+    ).read_bytes()
 
 
 def test_completed_shards_are_reused(tmp_path, sample_manifest, dummy_config):
@@ -289,7 +305,11 @@ def test_completed_shards_are_reused(tmp_path, sample_manifest, dummy_config):
         for sample in webdataset.WebDataset(str(ref / entry["name"]), shardshuffle=False):
             members = {k: v for k, v in sample.items() if not k.startswith("__")}
             info = json.loads(members["json"])
-            rows.append(SpooledSample(sample["__key__"], "train", len(rows) + 1, info["id"], info["task"], info["n_tokens"], members))
+            rows.append(
+                SpooledSample(
+                    sample["__key__"], "train", len(rows) + 1, info["id"], info["task"], info["n_tokens"], members
+                )
+            )
     spool.add(rows, [])
     out = tmp_path / "out"
     (out / "train").mkdir(parents=True)

@@ -44,7 +44,11 @@ def test_export_is_byte_deterministic_and_round_trips_every_sample(exported, tmp
     # The same shards exported again, through the CLI: the same bytes, file by file.
     assert main(["export-jsonl", "--output-dir", str(exported.output_dir), "--out", str(tmp_path / "again")]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert sorted(p.name for p in first.iterdir()) == sorted(p.name for p in (tmp_path / "again").iterdir()) == ["eval.jsonl", "index.json", "train.jsonl"]
+    assert (
+        sorted(p.name for p in first.iterdir())
+        == sorted(p.name for p in (tmp_path / "again").iterdir())
+        == ["eval.jsonl", "index.json", "train.jsonl"]
+    )
     for name in ("train.jsonl", "eval.jsonl", "index.json"):
         assert (first / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
 
@@ -52,7 +56,11 @@ def test_export_is_byte_deterministic_and_round_trips_every_sample(exported, tmp
     index = json.loads((first / "index.json").read_bytes())
     shard_index = json.loads((shards_dir / "index.json").read_bytes())
     for split in ("train", "eval"):
-        assert summary["splits"][split]["n_samples"] == index["splits"][split]["n_samples"] == shard_index["splits"][split]["n_samples"]
+        assert (
+            summary["splits"][split]["n_samples"]
+            == index["splits"][split]["n_samples"]
+            == shard_index["splits"][split]["n_samples"]
+        )
         from_shards = list(iter_split(open_split(shards_dir, split, space.sha256)))
         from_jsonl = list(iter_split(open_jsonl_split(first, split, space.sha256)))
         assert len(from_shards) == len(from_jsonl) > 0
@@ -61,17 +69,28 @@ def test_export_is_byte_deterministic_and_round_trips_every_sample(exported, tmp
         lines = (first / f"{split}.jsonl").read_bytes().splitlines()
         assert len(lines) == len(from_shards)
         record = json.loads(lines[0])
-        assert {"input_ids", "labels", "task", "spans", "metadata", "id", "token_sha256", "token_space_sha256"} <= set(record)
-        assert all(same_samples(a, b) for a, b in zip(from_shards, iter_split(open_jsonl_split(first / f"{split}.jsonl", split, space.sha256))))
-        assert [p["n_samples"] for p in index["splits"][split]["parts"]] == [s["n_samples"] for s in shard_index["splits"][split]["shards"]]
+        assert {"input_ids", "labels", "task", "spans", "metadata", "id", "token_sha256", "token_space_sha256"} <= set(
+            record
+        )
+        assert all(
+            same_samples(a, b)
+            for a, b in zip(from_shards, iter_split(open_jsonl_split(first / f"{split}.jsonl", split, space.sha256)))
+        )
+        assert [p["n_samples"] for p in index["splits"][split]["parts"]] == [
+            s["n_samples"] for s in shard_index["splits"][split]["shards"]
+        ]
 
 
 def test_the_export_streams_the_same_micro_batches_and_resumes_the_same(exported):
     space = TokenSpace.read(exported.layout.token_space)
     config = load_train_config(exported.train_config, {"data.shuffle_buffer": 4})
     pad = space.special_id("<|pad_mm|>")
-    shards_plan = BatchPlan.from_config(config, open_split(exported.layout.tokenized_shards, "train", space.sha256), pad)
-    jsonl_plan = replace(shards_plan, split=open_jsonl_split(exported.output_dir / "tokenized_jsonl", "train", space.sha256))
+    shards_plan = BatchPlan.from_config(
+        config, open_split(exported.layout.tokenized_shards, "train", space.sha256), pad
+    )
+    jsonl_plan = replace(
+        shards_plan, split=open_jsonl_split(exported.output_dir / "tokenized_jsonl", "train", space.sha256)
+    )
     for rank, world_size in ((0, 1), (1, 2)):
         reference = iter_micro_batches(shards_plan, rank, world_size, slot=0, n_slots=1)
         reference = [next(reference) for _ in range(8)]
@@ -85,7 +104,11 @@ def test_the_export_streams_the_same_micro_batches_and_resumes_the_same(exported
 def test_training_on_the_export_gives_the_weights_of_training_on_the_shards(exported, tmp_path, tokenized_sample):
     settings = {"train": {"max_steps": 4, "save_every": 2}}
     on_shards = lm_outputs(tmp_path / "shards", tokenized_sample, settings)
-    on_jsonl = lm_outputs(tmp_path / "jsonl", tokenized_sample, {**settings, "data": {"jsonl": str(exported.output_dir / "tokenized_jsonl")}})
+    on_jsonl = lm_outputs(
+        tmp_path / "jsonl",
+        tokenized_sample,
+        {**settings, "data": {"jsonl": str(exported.output_dir / "tokenized_jsonl")}},
+    )
     # Training on the export needs no shards.
     shutil.rmtree(on_jsonl.layout.tokenized_shards)
     a = run_train(on_shards, RecordingReporter())

@@ -41,7 +41,10 @@ def write_config(folder: Path, units: int, **pipeline: object) -> Path:
     """The dummy-adapter config of the tokenization tests with `units` work units."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"uti-{units}.yaml"
-    text = DUMMY_CONFIG.replace("commit_every_rows: 8}", f"commit_every_rows: 8, work_units: {units}" + "".join(f", {k}: {v}" for k, v in pipeline.items()) + "}")
+    text = DUMMY_CONFIG.replace(
+        "commit_every_rows: 8}",
+        f"commit_every_rows: 8, work_units: {units}" + "".join(f", {k}: {v}" for k, v in pipeline.items()) + "}",
+    )
     assert text != DUMMY_CONFIG
     path.write_text(text)
     return path
@@ -55,7 +58,16 @@ def settings_for(output_dir: Path, manifest: Path, config: Path | None) -> Setti
 
 
 @settings(max_examples=60, deadline=None)
-@given(ids=st.lists(st.text(st.characters(whitelist_categories=("L", "N", "P", "S")), min_size=1, max_size=12), min_size=1, max_size=40, unique=True), seed=st.integers(0, 2**32 - 1), units=st.integers(1, 64))
+@given(
+    ids=st.lists(
+        st.text(st.characters(whitelist_categories=("L", "N", "P", "S")), min_size=1, max_size=12),
+        min_size=1,
+        max_size=40,
+        unique=True,
+    ),
+    seed=st.integers(0, 2**32 - 1),
+    units=st.integers(1, 64),
+)
 def test_a_rows_unit_depends_on_its_id_alone(tmp_path_factory, ids: list[str], seed: int, units: int):
     """The same rows in another order, among other rows, land in the same units."""
     folder = tmp_path_factory.mktemp("units")
@@ -64,10 +76,16 @@ def test_a_rows_unit_depends_on_its_id_alone(tmp_path_factory, ids: list[str], s
     assignments = []
     for order in (ids, shuffled + ["another row", "and one more"]):
         manifest = folder / f"m{len(assignments)}.jsonl"
-        manifest.write_text("".join(json.dumps({"id": i, "task": "t2i", "text": "x", "image": "a.png"}) + "\n" for i in order))
+        manifest.write_text(
+            "".join(json.dumps({"id": i, "task": "t2i", "text": "x", "image": "a.png"}) + "\n" for i in order)
+        )
         from lumo_core.tokenize.manifest import iter_manifest
 
-        rows = {r.id: unit_of_line(r.id, r.line, units) for r in iter_manifest(manifest, load_uti_config(None)) if r.id in ids}
+        rows = {
+            r.id: unit_of_line(r.id, r.line, units)
+            for r in iter_manifest(manifest, load_uti_config(None))
+            if r.id in ids
+        }
         assignments.append(rows)
     assert assignments[0] == assignments[1] == {i: unit_of(i, units) for i in ids}
     assert all(0 <= u < units for u in assignments[0].values())
@@ -103,9 +121,13 @@ def test_units_in_two_processes_equal_a_sequential_run(tmp_path, sample_manifest
     run_lumo("token-space", output_dir=tmp_path / "seq", manifest=sample_manifest, config=config)
     run_lumo("tokenize", output_dir=tmp_path / "seq", manifest=sample_manifest, config=config)
     run_lumo("token-space", output_dir=tmp_path / "par", manifest=sample_manifest, config=config)
-    result = run_lumo("tokenize", "--workers", "2", output_dir=tmp_path / "par", manifest=sample_manifest, config=config)
+    result = run_lumo(
+        "tokenize", "--workers", "2", output_dir=tmp_path / "par", manifest=sample_manifest, config=config
+    )
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["rows_encoded"] + summary["rows_from_cache"] == 80 and summary["rows_encoded"] >= len(media_files(sample_manifest))
+    assert summary["rows_encoded"] + summary["rows_from_cache"] == 80 and summary["rows_encoded"] >= len(
+        media_files(sample_manifest)
+    )
     assert shard_bytes(tmp_path / "par") == shard_bytes(tmp_path / "seq")
 
 
@@ -125,8 +147,18 @@ def test_a_killed_unit_is_rerun_alone_and_the_result_is_byte_identical(tmp_path,
     run_lumo("tokenize", "--unit", "0", output_dir=crashed, manifest=sample_manifest, config=config)
     work_dir = crashed / "tokenized_shards" / ".work"
     done_unit = (work_dir / "unit-00000.sqlite").read_bytes()
-    env = {**os.environ, "LUMO_OUTPUT_DIR": str(crashed), "LUMO_MANIFEST": str(sample_manifest), "LUMO_UTI_CONFIG": str(config)}
-    process = subprocess.Popen([sys.executable, "-m", "lumo_core.cli", "tokenize", "--unit", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        "LUMO_OUTPUT_DIR": str(crashed),
+        "LUMO_MANIFEST": str(sample_manifest),
+        "LUMO_UTI_CONFIG": str(config),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lumo_core.cli", "tokenize", "--unit", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     before = _spooled_rows(work_dir)
     deadline = time.monotonic() + 120
     while _spooled_rows(work_dir) < before + 4 and process.poll() is None and time.monotonic() < deadline:
@@ -170,11 +202,15 @@ def grown_manifest(sample: Path, folder: Path, n_new: int) -> Path:
         if k % 2 == 0:
             path = folder / f"new-{k}.png"
             Image.fromarray(np.full((20 + k, 24, 3), 10 * k, dtype=np.uint8)).save(path)
-            lines.append(json.dumps({"id": f"new-{k}", "task": "t2i", "text": f"A grey square, number {k}.", "image": str(path)}))
+            lines.append(
+                json.dumps({"id": f"new-{k}", "task": "t2i", "text": f"A grey square, number {k}.", "image": str(path)})
+            )
         else:
             path = folder / f"new-{k}.wav"
             soundfile.write(str(path), np.sin(np.arange(4000) * (k + 1) / 50).astype(np.float32) * 0.3, 8000)
-            lines.append(json.dumps({"id": f"new-{k}", "task": "a2t", "text": f"A tone, number {k}.", "audio": str(path)}))
+            lines.append(
+                json.dumps({"id": f"new-{k}", "task": "a2t", "text": f"A tone, number {k}.", "audio": str(path)})
+            )
     # Beside the sample manifest: its relative media paths resolve against its folder.
     target = sample.parent / f"grown-{n_new}.jsonl"
     target.write_text("\n".join(lines) + "\n")
@@ -232,7 +268,9 @@ def test_a_damaged_cache_entry_is_detected_and_encoded_again(tmp_path, sample_ma
     run, _ = start_run(settings_for(tmp_path / "probe", sample_manifest, config), load_models=False)
     token_cache = run.token_cache()
     single = [sha for sha, ids in sorted(by_media.items()) if len(ids) == 1][:2]
-    paths = [p for sha in single for p in (token_cache.path("image", sha), token_cache.path("audio", sha)) if p.is_file()]
+    paths = [
+        p for sha in single for p in (token_cache.path("image", sha), token_cache.path("audio", sha)) if p.is_file()
+    ]
     damaged = bytearray(paths[0].read_bytes())
     damaged[-1] ^= 0xFF
     paths[0].write_bytes(bytes(damaged))

@@ -99,9 +99,13 @@ def test_codebook_count_alone_picks_its_bandwidth() -> None:
 
 
 def test_bandwidths_outside_the_table_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match=r"tokenizers.audio.bandwidth: 5 kbps is not offered by x; it offers 1.5 kbps -> 2 codebooks"):
+    with pytest.raises(
+        ConfigError, match=r"tokenizers.audio.bandwidth: 5 kbps is not offered by x; it offers 1.5 kbps -> 2 codebooks"
+    ):
         choose_encodec_bandwidth(TABLE_24KHZ, 5.0, None, "x")
-    with pytest.raises(ConfigError, match="tokenizers.audio.n_codebooks: 4 does not match bandwidth 6 kbps of x, which gives 8"):
+    with pytest.raises(
+        ConfigError, match="tokenizers.audio.n_codebooks: 4 does not match bandwidth 6 kbps of x, which gives 8"
+    ):
         choose_encodec_bandwidth(TABLE_24KHZ, 6.0, 4, "x")
     with pytest.raises(ConfigError, match="tokenizers.audio.n_codebooks: 32 is not offered"):
         choose_encodec_bandwidth(TABLE_48KHZ, None, 32, "x")
@@ -110,7 +114,9 @@ def test_bandwidths_outside_the_table_are_config_errors() -> None:
 
 
 # ------------------------------------------------------------- EnCodec: shapes, frames
-def test_preprocessor_upmixes_mono_for_a_stereo_codec_and_downmixes_for_a_mono_one(codec_24khz: EncodecAdapter, codec_48khz: EncodecAdapter) -> None:
+def test_preprocessor_upmixes_mono_for_a_stereo_codec_and_downmixes_for_a_mono_one(
+    codec_24khz: EncodecAdapter, codec_48khz: EncodecAdapter
+) -> None:
     mono = noise(1600)
     stereo_out = pickle.loads(pickle.dumps(codec_48khz.preprocessor()))(mono, 16000)
     assert stereo_out.shape == (2, 4800)
@@ -148,7 +154,9 @@ def test_48khz_output_is_chunked_and_concatenated_in_time(codec_48khz: EncodecAd
         ("codec_48khz", [2400, 9000, 2400, 48500, 9000]),
     ],
 )
-def test_codes_do_not_depend_on_batch_composition(request: pytest.FixtureRequest, fixture: str, lengths: list[int]) -> None:
+def test_codes_do_not_depend_on_batch_composition(
+    request: pytest.FixtureRequest, fixture: str, lengths: list[int]
+) -> None:
     codec = request.getfixturevalue(fixture)
     waves = [noise(n, codec.channels, seed=i) for i, n in enumerate(lengths)]
     together = codec.encode_batch_with_meta(waves)
@@ -166,17 +174,23 @@ def test_decoding_trims_to_the_source_length(codec_24khz: EncodecAdapter, codec_
     assert trimmed.shape == (1, 5000)
     assert full.shape == (1, 16 * 320)
     assert np.array_equal(full[:, :5000], trimmed)
-    (codes, meta), = codec_48khz.encode_batch_with_meta([noise(50000, 2)])
+    ((codes, meta),) = codec_48khz.encode_batch_with_meta([noise(50000, 2)])
     wave = codec_48khz.decode_batch([codes], n_samples=[50000], scales=[meta["chunk_scales"]])[0]
     assert wave.shape == (2, 50000) and np.isfinite(wave).all()
-    assert codec_48khz.decode_batch([codes])[0].shape == (2, codec_48khz.covered_samples(codes.shape[1])) == (2, 50000 + meta["padding_samples"])
+    assert (
+        codec_48khz.decode_batch([codes])[0].shape
+        == (2, codec_48khz.covered_samples(codes.shape[1]))
+        == (2, 50000 + meta["padding_samples"])
+    )
 
 
 def test_rows_per_call_is_the_fixed_batch_shape(codec_24khz: EncodecAdapter, codec_48khz: EncodecAdapter) -> None:
     """Callers hand over at most `rows_per_call` inputs of one batch key per call: the 24 kHz
     codec batches length buckets at its batch size; the 48 kHz one sees its padding, so one."""
     assert (codec_24khz.rows_per_call, codec_48khz.rows_per_call) == (8, 1)
-    single = build_audio_adapter(AudioTokenizerConfig(path="builtin:encodec-24khz-tiny", bandwidth=6.0), "cpu", batch_size=1)
+    single = build_audio_adapter(
+        AudioTokenizerConfig(path="builtin:encodec-24khz-tiny", bandwidth=6.0), "cpu", batch_size=1
+    )
     assert single.rows_per_call == 1
     # The token space does not depend on the batch shape: one token space for every device.
     assert single.describe() == codec_24khz.describe()
@@ -186,8 +200,15 @@ def test_rows_per_call_is_the_fixed_batch_shape(codec_24khz: EncodecAdapter, cod
 
 def test_audio_describe_has_what_the_token_space_needs(codec_24khz: EncodecAdapter) -> None:
     described = codec_24khz.describe()
-    assert {k: described[k] for k in ("codec", "sample_rate", "channels", "frame_rate", "n_codebooks", "codebook_size")} == {
-        "codec": "builtin:encodec-24khz-tiny@v1", "sample_rate": 24000, "channels": 1, "frame_rate": 75, "n_codebooks": 8, "codebook_size": 1024,
+    assert {
+        k: described[k] for k in ("codec", "sample_rate", "channels", "frame_rate", "n_codebooks", "codebook_size")
+    } == {
+        "codec": "builtin:encodec-24khz-tiny@v1",
+        "sample_rate": 24000,
+        "channels": 1,
+        "frame_rate": 75,
+        "n_codebooks": 8,
+        "codebook_size": 1024,
     }
     assert described["tokens_per_second"] == 600
     json.dumps(described)
@@ -198,7 +219,10 @@ def test_vq_sizes_come_from_the_model_config(vq: VQImageAdapter) -> None:
     assert (vq.codebook_size, vq.tokens_per_image, vq.resolution, vq.latent_grid) == (512, 64, (32, 32), (8, 8))
     described = vq.describe()
     assert {k: described[k] for k in ("tokenizer", "codebook_size", "tokens_per_image", "resolution")} == {
-        "tokenizer": "builtin:vq-tiny@v1", "codebook_size": 512, "tokens_per_image": 64, "resolution": [32, 32],
+        "tokenizer": "builtin:vq-tiny@v1",
+        "codebook_size": 512,
+        "tokens_per_image": 64,
+        "resolution": [32, 32],
     }
 
 
@@ -241,7 +265,9 @@ def test_vq_resolution_override() -> None:
     larger = VQImageAdapter(path, "vq", "cpu", resolution=48)
     assert larger.tokens_per_image == 144
     assert larger.encode_batch(np.zeros((1, 3, 48, 48), np.float32)).shape == (1, 144)
-    with pytest.raises(ConfigError, match="tokenizers.image.resolution: 30 px is not a multiple of the downsampling factor 4"):
+    with pytest.raises(
+        ConfigError, match="tokenizers.image.resolution: 30 px is not a multiple of the downsampling factor 4"
+    ):
         VQImageAdapter(path, "vq", "cpu", resolution=30)
 
 
@@ -278,8 +304,13 @@ def test_seed_without_its_code_or_checkpoint_fails_at_load_naming_every_path(tmp
     with pytest.raises(AdapterLoadError) as caught:
         SeedImageAdapter(str(checkpoint), "seed", "cpu", str(code), str(tmp_path / "unclip"), "bicubic")
     message = str(caught.value)
-    for looked_at in [checkpoint, checkpoint / "seed_quantizer.pt", code / "seed2/seed_qformer/qformer_quantizer.py",
-                      tmp_path / "seed2/seed_qformer/qformer_quantizer.py", tmp_path / "unclip" / "model_index.json"]:
+    for looked_at in [
+        checkpoint,
+        checkpoint / "seed_quantizer.pt",
+        code / "seed2/seed_qformer/qformer_quantizer.py",
+        tmp_path / "seed2/seed_qformer/qformer_quantizer.py",
+        tmp_path / "unclip" / "model_index.json",
+    ]:
         assert str(looked_at) in message
     checkpoint.mkdir()
     (checkpoint / "seed_quantizer.pt").write_bytes(b"")
@@ -311,12 +342,23 @@ def test_dummy_kinds_build_model_free_adapters() -> None:
     config = TokenizersConfig(
         text=TextTokenizerConfig(kind="dummy", vocab_size=300),
         image=ImageTokenizerConfig(kind="dummy", codebook_size=16, tokens_per_image=4, resolution=8),
-        audio=AudioTokenizerConfig(kind="dummy", codebook_size=8, n_codebooks=3, sample_rate=4000, channels=2, frame_rate=40),
+        audio=AudioTokenizerConfig(
+            kind="dummy", codebook_size=8, n_codebooks=3, sample_rate=4000, channels=2, frame_rate=40
+        ),
     )
     text, image, audio = build_adapters(config, "cpu")
     assert isinstance(text, DummyTextAdapter) and text.vocab_size == 300
-    assert isinstance(image, DummyImageAdapter) and (image.codebook_size, image.tokens_per_image, image.resolution) == (16, 4, (8, 8))
-    assert isinstance(audio, DummyAudioAdapter) and (audio.n_codebooks, audio.sample_rate, audio.channels, audio.frame_rate) == (3, 4000, 2, 40)
+    assert isinstance(image, DummyImageAdapter) and (image.codebook_size, image.tokens_per_image, image.resolution) == (
+        16,
+        4,
+        (8, 8),
+    )
+    assert isinstance(audio, DummyAudioAdapter) and (
+        audio.n_codebooks,
+        audio.sample_rate,
+        audio.channels,
+        audio.frame_rate,
+    ) == (3, 4000, 2, 40)
 
 
 def test_cuda_without_a_gpu_is_a_config_error() -> None:
@@ -349,9 +391,14 @@ def test_concurrent_first_use_builds_once(monkeypatch: pytest.MonkeyPatch, tmp_p
         builds.append(target)
         real.build(settings, target)
 
-    monkeypatch.setitem(embedded.BUILTINS, "bpe-tiny", embedded.Builtin(real.revision, real.model_config, counted_build))
+    monkeypatch.setitem(
+        embedded.BUILTINS, "bpe-tiny", embedded.Builtin(real.revision, real.model_config, counted_build)
+    )
     results: list[str] = []
-    threads = [threading.Thread(target=lambda: results.append(embedded.resolve_model_path("builtin:bpe-tiny"))) for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: results.append(embedded.resolve_model_path("builtin:bpe-tiny")))
+        for _ in range(4)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -389,12 +436,24 @@ def test_builtin_names_and_identities(tmp_path: Path) -> None:
 def test_full_size_builtins_have_the_published_sizes_without_building() -> None:
     encodec_config = embedded.builtin_spec("builtin:encodec-24khz-full")[1].model_config()
     assert (encodec_config.sampling_rate, encodec_config.frame_rate, encodec_config.codebook_size) == (24000, 75, 1024)
-    assert encodec_bandwidth_table(list(encodec_config.target_bandwidths), encodec_config.frame_rate, encodec_config.codebook_size) == TABLE_24KHZ
+    assert (
+        encodec_bandwidth_table(
+            list(encodec_config.target_bandwidths), encodec_config.frame_rate, encodec_config.codebook_size
+        )
+        == TABLE_24KHZ
+    )
     vq_config = embedded.builtin_spec("builtin:vq-amused-256-full")[1].model_config()
     downsample = 2 ** (len(vq_config["block_out_channels"]) - 1)
-    assert (vq_config["num_vq_embeddings"], downsample, (vq_config["sample_size"] // downsample) ** 2) == (8192, 16, 256)
+    assert (vq_config["num_vq_embeddings"], downsample, (vq_config["sample_size"] // downsample) ** 2) == (
+        8192,
+        16,
+        256,
+    )
     bench = load_uti_config(embedded_path("configs/bench_full.yaml"))
-    assert (bench.tokenizers.audio.path, bench.tokenizers.image.path) == ("builtin:encodec-24khz-full", "builtin:vq-amused-256-full")
+    assert (bench.tokenizers.audio.path, bench.tokenizers.image.path) == (
+        "builtin:encodec-24khz-full",
+        "builtin:vq-amused-256-full",
+    )
 
 
 @pytest.mark.parametrize("name", ["anygpt_encodec24k_seed", "encodec48k_vqgan", "bench_full"])
@@ -422,6 +481,10 @@ def test_the_package_re_exports_its_public_names() -> None:
     from lumo_core.uti.adapters import base, factory, testing
 
     assert package.build_adapters is factory.build_adapters and package.pad_rows is base.pad_rows
-    assert (package.TextAdapter, package.ImageAdapter, package.AudioAdapter) == (base.TextAdapter, base.ImageAdapter, base.AudioAdapter)
+    assert (package.TextAdapter, package.ImageAdapter, package.AudioAdapter) == (
+        base.TextAdapter,
+        base.ImageAdapter,
+        base.AudioAdapter,
+    )
     assert package.DummyTextAdapter is testing.DummyTextAdapter is DummyTextAdapter
     assert all(hasattr(package, name) for name in package.__all__)

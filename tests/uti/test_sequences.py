@@ -43,7 +43,10 @@ def test_t2i_layout_labels_and_spans():
     assert np.all(seq.labels[:prompt_len] == IGNORE_INDEX)
     assert np.array_equal(seq.labels[prompt_len:], seq.input_ids[prompt_len:])
     assert [(s.modality, s.start, s.end) for s in seq.spans] == [("text", 1, 6), ("image", 8, 24)]
-    assert [(s.modality, s.start, s.end) for s in find_spans(seq.input_ids, space)] == [("text", 1, 6), ("image", 8, 24)]
+    assert [(s.modality, s.start, s.end) for s in find_spans(seq.input_ids, space)] == [
+        ("text", 1, 6),
+        ("image", 8, 24),
+    ]
 
 
 def test_a2t_supervises_only_text_and_end():
@@ -52,7 +55,13 @@ def test_a2t_supervises_only_text_and_end():
     audio = space.audio_to_global(np.zeros((2, 3), dtype=np.int64))
     seq = builder.build("a2t", {"audio": audio, "text": space.text_to_global(np.array([1, 2]))})
     supervised = seq.input_ids[seq.labels != IGNORE_INDEX]
-    assert supervised.tolist() == [space.special_id("<|sot|>"), 1, 2, space.special_id("<|eot|>"), space.special_id("<|eos_mm|>")]
+    assert supervised.tolist() == [
+        space.special_id("<|sot|>"),
+        1,
+        2,
+        space.special_id("<|eot|>"),
+        space.special_id("<|eos_mm|>"),
+    ]
     assert [s.modality for s in find_spans(seq.input_ids, space)] == ["audio", "text"]
 
 

@@ -29,11 +29,20 @@ from lumo_core.uti.token_space import (
 SMALL_SPACE_SHA256 = "794b427415c2c8727ba9162ab92950b350e0ba3c15d74294525275ece5c29b83"
 
 
-def small_space(text: int = 100, image: int = 64, n_codebooks: int = 2, codebook: int = 32, specials: list[str] | None = None) -> TokenSpace:
+def small_space(
+    text: int = 100, image: int = 64, n_codebooks: int = 2, codebook: int = 32, specials: list[str] | None = None
+) -> TokenSpace:
     return TokenSpace.build(
         text={"tokenizer": "test-text", "vocab_size": text},
         image={"tokenizer": "test-image", "codebook_size": image, "tokens_per_image": 16, "resolution": [32, 32]},
-        audio={"codec": "test-audio", "codebook_size": codebook, "n_codebooks": n_codebooks, "sample_rate": 8000, "channels": 1, "frame_rate": 50},
+        audio={
+            "codec": "test-audio",
+            "codebook_size": codebook,
+            "n_codebooks": n_codebooks,
+            "sample_rate": 8000,
+            "channels": 1,
+            "frame_rate": 50,
+        },
         special_tokens=list(DEFAULT_SPECIAL_TOKENS if specials is None else specials),
         extra={"templates": {"t2i": {"prompt": ["text"], "target": ["image"]}}},
     )
@@ -146,12 +155,14 @@ def test_non_canonical_file_is_refused(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------- mapping round trips
-space_sizes = st.fixed_dictionaries({
-    "text": st.integers(1, 5000),
-    "image": st.integers(1, 9000),
-    "n_codebooks": st.integers(1, 8),
-    "codebook": st.integers(1, 2048),
-})
+space_sizes = st.fixed_dictionaries(
+    {
+        "text": st.integers(1, 5000),
+        "image": st.integers(1, 9000),
+        "n_codebooks": st.integers(1, 8),
+        "codebook": st.integers(1, 2048),
+    }
+)
 
 
 @settings(max_examples=60, deadline=None)

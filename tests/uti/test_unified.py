@@ -63,10 +63,12 @@ def tokenizer() -> UnifiedTokenizer:
 @pytest.fixture(scope="module")
 def strict() -> UnifiedTokenizer:
     """Same models; low limits and small batches."""
-    return UnifiedTokenizer(config_with(
-        limits={"max_image_pixels": 1000, "max_audio_seconds": 0.3, "max_text_tokens": 5},
-        pipeline={"image_batch_size": 2, "audio_batch_size": 2},
-    ))
+    return UnifiedTokenizer(
+        config_with(
+            limits={"max_image_pixels": 1000, "max_audio_seconds": 0.3, "max_text_tokens": 5},
+            pipeline={"image_batch_size": 2, "audio_batch_size": 2},
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +83,32 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # ----------------------------------------------------------------------- token space
 def test_token_space_records_what_decides_each_modalitys_ids(tokenizer: UnifiedTokenizer) -> None:
     space = tokenizer.token_space
-    assert {k: space.text[k] for k in ("tokenizer", "vocab_size")} == {"tokenizer": "builtin:bpe-tiny@v1", "vocab_size": 1024}
+    assert {k: space.text[k] for k in ("tokenizer", "vocab_size")} == {
+        "tokenizer": "builtin:bpe-tiny@v1",
+        "vocab_size": 1024,
+    }
     assert {k: space.image[k] for k in ("tokenizer", "codebook_size", "tokens_per_image", "resolution")} == {
-        "tokenizer": "builtin:vq-tiny@v1", "codebook_size": 512, "tokens_per_image": 64, "resolution": [32, 32]}
-    assert {k: space.audio[k] for k in ("codec", "sample_rate", "channels", "frame_rate", "n_codebooks", "codebook_size", "flatten_order")} == {
-        "codec": "builtin:encodec-24khz-tiny@v1", "sample_rate": 24000, "channels": 1, "frame_rate": 75, "n_codebooks": 2,
-        "codebook_size": 1024, "flatten_order": "frame_major"}
-    assert space.extra["templates"]["t2i"] == {"prompt": ["<|sot|>", "text", "<|eot|>"], "target": ["<|soi|>", "image", "<|eoi|>", "<|eos_mm|>"]}
+        "tokenizer": "builtin:vq-tiny@v1",
+        "codebook_size": 512,
+        "tokens_per_image": 64,
+        "resolution": [32, 32],
+    }
+    assert {
+        k: space.audio[k]
+        for k in ("codec", "sample_rate", "channels", "frame_rate", "n_codebooks", "codebook_size", "flatten_order")
+    } == {
+        "codec": "builtin:encodec-24khz-tiny@v1",
+        "sample_rate": 24000,
+        "channels": 1,
+        "frame_rate": 75,
+        "n_codebooks": 2,
+        "codebook_size": 1024,
+        "flatten_order": "frame_major",
+    }
+    assert space.extra["templates"]["t2i"] == {
+        "prompt": ["<|sot|>", "text", "<|eot|>"],
+        "target": ["<|soi|>", "image", "<|eoi|>", "<|eos_mm|>"],
+    }
     assert space.vocab_size_total == 1024 + 8 + 512 + 2 * 1024
 
 
@@ -113,7 +134,11 @@ def test_text_encodes_to_the_text_range_and_back(tokenizer: UnifiedTokenizer) ->
     encoded = tokenizer.encode_text(SENTENCE)
     assert encoded.ids.dtype == np.int64 and encoded.ids.ndim == 1
     assert np.array_equal(encoded.ids, encoded.codes + tokenizer.token_space.range(TEXT).start)
-    assert encoded.meta == {"adapter": "builtin:bpe-tiny@v1", "sha256": hashlib.sha256(SENTENCE.encode()).hexdigest(), "tokens": encoded.ids.size}
+    assert encoded.meta == {
+        "adapter": "builtin:bpe-tiny@v1",
+        "sha256": hashlib.sha256(SENTENCE.encode()).hexdigest(),
+        "tokens": encoded.ids.size,
+    }
     assert tokenizer.decode_text(encoded.ids) == SENTENCE
 
 
@@ -130,8 +155,13 @@ def test_image_from_a_path_or_in_memory_gives_the_same_ids(tokenizer: UnifiedTok
     assert from_path.ids.shape == (64,)
     start, end = tokenizer.token_space.modality_range(IMAGE)
     assert from_path.ids.min() >= start and from_path.ids.max() < end
-    assert from_path.meta == {"adapter": "builtin:vq-tiny@v1", "sha256": file_sha256(media["image"]), "source_size": [48, 40],
-                              "resolution": [32, 32], "tokens": 64}
+    assert from_path.meta == {
+        "adapter": "builtin:vq-tiny@v1",
+        "sha256": file_sha256(media["image"]),
+        "source_size": [48, 40],
+        "resolution": [32, 32],
+        "tokens": 64,
+    }
     assert in_memory.meta["sha256"] == hashlib.sha256(picture().tobytes()).hexdigest()
     json.dumps(from_path.meta)
     decoded = tokenizer.decode_image(from_path.ids)
@@ -161,9 +191,16 @@ def test_audio_from_a_path_or_an_array_gives_the_same_ids(tokenizer: UnifiedToke
     assert from_path.codes.shape == (2, 23) and from_path.ids.shape == (46,)
     assert np.array_equal(from_path.ids, tokenizer.token_space.audio_to_global(from_path.codes))
     assert from_path.meta == {
-        "adapter": "builtin:encodec-24khz-tiny@v1", "sha256": file_sha256(media["audio"]), "source_sample_rate": 16000,
-        "source_channels": 1, "duration_s": 0.3, "sample_rate": 24000, "channels": 1, "frames": 23,
-        "padding_samples": 23 * 320 - 7200, "tokens": 46,
+        "adapter": "builtin:encodec-24khz-tiny@v1",
+        "sha256": file_sha256(media["audio"]),
+        "source_sample_rate": 16000,
+        "source_channels": 1,
+        "duration_s": 0.3,
+        "sample_rate": 24000,
+        "channels": 1,
+        "frames": 23,
+        "padding_samples": 23 * 320 - 7200,
+        "tokens": 46,
     }
     assert from_array.meta["sha256"] == hashlib.sha256(chord(0.3).astype("<f4").tobytes()).hexdigest()
     stereo = tokenizer.encode_audio((np.stack([chord(0.3), chord(0.3)]), 16000))
@@ -171,7 +208,10 @@ def test_audio_from_a_path_or_an_array_gives_the_same_ids(tokenizer: UnifiedToke
 
 
 def test_audio_in_batches_encodes_as_one_at_a_time(tokenizer: UnifiedTokenizer, strict: UnifiedTokenizer) -> None:
-    clips = [(chord(seconds, rate), rate) for seconds, rate in [(0.05, 16000), (0.29, 22050), (0.12, 24000), (0.2, 8000), (0.01, 44100)]]
+    clips = [
+        (chord(seconds, rate), rate)
+        for seconds, rate in [(0.05, 16000), (0.29, 22050), (0.12, 24000), (0.2, 8000), (0.01, 44100)]
+    ]
     batched = strict.encode_audios(clips)
     assert [e.ids.tolist() for e in batched] == [tokenizer.encode_audio(clip).ids.tolist() for clip in clips]
 
@@ -237,7 +277,9 @@ def write_bad_file(kind: str, folder: Path) -> Path:
         ("garbage_wav", "audio", UnreadableMediaError),
     ],
 )
-def test_each_bad_file_raises_its_error_naming_the_file(tokenizer: UnifiedTokenizer, tmp_path: Path, kind: str, modality: str, error: type) -> None:
+def test_each_bad_file_raises_its_error_naming_the_file(
+    tokenizer: UnifiedTokenizer, tmp_path: Path, kind: str, modality: str, error: type
+) -> None:
     path = write_bad_file(kind, tmp_path)
     encode = tokenizer.encode_image if modality == "image" else tokenizer.encode_audio
     with pytest.raises(error) as caught:
@@ -253,7 +295,9 @@ def test_inputs_over_the_limits_are_refused(strict: UnifiedTokenizer, media: dic
         strict.encode_audio(long_wav)
     with pytest.raises(AudioTooLongError, match="<array>: 0.50 s"):
         strict.encode_audio((chord(0.5), 16000))
-    with pytest.raises(ImageTooLargeError, match=f"image_too_large: {media['image']}: 48x40 = 1920 px exceeds the limit of 1000 px"):
+    with pytest.raises(
+        ImageTooLargeError, match=f"image_too_large: {media['image']}: 48x40 = 1920 px exceeds the limit of 1000 px"
+    ):
         strict.encode_image(media["image"])
     with pytest.raises(ImageTooLargeError, match="<PIL image>: 48x40"):
         strict.encode_image(picture())
@@ -269,7 +313,9 @@ def test_inputs_over_the_limits_are_refused(strict: UnifiedTokenizer, media: dic
         (np.zeros(800, np.float32), 0, UnreadableMediaError, "sample rate must be positive"),
     ],
 )
-def test_bad_arrays_are_refused(tokenizer: UnifiedTokenizer, waveform: np.ndarray, rate: int, error: type, message: str) -> None:
+def test_bad_arrays_are_refused(
+    tokenizer: UnifiedTokenizer, waveform: np.ndarray, rate: int, error: type, message: str
+) -> None:
     with pytest.raises(error, match=message):
         tokenizer.encode_audio((waveform, rate))
 
@@ -285,12 +331,21 @@ def test_sources_of_the_wrong_type_are_type_errors(tokenizer: UnifiedTokenizer) 
 DUMMY_TOKENIZERS = {
     "text": {"kind": "dummy", "vocab_size": 300},
     "image": {"kind": "dummy", "codebook_size": 16, "tokens_per_image": 4, "resolution": 8},
-    "audio": {"kind": "dummy", "codebook_size": 8, "n_codebooks": 2, "sample_rate": 8000, "channels": 1, "frame_rate": 50},
+    "audio": {
+        "kind": "dummy",
+        "codebook_size": 8,
+        "n_codebooks": 2,
+        "sample_rate": 8000,
+        "channels": 1,
+        "frame_rate": 50,
+    },
 }
 
 
 def test_map_path_uses_the_longest_matching_host_prefix() -> None:
-    config = UTIConfig.model_validate({"tokenizers": DUMMY_TOKENIZERS, "path_prefix_map": {"/host": "/mnt/all", "/host/data": "/data"}})
+    config = UTIConfig.model_validate(
+        {"tokenizers": DUMMY_TOKENIZERS, "path_prefix_map": {"/host": "/mnt/all", "/host/data": "/data"}}
+    )
     tokenizer = UnifiedTokenizer(config)
     assert tokenizer.map_path("/host/data/a.png") == "/data/a.png"
     assert tokenizer.map_path("/host/other/b.wav") == "/mnt/all/other/b.wav"
@@ -325,7 +380,9 @@ print(json.dumps({k: hashlib.sha256(v.ids.astype("<i8").tobytes()).hexdigest() f
 
 
 @pytest.mark.slow
-def test_each_modality_encodes_identically_in_another_process(tokenizer: UnifiedTokenizer, media: dict[str, Path]) -> None:
+def test_each_modality_encodes_identically_in_another_process(
+    tokenizer: UnifiedTokenizer, media: dict[str, Path]
+) -> None:
     args = [sys.executable, "-c", ENCODE_SCRIPT, SENTENCE, str(media["image"]), str(media["audio"])]
     other = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert other.returncode == 0, other.stderr

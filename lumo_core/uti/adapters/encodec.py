@@ -25,21 +25,29 @@ def encodec_bandwidth_table(target_bandwidths: list[float], frame_rate: float, c
     return {float(bw): max(1, math.floor(float(bw) * 1000 / (frame_rate * bits))) for bw in target_bandwidths}
 
 
-def choose_encodec_bandwidth(table: dict[float, int], bandwidth: float | None, n_codebooks: int | None, source: str) -> tuple[float, int]:
+def choose_encodec_bandwidth(
+    table: dict[float, int], bandwidth: float | None, n_codebooks: int | None, source: str
+) -> tuple[float, int]:
     """Resolve the configured bandwidth and/or codebook count against the codec's table."""
     offered = ", ".join(f"{bw:g} kbps -> {n} codebooks" for bw, n in table.items())
     if bandwidth is None and n_codebooks is None:
         raise ConfigError(f"tokenizers.audio: set `bandwidth` or `n_codebooks` for {source} ({offered})")
     if bandwidth is not None:
         if float(bandwidth) not in table:
-            raise ConfigError(f"tokenizers.audio.bandwidth: {bandwidth:g} kbps is not offered by {source}; it offers {offered}")
+            raise ConfigError(
+                f"tokenizers.audio.bandwidth: {bandwidth:g} kbps is not offered by {source}; it offers {offered}"
+            )
         expected = table[float(bandwidth)]
         if n_codebooks is not None and n_codebooks != expected:
-            raise ConfigError(f"tokenizers.audio.n_codebooks: {n_codebooks} does not match bandwidth {bandwidth:g} kbps of {source}, which gives {expected} ({offered})")
+            raise ConfigError(
+                f"tokenizers.audio.n_codebooks: {n_codebooks} does not match bandwidth {bandwidth:g} kbps of {source}, which gives {expected} ({offered})"
+            )
         return float(bandwidth), expected
     matching = [bw for bw, n in table.items() if n == n_codebooks]
     if not matching:
-        raise ConfigError(f"tokenizers.audio.n_codebooks: {n_codebooks} is not offered by {source}; it offers {offered}")
+        raise ConfigError(
+            f"tokenizers.audio.n_codebooks: {n_codebooks} is not offered by {source}; it offers {offered}"
+        )
     return matching[0], int(n_codebooks)
 
 
@@ -67,7 +75,9 @@ class EncodecAdapter(AudioAdapter):
     # convolutions off their short-input reflect padding, which would see the batch's padding.
     BUCKET_FRAMES = 25
 
-    def __init__(self, path: str, name: str, bandwidth: float | None, n_codebooks: int | None, device: str, batch_size: int = 8) -> None:
+    def __init__(
+        self, path: str, name: str, bandwidth: float | None, n_codebooks: int | None, device: str, batch_size: int = 8
+    ) -> None:
         from transformers import EncodecModel
 
         self.name = name
@@ -85,7 +95,9 @@ class EncodecAdapter(AudioAdapter):
         self.chunk_stride = (config.chunk_stride or config.chunk_length) if config.chunk_length else None
         self.normalize = bool(config.normalize)
         self.causal = bool(config.use_causal_conv)
-        self.bandwidth_table = encodec_bandwidth_table(list(config.target_bandwidths), self.frame_rate, self.codebook_size)
+        self.bandwidth_table = encodec_bandwidth_table(
+            list(config.target_bandwidths), self.frame_rate, self.codebook_size
+        )
         self.bandwidth, self.n_codebooks = choose_encodec_bandwidth(self.bandwidth_table, bandwidth, n_codebooks, name)
         self._padding_is_invisible = self.causal and not self.normalize and self.chunk_length is None
         # Every model call sees `_batch_rows` inputs of one padded length (see `pad_rows`). Codecs
@@ -131,7 +143,11 @@ class EncodecAdapter(AudioAdapter):
         for index, length in enumerate(lengths):
             groups.setdefault(self._padded_length(length), []).append(index)
         rows = self._batch_rows
-        return [groups[width][start : start + rows] for width in sorted(groups) for start in range(0, len(groups[width]), rows)]
+        return [
+            groups[width][start : start + rows]
+            for width in sorted(groups)
+            for start in range(0, len(groups[width]), rows)
+        ]
 
     def encode_batch(self, waveforms: list[np.ndarray]) -> list[np.ndarray]:
         return [codes for codes, _ in self.encode_batch_with_meta(waveforms)]
@@ -142,7 +158,9 @@ class EncodecAdapter(AudioAdapter):
         waves = [np.asarray(w, dtype=np.float32) for w in waveforms]
         for index, wave in enumerate(waves):
             if wave.ndim != 2 or wave.shape[0] != self.channels or wave.shape[1] == 0:
-                raise ValueError(f"waveform {index} must be shaped [{self.channels}, samples > 0] at {self.sample_rate} Hz (run the preprocessor), got {list(wave.shape)}")
+                raise ValueError(
+                    f"waveform {index} must be shaped [{self.channels}, samples > 0] at {self.sample_rate} Hz (run the preprocessor), got {list(wave.shape)}"
+                )
         results: dict[int, tuple[np.ndarray, dict[str, Any]]] = {}
         for members in self._batches([w.shape[1] for w in waves]):
             width = self._padded_length(waves[members[0]].shape[1])
@@ -152,10 +170,16 @@ class EncodecAdapter(AudioAdapter):
                 batch[row, :, : waves[index].shape[1]] = waves[index]
                 mask[row, :, : waves[index].shape[1]] = True
             with torch.inference_mode():
-                out = self.model.encode(torch.from_numpy(batch).to(self.device), padding_mask=torch.from_numpy(mask).to(self.device), bandwidth=self.bandwidth)
+                out = self.model.encode(
+                    torch.from_numpy(batch).to(self.device),
+                    padding_mask=torch.from_numpy(mask).to(self.device),
+                    bandwidth=self.bandwidth,
+                )
             # (chunks, batch, n_q, frames): chunks follow each other in time.
             codes = torch.cat(list(out.audio_codes), dim=-1).to("cpu").numpy().astype(np.int64)
-            scales = None if out.audio_scales[0] is None else torch.cat(list(out.audio_scales), dim=-1).to("cpu").numpy()
+            scales = (
+                None if out.audio_scales[0] is None else torch.cat(list(out.audio_scales), dim=-1).to("cpu").numpy()
+            )
             for row, index in enumerate(members):
                 n_samples = waves[index].shape[1]
                 frames = self.n_frames(n_samples)
@@ -182,7 +206,9 @@ class EncodecAdapter(AudioAdapter):
         for index, item in enumerate(codes):
             item = np.asarray(item, dtype=np.int64)
             if item.ndim != 2 or item.shape[0] != self.n_codebooks or item.shape[1] == 0:
-                raise ValueError(f"codes {index} must be shaped [{self.n_codebooks}, frames > 0], got {list(item.shape)}")
+                raise ValueError(
+                    f"codes {index} must be shaped [{self.n_codebooks}, frames > 0], got {list(item.shape)}"
+                )
             frames = item.shape[1]
             per_chunk = frames if self.chunk_length is None else self._chunk_frames()
             chunks = -(-frames // per_chunk)
@@ -217,11 +243,14 @@ class EncodecAdapter(AudioAdapter):
             "chunk_length_samples": self.chunk_length,
             "chunk_stride_samples": self.chunk_stride,
             "frames_rule": (
-                f"ceil(samples / {self.hop_length})" if self.chunk_length is None
+                f"ceil(samples / {self.hop_length})"
+                if self.chunk_length is None
                 else f"sum over chunks of {self.chunk_length} samples every {self.chunk_stride}: ceil(chunk samples / {self.hop_length})"
             ),
             "input": "channels: mono duplicated / others averaged; rate: polyphase resampling (scipy resample_poly)",
             "encoder_padding": (
-                f"zeros to a multiple of {self.BUCKET_FRAMES * self.hop_length} samples" if self._padding_is_invisible else "none"
+                f"zeros to a multiple of {self.BUCKET_FRAMES * self.hop_length} samples"
+                if self._padding_is_invisible
+                else "none"
             ),
         }

@@ -40,13 +40,29 @@ def build_image_adapter(config: ImageTokenizerConfig, device: str, batch_size: i
     from lumo_core.uti.embedded import model_identity, resolve_model_path
 
     if config.kind == "dummy":
-        sizes = {k: getattr(config, k) for k in ("codebook_size", "tokens_per_image", "resolution") if getattr(config, k) is not None}
+        sizes = {
+            k: getattr(config, k)
+            for k in ("codebook_size", "tokens_per_image", "resolution")
+            if getattr(config, k) is not None
+        }
         return DummyImageAdapter(**sizes)
     if config.kind == "seed":
         if config.resolution not in (None, SeedImageAdapter.resolution[0]):
-            raise ConfigError(f"tokenizers.image.resolution: SEED takes {SeedImageAdapter.resolution[0]} px, got {config.resolution}")
-        return SeedImageAdapter(config.path, model_identity(config.path), device, config.model_code_path, config.unclip_path, config.resample, batch_size)
-    return VQImageAdapter(resolve_model_path(config.path), model_identity(config.path), device, config.resolution, batch_size)
+            raise ConfigError(
+                f"tokenizers.image.resolution: SEED takes {SeedImageAdapter.resolution[0]} px, got {config.resolution}"
+            )
+        return SeedImageAdapter(
+            config.path,
+            model_identity(config.path),
+            device,
+            config.model_code_path,
+            config.unclip_path,
+            config.resample,
+            batch_size,
+        )
+    return VQImageAdapter(
+        resolve_model_path(config.path), model_identity(config.path), device, config.resolution, batch_size
+    )
 
 
 def build_audio_adapter(config: AudioTokenizerConfig, device: str, batch_size: int = 8) -> AudioAdapter:
@@ -55,7 +71,14 @@ def build_audio_adapter(config: AudioTokenizerConfig, device: str, batch_size: i
     if config.kind == "dummy":
         keys = ("codebook_size", "n_codebooks", "sample_rate", "channels", "frame_rate")
         return DummyAudioAdapter(**{k: getattr(config, k) for k in keys if getattr(config, k) is not None})
-    return EncodecAdapter(resolve_model_path(config.path), model_identity(config.path), config.bandwidth, config.n_codebooks, device, batch_size)
+    return EncodecAdapter(
+        resolve_model_path(config.path),
+        model_identity(config.path),
+        config.bandwidth,
+        config.n_codebooks,
+        device,
+        batch_size,
+    )
 
 
 def check_device(device: str) -> None:
@@ -68,7 +91,9 @@ def check_device(device: str) -> None:
         raise ConfigError(f"pipeline.device: {device!r} was asked for but torch sees no CUDA device here")
 
 
-def build_adapters(config: TokenizersConfig, device: str, image_batch_size: int = 16, audio_batch_size: int = 8) -> tuple[TextAdapter, ImageAdapter, AudioAdapter]:
+def build_adapters(
+    config: TokenizersConfig, device: str, image_batch_size: int = 16, audio_batch_size: int = 8
+) -> tuple[TextAdapter, ImageAdapter, AudioAdapter]:
     """The three adapters a `tokenizers` config section describes, models on `device`, each
     model call shaped by its batch size (codes depend on device and batch size: see pad_rows)."""
     check_device(device)

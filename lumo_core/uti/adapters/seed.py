@@ -25,17 +25,23 @@ SEED_MODULE = "seed2.seed_qformer.qformer_quantizer"
 SEED_MODULE_FILE = Path("seed2", "seed_qformer", "qformer_quantizer.py")
 
 
-def locate_seed_files(checkpoint: str, model_code_path: str | None, unclip_path: str | None) -> tuple[Path, Path, Path | None]:
+def locate_seed_files(
+    checkpoint: str, model_code_path: str | None, unclip_path: str | None
+) -> tuple[Path, Path, Path | None]:
     """(checkpoint file, folder to put on sys.path, unCLIP folder or None), or an
     AdapterLoadError naming everything that is missing and every path looked at."""
     problems = []
     checkpoint_candidates = [Path(checkpoint).expanduser(), Path(checkpoint).expanduser() / SEED_CHECKPOINT]
     checkpoint_file = next((p for p in checkpoint_candidates if p.is_file()), None)
     if checkpoint_file is None:
-        problems.append(f"SEED checkpoint ({SEED_CHECKPOINT}) not found; looked at: {', '.join(map(str, checkpoint_candidates))}")
+        problems.append(
+            f"SEED checkpoint ({SEED_CHECKPOINT}) not found; looked at: {', '.join(map(str, checkpoint_candidates))}"
+        )
     code_root = None
     if model_code_path is None:
-        problems.append("tokenizers.image.model_code_path is not set: it must point at a checkout of the SEED code (e.g. OpenMOSS/AnyGPT, which holds seed2/)")
+        problems.append(
+            "tokenizers.image.model_code_path is not set: it must point at a checkout of the SEED code (e.g. OpenMOSS/AnyGPT, which holds seed2/)"
+        )
     else:
         base = Path(model_code_path).expanduser()
         # The AnyGPT checkout itself, or its seed2 folder.
@@ -43,7 +49,9 @@ def locate_seed_files(checkpoint: str, model_code_path: str | None, unclip_path:
         code_candidates = [root / SEED_MODULE_FILE for root in roots]
         code_root = next((root for root, p in zip(roots, code_candidates) if p.is_file()), None)
         if code_root is None:
-            problems.append(f"SEED model code ({SEED_MODULE_FILE}) not found; looked at: {', '.join(map(str, code_candidates))}")
+            problems.append(
+                f"SEED model code ({SEED_MODULE_FILE}) not found; looked at: {', '.join(map(str, code_candidates))}"
+            )
     unclip = None
     if unclip_path is not None:
         unclip = Path(unclip_path).expanduser()
@@ -71,8 +79,16 @@ class SeedImageAdapter(ImageAdapter):
     DECODE_GUIDANCE = 10.0
     DECODE_SEED = 0
 
-    def __init__(self, checkpoint: str, name: str, device: str, model_code_path: str | None, unclip_path: str | None, resample: str,
-                 batch_size: int = 1) -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        name: str,
+        device: str,
+        model_code_path: str | None,
+        unclip_path: str | None,
+        resample: str,
+        batch_size: int = 1,
+    ) -> None:
         import torch
 
         checkpoint_file, code_root, self.unclip_path = locate_seed_files(checkpoint, model_code_path, unclip_path)
@@ -87,7 +103,9 @@ class SeedImageAdapter(ImageAdapter):
         try:
             module = importlib.import_module(SEED_MODULE)
         except ImportError as exc:
-            raise AdapterLoadError(f"cannot import {SEED_MODULE} from {code_root}: {exc} (the SEED code needs its own requirements, e.g. einops and timm)") from exc
+            raise AdapterLoadError(
+                f"cannot import {SEED_MODULE} from {code_root}: {exc} (the SEED code needs its own requirements, e.g. einops and timm)"
+            ) from exc
         try:
             model = module.Blip2QformerQuantizer.from_pretrained(
                 pretrained_model_path=str(checkpoint_file),
@@ -106,11 +124,15 @@ class SeedImageAdapter(ImageAdapter):
 
         pixels = np.asarray(pixels, dtype=np.float32)
         if pixels.ndim != 4 or pixels.shape[1:] != (3, *self.resolution):
-            raise ValueError(f"pixels must be shaped [batch, 3, 224, 224] (run the preprocessor), got {list(pixels.shape)}")
+            raise ValueError(
+                f"pixels must be shaped [batch, 3, 224, 224] (run the preprocessor), got {list(pixels.shape)}"
+            )
         codes = []
         for start in range(0, pixels.shape[0], self.batch_size):
             chunk = pixels[start : start + self.batch_size]
-            batch = torch.from_numpy(np.ascontiguousarray(pad_rows(chunk, self.batch_size))).to(device=self.device, dtype=self.dtype)
+            batch = torch.from_numpy(np.ascontiguousarray(pad_rows(chunk, self.batch_size))).to(
+                device=self.device, dtype=self.dtype
+            )
             with torch.inference_mode():
                 indices, _ = self.model.get_codebook_indices(batch)
             codes.append(indices.reshape(self.batch_size, -1)[: chunk.shape[0]].to("cpu").numpy().astype(np.int64))
@@ -120,18 +142,27 @@ class SeedImageAdapter(ImageAdapter):
         import torch
 
         if self.unclip_path is None:
-            raise AdapterLoadError("decoding SEED codes needs the unCLIP decoder: set tokenizers.image.unclip_path (stable-diffusion-2-1-unclip)")
+            raise AdapterLoadError(
+                "decoding SEED codes needs the unCLIP decoder: set tokenizers.image.unclip_path (stable-diffusion-2-1-unclip)"
+            )
         if self._pipeline is None:
             from diffusers import StableUnCLIPImg2ImgPipeline
 
-            self._pipeline = _from_pretrained(StableUnCLIPImg2ImgPipeline, str(self.unclip_path), "unCLIP decoder", torch_dtype=self.dtype).to(self.device)
+            self._pipeline = _from_pretrained(
+                StableUnCLIPImg2ImgPipeline, str(self.unclip_path), "unCLIP decoder", torch_dtype=self.dtype
+            ).to(self.device)
         images = []
         with torch.inference_mode():
             for row in np.asarray(codes, dtype=np.int64):
                 embeds = self.model.get_codebook_entry(torch.from_numpy(row[None]).to(self.device))
                 generator = torch.Generator(device=self.device).manual_seed(self.DECODE_SEED)
-                result = self._pipeline(image_embeds=embeds, noise_level=0, num_inference_steps=self.DECODE_STEPS,
-                                        guidance_scale=self.DECODE_GUIDANCE, generator=generator)
+                result = self._pipeline(
+                    image_embeds=embeds,
+                    noise_level=0,
+                    num_inference_steps=self.DECODE_STEPS,
+                    guidance_scale=self.DECODE_GUIDANCE,
+                    generator=generator,
+                )
                 images.append(result.images[0].convert("RGB"))
         return images
 

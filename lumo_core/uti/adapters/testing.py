@@ -31,7 +31,7 @@ def _resize_to_unit_range(image: Any, size: tuple[int, int]) -> np.ndarray:
 def _digest_codes(payload: bytes, count: int, size: int) -> np.ndarray:
     """Deterministic pseudo-codes from bytes (SHAKE-256 stream), `count` values in [0, size)."""
     stream = hashlib.shake_256(payload).digest(4 * count)
-    return (np.frombuffer(stream, dtype="<u4").astype(np.int64) % size)
+    return np.frombuffer(stream, dtype="<u4").astype(np.int64) % size
 
 
 class DummyTextAdapter(TextAdapter):
@@ -96,7 +96,14 @@ class DummyImageAdapter(ImageAdapter):
 class DummyAudioAdapter(AudioAdapter):
     """Codes per frame are a hash of that frame's samples; decoding renders a tone per frame."""
 
-    def __init__(self, codebook_size: int = 32, n_codebooks: int = 2, sample_rate: int = 8000, channels: int = 1, frame_rate: int = 50) -> None:
+    def __init__(
+        self,
+        codebook_size: int = 32,
+        n_codebooks: int = 2,
+        sample_rate: int = 8000,
+        channels: int = 1,
+        frame_rate: int = 50,
+    ) -> None:
         if sample_rate % frame_rate:
             raise ValueError("the dummy audio adapter needs sample_rate divisible by frame_rate")
         self.codebook_size = codebook_size
@@ -116,10 +123,21 @@ class DummyAudioAdapter(AudioAdapter):
             padded = np.zeros((wave.shape[0], frames * self.hop), dtype=np.float32)
             padded[:, : wave.shape[-1]] = wave
             quantised = np.round(padded * 32767).astype("<i2")
-            codes = np.stack([
-                _digest_codes(quantised[:, f * self.hop : (f + 1) * self.hop].tobytes(), self.n_codebooks, self.codebook_size)
-                for f in range(frames)
-            ], axis=1) if frames else np.zeros((self.n_codebooks, 0), dtype=np.int64)
+            codes = (
+                np.stack(
+                    [
+                        _digest_codes(
+                            quantised[:, f * self.hop : (f + 1) * self.hop].tobytes(),
+                            self.n_codebooks,
+                            self.codebook_size,
+                        )
+                        for f in range(frames)
+                    ],
+                    axis=1,
+                )
+                if frames
+                else np.zeros((self.n_codebooks, 0), dtype=np.int64)
+            )
             out.append(codes)
         return out
 

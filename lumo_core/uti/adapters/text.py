@@ -26,7 +26,9 @@ class HFTextAdapter(TextAdapter):
         return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
 
     def decode(self, ids: np.ndarray) -> str:
-        return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(
+            np.asarray(ids).tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
 
     def describe(self) -> dict[str, Any]:
         from lumo_core.fileio import canonical_json_bytes, sha256_hex

@@ -37,7 +37,9 @@ class VQImageAdapter(ImageAdapter):
         # `tokenizers.image.resolution` overrides it.
         side = int(resolution or config.sample_size)
         if side % self.downsample:
-            raise ConfigError(f"tokenizers.image.resolution: {side} px is not a multiple of the downsampling factor {self.downsample} of {name}")
+            raise ConfigError(
+                f"tokenizers.image.resolution: {side} px is not a multiple of the downsampling factor {self.downsample} of {name}"
+            )
         self.resolution = (side, side)
         self.latent_grid = (side // self.downsample, side // self.downsample)
         self.tokens_per_image = self.latent_grid[0] * self.latent_grid[1]
@@ -53,12 +55,16 @@ class VQImageAdapter(ImageAdapter):
         pixels = np.asarray(pixels, dtype=np.float32)
         expected = (3, *self.resolution)
         if pixels.ndim != 4 or pixels.shape[1:] != expected:
-            raise ValueError(f"pixels must be shaped [batch, {', '.join(map(str, expected))}] (run the preprocessor), got {list(pixels.shape)}")
+            raise ValueError(
+                f"pixels must be shaped [batch, {', '.join(map(str, expected))}] (run the preprocessor), got {list(pixels.shape)}"
+            )
         codes = []
         for start in range(0, pixels.shape[0], self.batch_size):
             chunk = pixels[start : start + self.batch_size]
             with torch.inference_mode():
-                latents = self.model.encode(torch.from_numpy(np.ascontiguousarray(pad_rows(chunk, self.batch_size))).to(self.device)).latents
+                latents = self.model.encode(
+                    torch.from_numpy(np.ascontiguousarray(pad_rows(chunk, self.batch_size))).to(self.device)
+                ).latents
                 _, _, (_, _, indices) = self.model.quantize(latents)
             codes.append(indices.reshape(self.batch_size, -1)[: chunk.shape[0]].to("cpu").numpy().astype(np.int64))
         return np.concatenate(codes)
