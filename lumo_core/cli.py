@@ -47,7 +47,7 @@ def cmd_token_space(settings: Settings, reporter: Reporter, args: argparse.Names
 def cmd_audit_manifest(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
     from lumo_core.config import load_uti_config
     from lumo_core.sample_data import manifest_for
-    from lumo_core.tokenize.manifest import audit_manifest
+    from lumo_core.tokenize.manifest_audit import audit_manifest
 
     config = load_uti_config(settings.uti_config)
     manifest = manifest_for(settings)

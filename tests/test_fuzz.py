@@ -34,11 +34,10 @@ from lumo_core.tokenize.manifest import (
     STRUCTURAL_REASONS,
     ManifestRow,
     Reject,
-    _audit_one,
-    audit_manifest,
     count_lines,
     iter_manifest,
 )
+from lumo_core.tokenize.manifest_audit import _audit_one, audit_manifest
 from lumo_core.tokenize.pipeline import PreparedRow, init_media_decoding, prepare_row
 from tests.tokenize.test_tokenization import DUMMY_CONFIG
 from tests.tokenize.test_work_units import settings_for

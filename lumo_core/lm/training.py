@@ -28,6 +28,10 @@ the same settings end in the same weights, bit for bit.
 Run several processes with `torchrun --nproc-per-node N -m lumo_core.torchrun_train` (gloo on
 CPU, nccl on CUDA; see lumo_core.lm.distributed); every rank reads a disjoint part of the data (see
 lumo_core.lm.data).
+
+`TrainingRun.run` is a sequence of named steps: `_resume_point` (lumo_core.lm.run_state),
+`_prepare_outputs`, the model and optimizer (lumo_core.lm.trainer), `_data_stream`, then per step
+`_train_step`, `_log_step` and `_maybe_checkpoint`, and `_finish`.
 """
 
 from __future__ import annotations
@@ -36,19 +40,23 @@ import json
 import time
 from collections import Counter
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lumo_core.config import Settings
-from lumo_core.errors import LumoError, MissingUpstreamError, rebuild_hint
-from lumo_core.fileio import canonical_json_bytes, sha256_hex
+from lumo_core.errors import MissingUpstreamError, rebuild_hint
 from lumo_core.lm import checkpoints
-from lumo_core.lm.checkpoints import BASE, FINAL, TRAIN_LOG
-from lumo_core.lm.data import data_source_sha256
+from lumo_core.lm.checkpoints import FINAL, TRAIN_LOG
 from lumo_core.lm.distributed import Distributed, resolve_device
+from lumo_core.lm.run_state import resume_point, run_identity, run_recipe
 from lumo_core.lm.train_config import TrainConfig, load_train_config
+from lumo_core.lm.trainer import Trainer, build_trainer
 from lumo_core.reporting import Reporter
 from lumo_core.uti.token_space import TokenSpace
+
+if TYPE_CHECKING:
+    from lumo_core.lm.data import BatchPlan, MicroBatch, SplitShards
 
 
 def token_loss_sum(logits: Any, labels: Any, head_index: Any = None) -> Any:
@@ -68,41 +76,15 @@ def token_loss_sum(logits: Any, labels: Any, head_index: Any = None) -> Any:
     )
 
 
-def run_recipe(
-    config: TrainConfig, token_space: TokenSpace, shards_dir: Path, init_sha256: str | None = None
-) -> dict[str, Any]:
-    """What a checkpoint must share with a run to be resumed by it, as dotted keys."""
-    return {
-        **config.trajectory_settings(),
-        "token_space_sha256": token_space.sha256,
-        # The shards' index.json, or the `data.jsonl` source's (lumo_core.lm.data).
-        "shards_index_sha256": data_source_sha256(config, shards_dir),
-        "init_from_weights_sha256": init_sha256,
-    }
+@dataclass
+class _Interval:
+    """Sums over the steps since the last log line (global over ranks, except `loss`)."""
 
-
-def run_identity(recipe: dict[str, Any]) -> str:
-    return sha256_hex(canonical_json_bytes(recipe))
-
-
-def changed_settings(recorded: dict[str, Any] | None, current: dict[str, Any]) -> str:
-    """`key old -> new` for each recipe entry that differs (a checkpoint that recorded only a
-    fingerprint names none)."""
-    if recorded is None:
-        return "the settings, token space or shards (this checkpoint recorded only their fingerprint)"
-
-    def shown(entries: dict[str, Any], key: str) -> str:
-        # A setting this version has and the checkpoint's did not (or the reverse) shows as such.
-        return json.dumps(entries[key], sort_keys=True) if key in entries else "(absent)"
-
-    keys = sorted(set(recorded) | set(current))
-    changes = [
-        f"{key} {shown(recorded, key)} -> {shown(current, key)}"
-        for key in keys
-        if shown(recorded, key) != shown(current, key)
-    ]
-    listed = changes[:6] + ([f"and {len(changes) - 6} more"] if len(changes) > 6 else [])
-    return "; ".join(listed)
+    loss: float = 0.0
+    targets: float = 0.0
+    tokens: float = 0.0
+    pad: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
 
 
 class TrainingRun:
@@ -130,119 +112,15 @@ class TrainingRun:
         init_sha = checkpoints.weights_sha256(self.init_from) if self.init_from is not None else None
         self.recipe = run_recipe(config, token_space, self.shards_dir, init_sha)
         self.identity = run_identity(self.recipe)
-        self.lora = config.finetune.method == "lora"
         self.previous_run: Path | None = None
 
-    # ------------------------------------------------------------------ helpers
     def _log(self, message: str) -> None:
         if self.dist.is_main:
             self.reporter.log(message)
 
-    def _resume_point(self) -> tuple[Path | None, dict[str, Any] | None]:
-        """The checkpoint to resume from. A run folder holding another run's checkpoints is set
-        aside whole with `new_run`, and refused otherwise; only leftovers of a run that never
-        completed a checkpoint are cleared."""
-        checkpoint, state = checkpoints.latest_state(self.out_dir)
-        held = checkpoints.holds_models(self.out_dir)
-        # Every rank has read the folder before rank 0 may change it.
-        self.dist.barrier()
-        max_steps = self.config.train.max_steps
-        if state is not None and state["run_identity"] == self.identity:
-            if state["world_size"] != self.dist.world_size:
-                raise LumoError(
-                    f"{checkpoint} was written by {state['world_size']} processes, this run has {self.dist.world_size}: "
-                    f"resume with the same number, or start a new run from its weights with `lumo train --init-from {checkpoint}`"
-                )
-            if state["step"] > max_steps:
-                raise LumoError(
-                    f"{checkpoint} is at step {state['step']}, past train.max_steps {max_steps}: nothing was deleted; "
-                    f"set train.max_steps to {state['step']} or more to keep that run, or start a new run from one of its "
-                    f"checkpoints with `lumo train --init-from {self.out_dir}/checkpoint-<step>`"
-                )
-            return checkpoint, state
-        if held and not self.new_run:
-            if state is not None:
-                found = f"a run at step {state['step']} whose settings differ from this run's: {changed_settings(state.get('recipe'), self.recipe)}"
-            else:
-                found = "checkpoints but no complete `latest` pointer, so they cannot be told to be this run's"
-            dirs = checkpoints.checkpoint_dirs(self.out_dir)
-            source = checkpoint or (dirs[-1] if dirs else self.out_dir / FINAL)
-            raise LumoError(
-                f"{self.out_dir} holds {found}. Nothing was deleted. "
-                f"Ways on: go back to its settings to resume it (train.max_steps may grow, to continue it); "
-                f"`lumo train --new-run` moves it whole to {checkpoints.kept_run_name(self.out_dir, state)} and starts this run; "
-                f"`lumo train --init-from {source}` does the same and starts from those weights; or train into another --output-dir"
-            )
-        if self.dist.is_main and self.out_dir.is_dir() and any(self.out_dir.iterdir()):
-            if held:
-                target = checkpoints.kept_run_name(self.out_dir, state)
-                checkpoints.set_run_aside(self.out_dir, target)
-                self.previous_run = target
-                self.reporter.log(f"the previous run in {self.out_dir} is kept whole as {target}; starting a new run")
-            else:
-                self.reporter.log(
-                    f"clearing {self.out_dir}: it holds no complete checkpoint, only leftovers of a run that stopped before one"
-                )
-                checkpoints.clear_leftovers(self.out_dir)
-        self.previous_run = self.dist.gather(self.previous_run)[0]
-        if (
-            self.previous_run is not None
-            and self.init_from is not None
-            and self.init_from.is_relative_to(self.out_dir.resolve())
-        ):
-            # The weights to start from were inside the folder just set aside.
-            self.init_from = self.previous_run.resolve() / self.init_from.relative_to(self.out_dir.resolve())
-        self.dist.barrier()
-        return None, None
-
-    def _build(self, checkpoint: Path | None) -> Any:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from lumo_core.lm.model import apply_lora, build_model, load_lm
-
-        # Anything random in building the model is drawn from `seed`, the same on every rank.
-        torch.manual_seed(self.config.seed)
-        attn = self.config.model.attn_implementation
-        init = (
-            checkpoints.load_weights(self.init_from, self.token_space, attn)
-            if self.init_from is not None and checkpoint is None
-            else None
-        )
-        if not self.lora:
-            if checkpoint is not None:
-                return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation=attn)
-            return build_model(self.config, self.token_space, init)
-        base_dir = self.out_dir / BASE
-        if checkpoint is None:
-            base = build_model(self.config, self.token_space, init)
-            if self.dist.is_main:
-                checkpoints.save_base(self.out_dir, base)
-            self.dist.barrier()
-            model = apply_lora(base, self.config, self.token_space)
-        else:
-            model = apply_lora(load_lm(base_dir), self.config, self.token_space)
-            checkpoints.load_adapters(model, checkpoint)
-        model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
-        return model
-
     # --------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
         import torch
-        from transformers import get_scheduler
-
-        from lumo_core.lm.data import (
-            BatchPlan,
-            TrainStream,
-            make_loader,
-            open_train_split,
-        )
-        from lumo_core.lm.heads import model_head_index
-        from lumo_core.lm.model import (
-            parameter_counts,
-            trainable_digest,
-            trainable_parameters,
-        )
 
         config, dist = self.config, self.dist
         if config.train.torch_threads:
@@ -251,6 +129,8 @@ class TrainingRun:
         if device.type == "cuda":
             # NCCL collectives (and all_gather_object) use the current device.
             torch.cuda.set_device(device)
+        from lumo_core.lm.data import open_train_split
+
         split = open_train_split(config, self.shards_dir, self.token_space.sha256)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint, state = self._resume_point()
@@ -260,6 +140,50 @@ class TrainingRun:
             self._log(f"{self.out_dir / FINAL} is already trained with these settings: nothing to do")
             return {**summary, "reused": True}
         start_step = state["step"] if state else 0
+        continued_from = self._prepare_outputs(checkpoint, state, start_step)
+        trainer = build_trainer(config, self.token_space, self.out_dir, dist, device, checkpoint, self.init_from)
+        plan, batches = self._data_stream(split, start_step, trainer)
+        from lumo_core.lm.model import parameter_counts
+
+        counts = parameter_counts(trainer.model)
+        self._log(
+            f"{config.finetune.method} fine-tuning, {counts['trainable']:,} of {counts['total']:,} parameters trainable, "
+            f"{dist.world_size} process(es) on {device}, steps {start_step}..{config.train.max_steps}"
+        )
+        interval = _Interval()
+        started = interval.started
+        session_tokens = 0.0
+        self._last_stderr = 0.0
+        last_entry: dict[str, Any] = {}
+        for step in range(start_step + 1, config.train.max_steps + 1):
+            grad_norm, step_tokens = self._train_step(step, trainer, batches, interval)
+            session_tokens += step_tokens
+            if step % config.train.log_every == 0 or step == config.train.max_steps:
+                last_entry = self._log_step(step, trainer, plan, interval, grad_norm, started)
+                interval = _Interval()
+            self._maybe_checkpoint(step, trainer)
+        return self._finish(trainer, start_step, continued_from, session_tokens, started, last_entry, counts)
+
+    # ------------------------------------------------------------------- steps
+    def _resume_point(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """The checkpoint to resume from (lumo_core.lm.run_state.resume_point)."""
+        point = resume_point(
+            self.out_dir,
+            self.identity,
+            self.recipe,
+            self.config.train.max_steps,
+            self.dist,
+            self.reporter,
+            self.new_run,
+            self.init_from,
+        )
+        self.previous_run, self.init_from = point.previous_run, point.init_from
+        return point.checkpoint, point.state
+
+    def _prepare_outputs(self, checkpoint: Path | None, state: dict[str, Any] | None, start_step: int) -> int | None:
+        """Keep a finished run's final/ when it is continued, and drop the log lines a resumed
+        run writes again. Returns the max_steps a continued run was trained to, or None."""
+        config, dist = self.config, self.dist
         continued_from = state.get("max_steps") if state and state.get("max_steps") != config.train.max_steps else None
         if continued_from is not None:
             kept = None
@@ -275,136 +199,146 @@ class TrainingRun:
             self._log(f"resuming from {checkpoint} (step {start_step})")
         if dist.is_main:
             checkpoints.truncate_jsonl(self.out_dir / TRAIN_LOG, start_step)
-        ids_log = checkpoints.sample_ids_log(self.out_dir, dist.rank)
+        self.ids_log = checkpoints.sample_ids_log(self.out_dir, dist.rank)
         if config.train.record_sample_ids:
-            ids_log.parent.mkdir(parents=True, exist_ok=True)
-            checkpoints.truncate_jsonl(ids_log, start_step)
+            self.ids_log.parent.mkdir(parents=True, exist_ok=True)
+            checkpoints.truncate_jsonl(self.ids_log, start_step)
+        return continued_from
 
-        model = self._build(checkpoint).to(device)
-        model.train()
-        head_index = model_head_index(model)
-        if head_index is not None:
-            head_index = head_index.to(device)
-        params = [p for _, p in trainable_parameters(model)]
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=config.optim.lr,
-            betas=config.optim.betas,
-            eps=config.optim.eps,
-            weight_decay=config.optim.weight_decay,
-            fused=device.type == "cuda",
-        )
-        scheduler = get_scheduler(
-            "cosine_with_min_lr",
-            optimizer,
-            num_warmup_steps=config.optim.warmup_steps,
-            num_training_steps=config.train.max_steps,
-            scheduler_specific_kwargs={"min_lr_rate": config.optim.min_lr_ratio},
-        )
-        rank_state: dict[str, Any] = {"slot_states": {}, "tokens": 0, "pad_tokens": 0}
-        if checkpoint is not None:
-            rank_state = checkpoints.load_training_state(checkpoint, dist.rank, optimizer, scheduler, device)
-            # The optimizer holds the rate its last step set; take it from this run's schedule,
-            # which differs when max_steps changed (the same value otherwise).
-            for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                group["lr"] = base_lr * factor(scheduler.last_epoch)
-        else:
-            torch.manual_seed(config.seed + dist.rank)
+    def _data_stream(self, split: SplitShards, start_step: int, trainer: Trainer) -> tuple[BatchPlan, Any]:
+        """This rank's micro-batches from `start_step` on, restored from the rank state's
+        `slot_states` (the data side's JSON-able stream positions)."""
+        from lumo_core.lm.data import BatchPlan, TrainStream, make_loader
 
-        ddp_model = model
-        if dist.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        use_bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and device.type == "cuda")
-        autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-
+        config, dist = self.config, self.dist
         plan = BatchPlan.from_config(config, split, self.token_space.special_id("<|pad_mm|>"))
-        accum = config.optim.grad_accum_steps
         stream = TrainStream(
-            plan, dist.rank, dist.world_size, config.data.num_workers, start_step * accum, rank_state["slot_states"]
+            plan,
+            dist.rank,
+            dist.world_size,
+            config.data.num_workers,
+            start_step * config.optim.grad_accum_steps,
+            trainer.rank_state["slot_states"],
         )
-        batches = iter(make_loader(stream, config.data.num_workers, pin_memory=device.type == "cuda"))
-        counts = parameter_counts(model)
-        self._log(
-            f"{config.finetune.method} fine-tuning, {counts['trainable']:,} of {counts['total']:,} parameters trainable, "
-            f"{dist.world_size} process(es) on {device}, steps {start_step}..{config.train.max_steps}"
+        loader = make_loader(stream, config.data.num_workers, pin_memory=trainer.device.type == "cuda")
+        return plan, iter(loader)
+
+    def _train_step(self, step: int, trainer: Trainer, batches: Any, interval: _Interval) -> tuple[Any, float]:
+        """One optimizer step over `grad_accum_steps` micro-batches; returns the gradient norm
+        and the step's tokens over all ranks."""
+        import torch
+
+        dist, device, accum = self.dist, trainer.device, self.config.optim.grad_accum_steps
+        micro_batches: list[MicroBatch] = [next(batches) for _ in range(accum)]
+        local = [
+            sum(mb.n_target_tokens for mb in micro_batches),
+            sum(mb.n_real_tokens for mb in micro_batches),
+            sum(mb.n_pad_tokens for mb in micro_batches),
+        ]
+        global_targets, global_tokens, global_pad = dist.sum(local, device)
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        for index, mb in enumerate(micro_batches):
+            syncing = dist.world_size == 1 or index == accum - 1
+            with nullcontext() if syncing else trainer.wrapped.no_sync():
+                with trainer.autocast():
+                    logits = trainer.wrapped(**mb.model_inputs(device), use_cache=False).logits
+                loss_sum = token_loss_sum(logits, mb.labels.to(device, non_blocking=True), trainer.head_index)
+                # DDP averages gradients over ranks; scaling by world size turns that into a sum.
+                (loss_sum * dist.world_size / max(global_targets, 1.0)).backward()
+            step_loss += loss_sum.detach().double()
+            trainer.rank_state["slot_states"][mb.slot] = mb.state
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainer.params, self.config.optim.grad_clip)
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.rank_state["tokens"] += local[1]
+        trainer.rank_state["pad_tokens"] += local[2]
+        interval.targets += global_targets
+        interval.tokens += global_tokens
+        interval.pad += global_pad
+        interval.loss += float(step_loss)
+        if self.config.train.record_sample_ids:
+            with open(self.ids_log, "a") as handle:
+                handle.write(
+                    json.dumps({"step": step, "ids": [i for mb in micro_batches for i in mb.sample_ids]}) + "\n"
+                )
+        return grad_norm, global_tokens
+
+    def _log_step(
+        self, step: int, trainer: Trainer, plan: BatchPlan, interval: _Interval, grad_norm: Any, started: float
+    ) -> dict[str, Any]:
+        """A train_log.jsonl line for the steps since the last one (and a progress line)."""
+        max_steps = self.config.train.max_steps
+        (loss_total,) = self.dist.sum([interval.loss], trainer.device)
+        now = time.perf_counter()
+        entry = {
+            "step": step,
+            "loss": loss_total / max(interval.targets, 1.0),
+            "lr": trainer.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "stage": plan.stage_at(step - 1).name,
+            "tokens": interval.tokens,
+            "tokens_per_s": interval.tokens / max(now - interval.started, 1e-9),
+            "padding_share": interval.pad / max(interval.pad + interval.tokens, 1.0),
+            "elapsed_s": now - started,
+        }
+        if self.dist.is_main:
+            with open(self.out_dir / TRAIN_LOG, "a") as handle:
+                handle.write(json.dumps(entry, sort_keys=True) + "\n")
+            if now - self._last_stderr >= self.reporter.progress_interval_s or step == max_steps:
+                self._last_stderr = now
+                self.reporter.log(
+                    f"step {step}/{max_steps} loss {entry['loss']:.4f} lr {entry['lr']:.2e} "
+                    f"{entry['tokens_per_s']:.0f} tokens/s padding {entry['padding_share']:.1%} ({entry['stage']})"
+                )
+        return entry
+
+    def _maybe_checkpoint(self, step: int, trainer: Trainer) -> None:
+        """checkpoint-<step>/ every `save_every` steps and at the last step."""
+        train = self.config.train
+        if not ((train.save_every and step % train.save_every == 0) or step == train.max_steps):
+            return
+        run_state = {
+            "max_steps": train.max_steps,
+            "run_identity": self.identity,
+            "recipe": self.recipe,
+            "world_size": self.dist.world_size,
+            "num_workers": self.config.data.num_workers,
+            "method": self.config.finetune.method,
+            "token_space_sha256": self.token_space.sha256,
+        }
+        checkpoints.save_checkpoint(
+            self.out_dir,
+            step,
+            model=trainer.model,
+            optimizer=trainer.optimizer,
+            scheduler=trainer.scheduler,
+            rank_state=trainer.rank_state,
+            token_space=self.token_space,
+            run_state=run_state,
+            dist=self.dist,
+            keep=train.keep_checkpoints,
         )
 
-        interval = {"loss": 0.0, "targets": 0.0, "tokens": 0.0, "pad": 0.0}
-        interval_started = started = time.perf_counter()
-        session_tokens = 0.0
-        last_stderr = 0.0
-        last_entry: dict[str, Any] = {}
-        for step in range(start_step + 1, config.train.max_steps + 1):
-            micro_batches = [next(batches) for _ in range(accum)]
-            local = [
-                sum(mb.n_target_tokens for mb in micro_batches),
-                sum(mb.n_real_tokens for mb in micro_batches),
-                sum(mb.n_pad_tokens for mb in micro_batches),
-            ]
-            global_targets, global_tokens, global_pad = dist.sum(local, device)
-            step_loss = torch.zeros((), dtype=torch.float64, device=device)
-            for index, mb in enumerate(micro_batches):
-                syncing = dist.world_size == 1 or index == accum - 1
-                with nullcontext() if syncing else ddp_model.no_sync():
-                    with autocast():
-                        logits = ddp_model(**mb.model_inputs(device), use_cache=False).logits
-                    loss_sum = token_loss_sum(logits, mb.labels.to(device, non_blocking=True), head_index)
-                    # DDP averages gradients over ranks; scaling by world size turns that into a sum.
-                    (loss_sum * dist.world_size / max(global_targets, 1.0)).backward()
-                step_loss += loss_sum.detach().double()
-                rank_state["slot_states"][mb.slot] = mb.state
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            rank_state["tokens"] += local[1]
-            rank_state["pad_tokens"] += local[2]
-            session_tokens += global_tokens
-            interval["targets"] += global_targets
-            interval["tokens"] += global_tokens
-            interval["pad"] += global_pad
-            interval["loss"] += float(step_loss)
-            if config.train.record_sample_ids:
-                with open(ids_log, "a") as handle:
-                    handle.write(
-                        json.dumps({"step": step, "ids": [i for mb in micro_batches for i in mb.sample_ids]}) + "\n"
-                    )
+    def _finish(
+        self,
+        trainer: Trainer,
+        start_step: int,
+        continued_from: int | None,
+        session_tokens: float,
+        started: float,
+        last_entry: dict[str, Any],
+        counts: dict[str, int],
+    ) -> dict[str, Any]:
+        """The run's summary, written with the final model into final/."""
+        from lumo_core.lm.model import trainable_digest
 
-            if step % config.train.log_every == 0 or step == config.train.max_steps:
-                (loss_total,) = dist.sum([interval["loss"]], device)
-                now = time.perf_counter()
-                last_entry = {
-                    "step": step,
-                    "loss": loss_total / max(interval["targets"], 1.0),
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "stage": plan.stage_at(step - 1).name,
-                    "tokens": interval["tokens"],
-                    "tokens_per_s": interval["tokens"] / max(now - interval_started, 1e-9),
-                    "padding_share": interval["pad"] / max(interval["pad"] + interval["tokens"], 1.0),
-                    "elapsed_s": now - started,
-                }
-                if dist.is_main:
-                    with open(self.out_dir / TRAIN_LOG, "a") as handle:
-                        handle.write(json.dumps(last_entry, sort_keys=True) + "\n")
-                    if now - last_stderr >= self.reporter.progress_interval_s or step == config.train.max_steps:
-                        last_stderr = now
-                        self.reporter.log(
-                            f"step {step}/{config.train.max_steps} loss {last_entry['loss']:.4f} lr {last_entry['lr']:.2e} "
-                            f"{last_entry['tokens_per_s']:.0f} tokens/s padding {last_entry['padding_share']:.1%} ({last_entry['stage']})"
-                        )
-                interval = {"loss": 0.0, "targets": 0.0, "tokens": 0.0, "pad": 0.0}
-                interval_started = now
-            if (config.train.save_every and step % config.train.save_every == 0) or step == config.train.max_steps:
-                self._save_checkpoint(step, model, optimizer, scheduler, rank_state)
+        config, dist, rank_state = self.config, self.dist, trainer.rank_state
         train_seconds = time.perf_counter() - started
         if not last_entry and (self.out_dir / TRAIN_LOG).is_file():
             # Resumed at the last step (the final model was not written yet): nothing was logged now.
             last_entry = json.loads((self.out_dir / TRAIN_LOG).read_text().splitlines()[-1])
-
-        rank_digests = dist.gather(trainable_digest(model))
+        rank_digests = dist.gather(trainable_digest(trainer.model))
         overlong: Counter[str] = Counter()
         for rank_skips in dist.gather([dict(st.skipped_overlong) for st in rank_state["slot_states"].values()]):
             for skips in rank_skips:
@@ -413,7 +347,7 @@ class TrainingRun:
             self._log(
                 f"samples longer than block_size {config.data.block_size} were passed over (each time met): {dict(sorted(overlong.items()))}"
             )
-        tokens_all, pad_all = dist.sum([rank_state["tokens"], rank_state["pad_tokens"]], device)
+        tokens_all, pad_all = dist.sum([rank_state["tokens"], rank_state["pad_tokens"]], trainer.device)
         summary = {
             "run_identity": self.identity,
             "steps": config.train.max_steps,
@@ -432,7 +366,7 @@ class TrainingRun:
             "trainable_parameters": counts["trainable"],
             "total_parameters": counts["total"],
             "world_size": dist.world_size,
-            "device": str(device),
+            "device": str(trainer.device),
             "vocab_size": self.token_space.vocab_size_total,
             "token_space_sha256": self.token_space.sha256,
             "rank_weights_sha256": rank_digests,
@@ -441,35 +375,9 @@ class TrainingRun:
             "reused": False,
         }
         if dist.is_main:
-            checkpoints.save_final(self.out_dir, model, self.token_space, summary)
+            checkpoints.save_final(self.out_dir, trainer.model, self.token_space, summary)
         dist.barrier()
         return summary
-
-    # ------------------------------------------------------------- checkpoints
-    def _save_checkpoint(
-        self, step: int, model: Any, optimizer: Any, scheduler: Any, rank_state: dict[str, Any]
-    ) -> None:
-        run_state = {
-            "max_steps": self.config.train.max_steps,
-            "run_identity": self.identity,
-            "recipe": self.recipe,
-            "world_size": self.dist.world_size,
-            "num_workers": self.config.data.num_workers,
-            "method": self.config.finetune.method,
-            "token_space_sha256": self.token_space.sha256,
-        }
-        checkpoints.save_checkpoint(
-            self.out_dir,
-            step,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            rank_state=rank_state,
-            token_space=self.token_space,
-            run_state=run_state,
-            dist=self.dist,
-            keep=self.config.train.keep_checkpoints,
-        )
 
 
 def train_inputs(settings: Settings, need_shards: bool = True) -> tuple[TokenSpace, Path]:

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from lumo_core.cli import main as lumo
 from lumo_core.fileio import file_sha256
-from lumo_core.lm.training import changed_settings, run_train
+from lumo_core.lm.run_state import changed_settings
+from lumo_core.lm.training import run_train
 from tests.lm_fixtures import RecordingReporter, lm_outputs
 
 LORA = {"finetune": {"method": "lora", "lora": {"r": 4, "alpha": 8}}}

@@ -18,11 +18,11 @@ from lumo_core.tokenize.manifest import (
     STRUCTURAL_REASONS,
     ManifestRow,
     Reject,
-    audit_manifest,
     check_media,
     iter_manifest,
     manifest_sha256,
 )
+from lumo_core.tokenize.manifest_audit import audit_manifest
 from tests.manifests import write_hostile_manifest
 
 GOOD_ROWS = 8
