@@ -66,7 +66,9 @@ def cmd_check(settings: Settings, reporter: Reporter, args: argparse.Namespace) 
 
 
 def cmd_tokenize(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
-    from lumo_core.tokenize.run import merge_units, start_run, tokenize, tokenize_unit
+    from lumo_core.tokenize.build import start_run
+    from lumo_core.tokenize.merge import merge_units
+    from lumo_core.tokenize.run import tokenize, tokenize_unit
 
     if args.unit is not None:
         # One unit reports no materialization: the merge commits the asset.

@@ -55,8 +55,8 @@ import lumo_core
 from lumo_core.config import Settings
 from lumo_core.errors import LumoError, dagster_hints
 from lumo_core.fileio import sha256_hex
+from lumo_core.tokenize.build import start_run
 from lumo_core.tokenize.pipeline import PIPELINE_VERSION
-from lumo_core.tokenize.run import start_run
 from lumo_pipeline.dagster_compat import DagsterPipesExecutionError  # a `lumo` process that exited non-zero
 from lumo_pipeline.inputs import record_input_versions
 from lumo_pipeline.io_managers import (

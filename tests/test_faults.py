@@ -26,9 +26,11 @@ from lumo_core.errors import LockHeldError, LumoError
 from lumo_core.fileio import exclusive_lock
 from lumo_core.reporting import Reporter
 from lumo_core.sample_data import ensure_sample_manifest
+from lumo_core.tokenize.build import start_run
 from lumo_core.tokenize.decode_workers import FAULTS_ENV, HANG_MAGIC, SIGKILL_MAGIC
 from lumo_core.tokenize.manifest_audit import audit_manifest
-from lumo_core.tokenize.run import merge_units, start_run, tokenize, tokenize_unit
+from lumo_core.tokenize.merge import merge_units
+from lumo_core.tokenize.run import tokenize, tokenize_unit
 from tests.manifests import write_hostile_manifest
 from tests.tokenize.test_tokenization import DUMMY_CONFIG, _spooled_rows, run_lumo, shard_bytes
 from tests.tokenize.test_work_units import settings_for

@@ -28,7 +28,7 @@ from lumo_core.audit.tokenizer_checks import (
 )
 from lumo_core.config import Settings, load_uti_config
 from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, sha256_hex
-from lumo_core.tokenize.shards import read_index
+from lumo_core.tokenize.shard_index import read_index
 from lumo_core.uti.token_space import (
     AUDIO,
     IMAGE,

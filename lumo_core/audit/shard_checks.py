@@ -19,7 +19,8 @@ import numpy as np
 from lumo_core.audit.outcome import MAX_LISTED, CheckOutcome
 from lumo_core.fileio import file_sha256
 from lumo_core.tokenize.manifest import count_lines
-from lumo_core.tokenize.shards import SPLITS, iter_shard_samples, npy_load, read_index
+from lumo_core.tokenize.sample_layout import SPLITS, npy_load
+from lumo_core.tokenize.shard_index import iter_shard_samples, read_index
 from lumo_core.uti.token_space import AUDIO, IMAGE, TokenSpace
 
 

@@ -14,7 +14,8 @@ from lumo_core.audit.outcome import MAX_LISTED, CheckOutcome, pick
 from lumo_core.audit.shard_checks import ShardScan, scan_shards
 from lumo_core.config import UTIConfig
 from lumo_core.errors import MissingUpstreamError, rebuild_hint
-from lumo_core.tokenize.shards import iter_shard_samples, npy_load
+from lumo_core.tokenize.sample_layout import npy_load
+from lumo_core.tokenize.shard_index import iter_shard_samples
 from lumo_core.uti.token_space import AUDIO, IMAGE, TEXT, TokenSpace
 
 

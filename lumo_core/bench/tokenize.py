@@ -65,7 +65,9 @@ def _pipeline(
 ) -> tuple[float, dict[str, Any], dict[str, Any]]:
     """A fresh build, as `lumo tokenize` runs it in one process: (seconds, summary, stages)."""
     from lumo_core.reporting import Reporter
-    from lumo_core.tokenize.run import merge_units, start_run, tokenize_units
+    from lumo_core.tokenize.build import start_run
+    from lumo_core.tokenize.merge import merge_units
+    from lumo_core.tokenize.unit_processes import tokenize_units
 
     settings = Settings(output_dir=output_dir, manifest=manifest, uti_config=config_path, train_config=None)
     tokenizer.token_space.write(settings.layout.token_space)

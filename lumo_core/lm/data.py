@@ -97,7 +97,7 @@ class SplitShards:
 def open_split(shards_dir: Path, split: str, token_space_sha256: str) -> SplitShards:
     """Read index.json and refuse shards made for another token space than `token_space_sha256`
     (the token space the model is trained for)."""
-    from lumo_core.tokenize.shards import read_index
+    from lumo_core.tokenize.shard_index import read_index
 
     shards_dir = Path(shards_dir)
     index = read_index(shards_dir)
@@ -265,7 +265,7 @@ def _parse_line(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], np.nda
 
 
 def _decode(samples: Iterator[dict[str, Any]], token_space_sha256: str, task: str | None) -> Iterator[TokenSample]:
-    from lumo_core.tokenize.shards import npy_load
+    from lumo_core.tokenize.sample_layout import npy_load
 
     for raw in samples:
         where = f"{raw.get('__url__')}: sample {raw.get('__key__')!r}"

@@ -30,7 +30,8 @@ import numpy as np
 from lumo_core.config import Settings
 from lumo_core.errors import LumoError
 from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, sha256_hex
-from lumo_core.tokenize.shards import SPLITS, iter_shard_samples, json_text, npy_load, read_index
+from lumo_core.tokenize.sample_layout import SPLITS, json_text, npy_load
+from lumo_core.tokenize.shard_index import iter_shard_samples, read_index
 from lumo_core.uti.sequences import token_sha256
 
 FORMAT = "lumo-tokenized-jsonl"

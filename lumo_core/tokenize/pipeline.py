@@ -28,19 +28,14 @@ from lumo_core.errors import (
 )
 from lumo_core.fileio import canonical_json_bytes, sha256_hex
 from lumo_core.tokenize.decode_workers import GuardedPool, inject_testing_fault
-from lumo_core.tokenize.shards import (
-    SpooledSample,
-    empty_codes,
-    json_text,
-    npy_bytes,
-    sample_media,
-)
+from lumo_core.tokenize.sample_layout import empty_codes, json_text, npy_bytes, sample_media
+from lumo_core.tokenize.spool import SpooledSample
 from lumo_core.tokenize.token_cache import CacheEntry, TokenCache
 from lumo_core.uti.sequences import SequenceBuilder, sample_key, split_of, token_sha256
 from lumo_core.uti.token_space import TokenSpace
 
 # Bump when the bytes written for the same inputs change: it invalidates spools and shards.
-# 2: one member set and one JSON schema for every sample (lumo_core.tokenize.shards.SAMPLE_MEMBERS).
+# 2: one member set and one JSON schema for every sample (lumo_core.tokenize.sample_layout.SAMPLE_MEMBERS).
 # 3: on CPU every model call runs on one torch thread (lumo_core.tokenize.model_calls); batch sizes
 #    `auto` by device.
 PIPELINE_VERSION = "3"

@@ -6,12 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from lumo_core.tokenize.shards import (
-    SPLITS,
-    Spool,
-    npy_load,
-)
-from lumo_core.tokenize.units import MergedSpool
+from lumo_core.tokenize.sample_layout import SPLITS, npy_load
+from lumo_core.tokenize.spool import MergedSpool, Spool
 from lumo_core.uti.token_space import TokenSpace
 
 

@@ -1,6 +1,7 @@
 """Work units: the manifest split by a hash of each row's id into a fixed number of units, each
 tokenized on its own (a Dagster step, `lumo tokenize --unit K`, a worker process) into its own
-spool; then one merge reads every unit's spool in key order as if it were one.
+spool; then one merge reads every unit's spool in key order as if it were one
+(lumo_core.tokenize.spool.MergedSpool).
 
 A row's unit depends on its id alone, never on the manifest order or the other rows. Shards are
 cut from the merged key order, so they are the same bytes whatever the number of units, the order
@@ -10,11 +11,7 @@ the units ran in, or the machines they ran on.
 from __future__ import annotations
 
 import hashlib
-import heapq
-from collections.abc import Iterator
 from pathlib import Path
-
-from lumo_core.tokenize.shards import Spool
 
 UNIT_SALT = "lumo-unit-v1"
 
@@ -33,26 +30,3 @@ def unit_of_line(row_id: str | None, line: int, n_units: int) -> int:
 
 def unit_spool_path(work_dir: Path, unit: int) -> Path:
     return work_dir / f"unit-{unit:05d}.sqlite"
-
-
-class MergedSpool:
-    """Every unit's spool read as one: the read side of Spool, in key (or line) order."""
-
-    def __init__(self, spools: list[Spool]) -> None:
-        self.spools = spools
-
-    def iter_sizes(self, split: str) -> Iterator[tuple[str, int]]:
-        return heapq.merge(*(spool.iter_sizes(split) for spool in self.spools))
-
-    def iter_split(self, split: str) -> Iterator[tuple[str, int, dict[str, bytes]]]:
-        return heapq.merge(*(spool.iter_split(split) for spool in self.spools), key=lambda item: item[0])
-
-    def iter_rejects(self) -> Iterator[tuple[int, str | None, str]]:
-        return heapq.merge(*(spool.iter_rejects() for spool in self.spools))
-
-    def count(self, split: str | None = None) -> int:
-        return sum(spool.count(split) for spool in self.spools)
-
-    def lengths(self) -> Iterator[tuple[str, str, int]]:
-        for _, split, task, n_tokens in heapq.merge(*(spool.keyed_lengths() for spool in self.spools)):
-            yield split, task, n_tokens

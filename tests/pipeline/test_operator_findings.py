@@ -24,8 +24,8 @@ import pytest
 from lumo_core.audit.shard_checks import check_ids_in_range, scan_shards
 from lumo_core.config import load_uti_config
 from lumo_core.errors import LumoError, dagster_hints
+from lumo_core.tokenize.build import start_run
 from lumo_core.tokenize.manifest import Reject, iter_manifest
-from lumo_core.tokenize.run import start_run
 from lumo_core.uti.token_space import TokenSpace
 from tests.lm_fixtures import lm_outputs
 

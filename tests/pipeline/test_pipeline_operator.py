@@ -11,7 +11,8 @@ import pytest
 from dagster import AssetKey, AssetMaterialization, DagsterInstance, materialize
 
 from lumo_core.reporting import Reporter
-from lumo_core.tokenize.run import start_run, tokenize
+from lumo_core.tokenize.build import start_run
+from lumo_core.tokenize.run import tokenize
 from lumo_pipeline.assets import LUMO_ASSETS
 from lumo_pipeline.checks import LUMO_CHECKS
 from lumo_pipeline.definitions import build_definitions, pipeline_resources

@@ -23,7 +23,7 @@ from dagster import (
 from pydantic import Field
 
 from lumo_core.config import Settings, embedded_path
-from lumo_core.tokenize.run import start_run
+from lumo_core.tokenize.build import start_run
 from lumo_core.uti.token_space import TokenSpace
 from lumo_pipeline.assets import LUMO_ASSETS
 from lumo_pipeline.dagster_compat import DagsterPipesExecutionError

@@ -24,7 +24,8 @@ import soundfile
 import yaml
 from PIL import Image
 
-from lumo_core.tokenize.shards import CARD_NAME, MEDIA_FIELDS, SAMPLE_MEMBERS, SPLITS
+from lumo_core.tokenize.dataset_card import CARD_NAME
+from lumo_core.tokenize.sample_layout import MEDIA_FIELDS, SAMPLE_MEMBERS, SPLITS
 from lumo_core.uti.token_space import TokenSpace
 from tests.manifests import write_hostile_manifest
 from tests.tokenize.test_tokenization import DUMMY_CONFIG, HOSTILE_CONFIG, tokenize_in_process
@@ -351,10 +352,10 @@ def test_audio_first_shards_hold_only_audio(builds):
 
 
 def test_dataset_card_is_written_before_the_index_and_listed(tmp_path, monkeypatch):
-    from lumo_core.tokenize import run as tokenize_run
+    from lumo_core.tokenize import merge as tokenize_merge
 
     seen = []
-    original = tokenize_run.write_index
+    original = tokenize_merge.write_index
 
     def write_index(out_dir: Path, index: dict[str, Any]) -> str:
         card = out_dir / CARD_NAME
@@ -362,7 +363,7 @@ def test_dataset_card_is_written_before_the_index_and_listed(tmp_path, monkeypat
         assert index["card"] == {"name": CARD_NAME, "sha256": hashlib.sha256(card.read_bytes()).hexdigest()}
         return original(out_dir, index)
 
-    monkeypatch.setattr(tokenize_run, "write_index", write_index)
+    monkeypatch.setattr(tokenize_merge, "write_index", write_index)
     built = _build(_Factory(tmp_path), "card", _hostile_manifest)
     assert seen == [True]
     card = (built.root / CARD_NAME).read_text(encoding="utf-8")
@@ -413,7 +414,7 @@ def test_a_split_without_samples_is_left_out_of_the_card(tmp_path):
 
 
 def test_media_facts_have_one_schema():
-    from lumo_core.tokenize.shards import sample_media
+    from lumo_core.tokenize.sample_layout import sample_media
 
     audio = {
         "source_sample_rate": 48000,

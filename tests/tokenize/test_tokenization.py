@@ -294,7 +294,8 @@ def test_completed_shards_are_reused(tmp_path, sample_manifest, dummy_config):
     """A shard already complete under its final name (from a run that crashed later) is kept."""
     import webdataset
 
-    from lumo_core.tokenize.shards import Spool, SpooledSample, write_split_shards
+    from lumo_core.tokenize.shard_writer import write_split_shards
+    from lumo_core.tokenize.spool import Spool, SpooledSample
 
     tokenize_in_process(tmp_path / "ref", sample_manifest, dummy_config)
     ref = tmp_path / "ref" / "tokenized_shards"

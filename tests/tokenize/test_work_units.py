@@ -26,7 +26,9 @@ from lumo_core.config import Settings, load_uti_config
 from lumo_core.errors import LumoError
 from lumo_core.reporting import Reporter
 from lumo_core.sample_data import ensure_sample_manifest
-from lumo_core.tokenize.run import merge_units, start_run, tokenize, tokenize_unit
+from lumo_core.tokenize.build import start_run
+from lumo_core.tokenize.merge import merge_units
+from lumo_core.tokenize.run import tokenize, tokenize_unit
 from lumo_core.tokenize.units import unit_of, unit_of_line
 from lumo_core.uti.unified import UnifiedTokenizer
 from tests.tokenize.test_tokenization import DUMMY_CONFIG, _spooled_rows, run_lumo, shard_bytes
