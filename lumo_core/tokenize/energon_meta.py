@@ -2,10 +2,10 @@
 package (an optional dependency: `pip install megatron-energon==7.4.1`).
 
 Energon reads a WebDataset folder through `.nv-meta/` and one `<shard>.tar.idx` beside each
-shard. This module writes what `energon prepare DIR --non-interactive --sample-type
-CrudeWebdataset --split-parts 'train:train/.*' --split-parts 'val:eval/.*'` writes, through
-Energon's own indexer, for exactly the shards `index.json` lists (never a stray tar), byte for byte what that command
-writes but for `index.uuid` and Lumo's stamp:
+shard. This module writes them through Energon's own indexer, for exactly the shards `index.json`
+lists (never a stray tar), byte for byte what `energon prepare DIR --non-interactive --sample-type
+CrudeWebdataset --split-parts 'train:train/.*' --split-parts 'val:eval/.*'` writes, but for
+`index.uuid` and Lumo's stamp:
 
     .nv-meta/dataset.yaml        CrudeWebdataset: samples reach the user's cooker as a dict, one
                                  entry per member (npy members decoded to int32 numpy arrays,
@@ -107,7 +107,8 @@ def energon_meta_stale_reason(shards_dir: Path) -> str | None:
 
 
 def remove_energon_meta(shards_dir: Path) -> bool:
-    """Remove `.nv-meta/` and the listed shards' `.tar.idx` files; True when there was any."""
+    """Remove `.nv-meta/` and every `.tar.idx` (or Energon's unfinished `.tar.idx.tmp`) in the
+    split folders; True when there was any."""
     shards_dir = Path(shards_dir)
     found = _meta_dir(shards_dir).exists()
     shutil.rmtree(_meta_dir(shards_dir), ignore_errors=True)
@@ -139,6 +140,7 @@ def write_energon_meta(shards_dir: Path, workers: int = 1, reporter: Reporter | 
     indexer = _energon_indexer()
     from megatron.energon import __version__ as energon_version
 
+    read_index(shards_dir)  # a clear refusal before the lock below creates anything
     # The shards folder's writer lock (TokenizeRun.lock_path), re-entrant inside `lumo tokenize`.
     with exclusive_lock(shards_dir / ".lock", "writing the Energon metadata (.nv-meta)"):
         index = read_index(shards_dir)
@@ -201,7 +203,7 @@ def refresh_energon_meta(shards_dir: Path, reporter: Reporter) -> None:
     shards_dir = Path(shards_dir)
     if not _meta_dir(shards_dir).exists() or energon_meta_stale_reason(shards_dir) is None:
         return
-    if not read_index(shards_dir)["n_samples"]:
+    if not _shard_names(read_index(shards_dir)):
         remove_energon_meta(shards_dir)
         reporter.log(f"no samples: the Energon metadata ({META_DIR}) was removed")
         return

@@ -31,6 +31,9 @@ from lumo_core.tokenize.energon_meta import (
     refresh_energon_meta,
     write_energon_meta,
 )
+from lumo_core.tokenize.energon_meta import (
+    main as energon_meta_main,
+)
 from lumo_core.tokenize.shards import SAMPLE_MEMBERS, SPLITS
 from tests.tokenize.test_shard_readers import Built, assert_same_value, check_sample, hf_offline  # noqa: F401
 
@@ -158,7 +161,7 @@ def test_the_metadata_leaves_the_other_readers_whole(prepared, reader, tmp_path)
 
 
 # ------------------------------------------------------------------------------ the metadata
-def test_the_metadata_is_what_energon_prepare_writes_and_reproducible(prepared, tokenized_sample, tmp_path):
+def test_the_metadata_is_what_energon_prepare_writes_and_reproducible(prepared, tokenized_sample, tmp_path, capsys):
     from megatron.energon.cli.main import main as energon
 
     ours = meta_files(prepared.root)
@@ -192,9 +195,12 @@ def test_the_metadata_is_what_energon_prepare_writes_and_reproducible(prepared, 
     different = {name for name in set(ours) | set(theirs) if ours.get(name) != theirs.get(name)}
     assert different == {f"{META_DIR}/index.uuid", f"{META_DIR}/lumo.json"}
 
-    # Written again on the same build: the same bytes, uuid included.
+    # Written again on the same build, by the documented command: the same bytes, uuid included,
+    # and stdout holds only the command's JSON summary (Energon's own prints go to stderr).
     again = copy_build(prepared.root.parent, tmp_path / "again", sample_manifest(tokenized_sample))
-    write_energon_meta(again.root)
+    capsys.readouterr()
+    assert energon_meta_main([str(again.root)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"path": str(again.root), **stamp}
     assert meta_files(again.root) == ours
 
 
@@ -205,6 +211,7 @@ def test_the_mapping_covers_every_member():
 def test_refusals_name_what_is_wrong(tokenized_sample, tmp_path, monkeypatch):
     with pytest.raises(MissingUpstreamError, match="index.json not found"):
         write_energon_meta(tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
     built = copy_build(tokenized_sample, tmp_path, sample_manifest(tokenized_sample))
     shard = built.root / built.index["splits"]["eval"]["shards"][0]["name"]
     shard.unlink()
