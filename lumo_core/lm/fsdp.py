@@ -71,7 +71,19 @@ def full_model_state(model: Any) -> dict[str, Any] | None:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(**_FULL))
+    state = get_model_state_dict(model, options=StateDictOptions(**_FULL))
+    # A tied weight (the LM head sharing the embedding) is stored once, as save_pretrained
+    # stores it for an unsharded model.
+    for name in tied_aliases(model):
+        state.pop(name, None)
+    return state
+
+
+def tied_aliases(model: Any) -> set[str]:
+    """Parameter names that are a second name of a tensor listed under another name."""
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
+        name for name, _ in model.named_parameters()
+    }
 
 
 def full_optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lumo_core.errors import LumoError
 from lumo_core.lm import checkpoints
 from lumo_core.lm.checkpoints import BASE
 
@@ -164,8 +165,13 @@ def build_trainer(
 def unsharded_copy(config: TrainConfig, token_space: TokenSpace, out_dir: Path, state: dict[str, Any]) -> Any:
     """A plain CPU model holding a sharded LoRA model's full weights (`state`), so that its
     adapters can be merged for final/ (rank 0 only: the base comes from base/)."""
+    from lumo_core.lm.fsdp import tied_aliases
     from lumo_core.lm.model import apply_lora, load_lm
 
     model = apply_lora(load_lm(out_dir / BASE), config, token_space)
-    model.load_state_dict(state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - tied_aliases(model):
+        raise LumoError(
+            f"the gathered weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model
