@@ -30,7 +30,8 @@ def sha256_hex(data: bytes) -> str:
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
     """Write to a temporary name beside `path`, fsync, then rename: readers see the old file or
-    the whole new one, never a part. Out of space: DiskFullError, and no temporary file left."""
+    the whole new one, never a part. The folder is fsynced after the rename, so that the new name
+    survives a power loss too. Out of space: DiskFullError, and no temporary file left."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -43,6 +44,11 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
         raise_if_out_of_space(exc, path, len(payload))
         raise
     os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)

@@ -1,18 +1,24 @@
 """The checkpoint layout of a training run, and the state it resumes from.
 
 Under lm_checkpoint/:
-    checkpoint-<step>/   the model (save_pretrained, safetensors; LoRA: the adapter), optimizer.pt,
-                         scheduler.pt, trainer_state.json, token_space.json, and per rank
-                         rank-<r>.pt (data stream position, RNG states)
-    latest               name of the newest complete checkpoint (written after it is complete)
+    checkpoint-<step>/   the model (save_pretrained, safetensors; LoRA: the adapter),
+                         optimizer.{json,safetensors} (the full optimizer state, by parameter
+                         name, whatever the number of ranks or the sharding), scheduler.{json,
+                         safetensors}, trainer_state.json, token_space.json, and per rank
+                         rank-<r>.{json,safetensors} (data stream position, RNG states)
+    latest               name of the newest complete checkpoint (written after it is complete
+                         and fsynced; it must name a checkpoint-<step> folder of this run)
     base/                LoRA only: the base model the adapters belong to
     final/               the trained model as a plain transformers model (LoRA merged in), with
                          token_space.json and training_summary.json
     final-step<N>/       an earlier final/, kept when its run was continued past step N
     train_log.jsonl      one line per logged step
     sample_ids/          per rank, the sample ids of every step (train.record_sample_ids)
-Every folder is written under a temporary name and renamed when complete; `latest` is replaced
-atomically after the checkpoint it names. Nothing here deletes a user's checkpoint: pruning to
+Nothing in a checkpoint is unpickled: state is JSON plus safetensors (lumo_core.lm.state_files),
+every file is checked before a resume reads it, and a file of any other kind is refused by name.
+Every folder is written under a temporary name, fsynced and renamed when complete; `latest` is
+replaced atomically after the checkpoint it names, and older checkpoints are pruned only after
+that (lumo_core.lm.durable: rename aside, then delete). Nothing here deletes a user's checkpoint: pruning to
 `keep` spares the last checkpoint of every finished run (its step equals the max_steps it was
 trained to), leftovers are cleared only where no checkpoint exists, and a run set aside for a new
 one is moved whole to a sibling folder of its own name. The training loop is lumo_core.lm.training;
@@ -21,14 +27,17 @@ torch is imported only when a checkpoint is written or read.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lumo_core.errors import LumoError
 from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes
+from lumo_core.lm.durable import crash_point, fsync_path, fsync_tree, remove_dir, replace_dir
+from lumo_core.lm.state_files import check_safetensors, load_state, read_json, save_state
 
 if TYPE_CHECKING:
     from lumo_core.lm.distributed import Distributed
@@ -42,7 +51,11 @@ TRAIN_LOG = "train_log.jsonl"
 TRAINER_STATE = "trainer_state.json"
 SUMMARY = "training_summary.json"
 SAMPLE_IDS = "sample_ids"
-STATE_FORMAT_VERSION = 1
+# 2: state as JSON + safetensors (1 pickled the rank state, and is refused).
+STATE_FORMAT_VERSION = 2
+CHECKPOINT_NAME = re.compile(r"checkpoint-[0-9]+")
+# Files a checkpoint may hold besides JSON and safetensors: peft's model card, never read.
+UNREAD_FILES = {"README.md"}
 
 
 # ------------------------------------------------------------------------------ layout
@@ -54,16 +67,32 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint `latest` names, or None when there is none or it is incomplete. `latest`
+    must hold the name of a checkpoint-<step> folder inside `out_dir`; anything else is refused."""
     pointer = out_dir / LATEST
     if not pointer.is_file():
         return None
-    path = out_dir / pointer.read_text().strip()
+    raw = pointer.read_bytes()
+    name = raw.decode("ascii", errors="replace").strip()
+    if not CHECKPOINT_NAME.fullmatch(name):
+        raise LumoError(
+            f"refused {pointer}: it must name a checkpoint-<step> folder of this run, it holds {raw[:60]!r}"
+        )
+    path = out_dir / name
+    if path.is_symlink():
+        raise LumoError(f"refused {pointer}: {path} is a symlink, not a checkpoint folder of this run")
     return path if (path / TRAINER_STATE).is_file() else None
 
 
-def rank_file(checkpoint: Path, rank: int) -> Path:
-    """A rank's own part of a checkpoint: its data stream position and RNG states."""
-    return checkpoint / f"rank-{rank:05d}.pt"
+def lock_path(out_dir: Path) -> Path:
+    """The lock of one writer of a run folder, beside it (a run set aside moves without it)."""
+    return out_dir.with_name(f".{out_dir.name}.lock")
+
+
+def rank_stem(checkpoint: Path, rank: int) -> Path:
+    """A rank's own part of a checkpoint (<stem>.json and <stem>.safetensors): its data stream
+    position, token counts and RNG states."""
+    return checkpoint / f"rank-{rank:05d}"
 
 
 def sample_ids_log(out_dir: Path, rank: int) -> Path:
@@ -73,8 +102,17 @@ def sample_ids_log(out_dir: Path, rank: int) -> Path:
 def truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop the lines a resumed run will write again."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        kept = [line for line in path.read_text().splitlines() if line and _step_of(line, path) <= last_step]
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
+
+def _step_of(line: str, path: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        raise LumoError(f"{path}: a line is not a step record Lumo wrote: {line[:80]!r}") from None
 
 
 def holds_models(out_dir: Path) -> bool:
@@ -106,10 +144,52 @@ def kept_run_name(out_dir: Path, state: dict[str, Any] | None) -> Path:
 
 
 def set_run_aside(out_dir: Path, target: Path) -> None:
-    """Move the whole run folder to `target` (one rename: every byte kept) and leave an empty
+    """Move the whole run folder to `target` (one rename: every byte kept), record it in the
+    list of runs set aside beside `out_dir` (so a later prune knows it), and leave an empty
     `out_dir`."""
     os.replace(out_dir, target)
+    fsync_path(out_dir.parent)
+    register = runs_aside_file(out_dir)
+    entries = read_json(register) if register.is_file() else []
+    entries.append({"name": target.name, "set_aside_ns": time.time_ns()})
+    atomic_write_bytes(register, canonical_json_bytes(entries))
     out_dir.mkdir(parents=True)
+
+
+def runs_aside_file(out_dir: Path) -> Path:
+    return out_dir.with_name(f".{out_dir.name}.runs_aside.json")
+
+
+def prune_runs_aside(out_dir: Path, keep: int | None) -> list[Path]:
+    """Delete the oldest runs set aside from `out_dir` beyond the newest `keep` (None: keep all).
+    Only folders that `set_run_aside` recorded are ever deleted. Returns what was deleted."""
+    register = runs_aside_file(out_dir)
+    if keep is None or not register.is_file():
+        return []
+    entries = [e for e in read_json(register) if (out_dir.parent / e["name"]).is_dir()]
+    entries.sort(key=lambda e: e["set_aside_ns"])
+    doomed = entries[: max(len(entries) - keep, 0)]
+    for entry in doomed:
+        remove_dir(out_dir.parent / entry["name"])
+    atomic_write_bytes(register, canonical_json_bytes(entries[len(doomed) :]))
+    return [out_dir.parent / e["name"] for e in doomed]
+
+
+def earlier_finals(out_dir: Path) -> list[Path]:
+    """The final-step<N>/ folders, oldest (smallest N) first."""
+    found = [p for p in out_dir.glob(f"{FINAL}-step*") if p.is_dir() and p.name[len(FINAL) + 5 :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(FINAL) + 5 :]))
+
+
+def prune_earlier_finals(out_dir: Path, keep: int | None) -> list[Path]:
+    """Delete the oldest final-step<N>/ folders beyond the newest `keep` (None: keep all)."""
+    if keep is None:
+        return []
+    finals = earlier_finals(out_dir)
+    doomed = finals[: max(len(finals) - keep, 0)]
+    for folder in doomed:
+        remove_dir(folder)
+    return doomed
 
 
 def keep_final(out_dir: Path, step: int) -> Path | None:
@@ -118,8 +198,7 @@ def keep_final(out_dir: Path, step: int) -> Path | None:
     if not final.is_dir():
         return None
     target = out_dir / f"{FINAL}-step{step}"
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(final, target)
+    replace_dir(final, target)
     return target
 
 
@@ -128,7 +207,7 @@ def is_run_end(checkpoint: Path) -> bool:
     path = checkpoint / TRAINER_STATE
     if not path.is_file():
         return False
-    state = json.loads(path.read_text())
+    state = read_json(path)
     return state.get("max_steps") is not None and state["step"] == state["max_steps"]
 
 
@@ -136,14 +215,14 @@ def is_run_end(checkpoint: Path) -> bool:
 def latest_state(out_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
     """The newest complete checkpoint and its trainer_state.json, or (None, None)."""
     checkpoint = latest_checkpoint(out_dir)
-    state = json.loads((checkpoint / TRAINER_STATE).read_text()) if checkpoint else None
+    state = read_json(checkpoint / TRAINER_STATE) if checkpoint else None
     return checkpoint, state
 
 
 def final_summary(out_dir: Path) -> dict[str, Any] | None:
     """final/training_summary.json, or None when no final model was written."""
     path = out_dir / FINAL / SUMMARY
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def rng_state() -> dict[str, Any]:
@@ -173,15 +252,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_training_state(checkpoint: Path, rank: int, optimizer: Any, scheduler: Any, device: Any) -> dict[str, Any]:
-    """Load the optimizer and scheduler states, restore this rank's RNG states and return its
-    rank state (data stream position, token counts)."""
-    import torch
+def verify_checkpoint(folder: Path) -> None:
+    """Refuse a checkpoint (or base/) folder unless every file in it is JSON or safetensors that
+    parses, naming the first file that is not. Nothing is unpickled, so a planted file is refused
+    before any loader of transformers, peft or torch opens it."""
+    for path in sorted(folder.iterdir()):
+        if path.name in UNREAD_FILES and path.is_file():
+            continue
+        if path.is_symlink() or not path.is_file():
+            raise LumoError(f"refused {path}: a checkpoint holds only plain JSON and safetensors files")
+        if path.suffix == ".json":
+            read_json(path)
+        elif path.suffix == ".safetensors":
+            check_safetensors(path)
+        else:
+            raise LumoError(
+                f"refused {path}: a checkpoint holds only JSON and safetensors files"
+                + (
+                    " (an earlier Lumo pickled the rank state: start a new run from its weights with "
+                    f"`lumo train --init-from {folder}`)"
+                    if path.suffix == ".pt"
+                    else ""
+                )
+            )
+    state = read_json(folder / TRAINER_STATE) if (folder / TRAINER_STATE).is_file() else None
+    if state is not None and state.get("format_version") != STATE_FORMAT_VERSION:
+        raise LumoError(
+            f"refused {folder / TRAINER_STATE}: state format {state.get('format_version')}, this Lumo reads "
+            f"{STATE_FORMAT_VERSION}: start a new run from its weights with `lumo train --init-from {folder}`"
+        )
 
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-    # Our own file: stream states hold numpy arrays, so it is not weights-only.
-    rank_state = torch.load(rank_file(checkpoint, rank), weights_only=False)
+
+def load_training_state(checkpoint: Path, rank: int, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Load the optimizer (the full state, sharded as `model` is) and scheduler states, restore
+    this rank's RNG states and return its rank state (data stream position, token counts). The
+    folder must have passed `verify_checkpoint`."""
+    from lumo_core.lm.fsdp import load_optimizer_state
+
+    load_optimizer_state(model, optimizer, load_state(checkpoint / "optimizer"))
+    scheduler.load_state_dict(load_state(checkpoint / "scheduler"))
+    rank_state = load_state(rank_stem(checkpoint, rank))
     set_rng_state(rank_state["rng"])
     return rank_state
 
@@ -230,14 +340,16 @@ def load_weights(path: Path, token_space: TokenSpace, attn_implementation: str =
     path = Path(path)
     weights_files(path)
     if (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation=attn_implementation, use_safetensors=True
+        )
     else:
         from peft import PeftModel
 
         base = AutoModelForCausalLM.from_pretrained(
-            path.parent / BASE, dtype=torch.float32, attn_implementation=attn_implementation
+            path.parent / BASE, dtype=torch.float32, attn_implementation=attn_implementation, use_safetensors=True
         )
-        model = PeftModel.from_pretrained(base, path).merge_and_unload()
+        model = PeftModel.from_pretrained(base, path, use_safetensors=True).merge_and_unload()
     recorded = getattr(model.config, TOKEN_SPACE_ATTR, None)
     if recorded != token_space.sha256:
         raise TokenSpaceError(
@@ -255,18 +367,19 @@ def load_adapters(model: Any, checkpoint: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ saving
-def save_pretrained(model: Any, directory: Path) -> None:
-    model.save_pretrained(directory, safe_serialization=True)
+def save_pretrained(model: Any, directory: Path, state_dict: dict[str, Any] | None = None) -> None:
+    """`model` as a Hugging Face folder (safetensors); `state_dict`: the full weights gathered
+    from a sharded model, saved with its config."""
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
 
 
 def save_base(out_dir: Path, model: Any) -> None:
     """Write base/ (LoRA: the model the adapters belong to). Rank 0 only."""
-    base_dir = out_dir / BASE
     tmp = out_dir / f".{BASE}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp)
-    shutil.rmtree(base_dir, ignore_errors=True)
-    os.replace(tmp, base_dir)
+    fsync_tree(tmp)
+    replace_dir(tmp, out_dir / BASE)
 
 
 def save_checkpoint(
@@ -274,8 +387,9 @@ def save_checkpoint(
     step: int,
     *,
     model: Any,
-    optimizer: Any,
-    scheduler: Any,
+    model_state: dict[str, Any] | None,
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
     rank_state: dict[str, Any],
     token_space: TokenSpace,
     run_state: dict[str, Any],
@@ -285,10 +399,11 @@ def save_checkpoint(
     """Write checkpoint-<step>/ and point `latest` at it, keeping the newest `keep` checkpoints
     and the last checkpoint of every finished run.
 
-    Every rank calls this: rank 0 writes the shared files, each rank its own rank-<r>.pt.
-    `run_state` is what trainer_state.json records besides the format version and the step."""
-    import torch
-
+    Every rank calls this: rank 0 writes the shared files (`model_state` and `optimizer_state`
+    are the full states, gathered on rank 0 when the model is sharded; None: `model`'s own),
+    each rank its own rank-<r> files. `run_state` is what trainer_state.json records besides the
+    format version and the step. The folder is fsynced before `latest` moves, and `latest`
+    before anything older is pruned."""
     name = f"{CHECKPOINT_PREFIX}{step}"
     tmp = out_dir / f".{name}.tmp"
     if dist.is_main:
@@ -296,34 +411,47 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     dist.barrier()
     if dist.is_main:
-        save_pretrained(model, tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_pretrained(model, tmp, model_state)
+        save_state(tmp / "optimizer", optimizer_state)
+        save_state(tmp / "scheduler", scheduler_state)
         (tmp / "token_space.json").write_bytes(token_space.to_json_bytes())
         trainer_state = {"format_version": STATE_FORMAT_VERSION, "step": step, **run_state}
         (tmp / TRAINER_STATE).write_bytes(canonical_json_bytes(trainer_state))
-    torch.save({**rank_state, "rng": rng_state()}, rank_file(tmp, dist.rank))
+    for path in save_state(rank_stem(tmp, dist.rank), {**rank_state, "rng": rng_state()}):
+        fsync_path(path)
+    crash_point("checkpoint-written")
     dist.barrier()
     if dist.is_main:
-        target = out_dir / name
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        fsync_tree(tmp)
+        crash_point("checkpoint-synced")
+        replace_dir(tmp, out_dir / name)
+        crash_point("checkpoint-renamed")
         atomic_write_bytes(out_dir / LATEST, (name + "\n").encode())
+        crash_point("latest-moved")
         for old in checkpoint_dirs(out_dir)[:-keep]:
             if not is_run_end(old):
-                shutil.rmtree(old)
+                remove_dir(old)
+                crash_point("pruned-one")
     dist.barrier()
 
 
-def save_final(out_dir: Path, model: Any, token_space: TokenSpace, summary: dict[str, Any]) -> None:
-    """Write final/: the model as a plain transformers model (LoRA merged in). Rank 0 only."""
+def save_final(
+    out_dir: Path,
+    model: Any,
+    token_space: TokenSpace,
+    summary: dict[str, Any],
+    state_dict: dict[str, Any] | None = None,
+) -> None:
+    """Write final/: the model as a plain transformers model (LoRA merged in; `state_dict`: the
+    full weights of a sharded model). Rank 0 only. The old final/ is renamed aside, never
+    deleted before the new one has its name."""
     from lumo_core.lm.model import full_model
 
     tmp = out_dir / f".{FINAL}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(full_model(model), tmp)
+    save_pretrained(full_model(model) if state_dict is None else model, tmp, state_dict)
     (tmp / "token_space.json").write_bytes(token_space.to_json_bytes())
     (tmp / SUMMARY).write_bytes(canonical_json_bytes(summary))
-    target = out_dir / FINAL
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    fsync_tree(tmp)
+    crash_point("final-synced")
+    replace_dir(tmp, out_dir / FINAL)

@@ -7,7 +7,10 @@ evaluation and the training benchmark (the device). torch is imported only when 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lumo_core.errors import LumoError
@@ -65,6 +68,25 @@ class Distributed:
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, value)
         return gathered
+
+    @contextmanager
+    def exclusive(self, lock_path: Path, purpose: str) -> Iterator[None]:
+        """Rank 0 holds the named lock of an output (lumo_core.fileio.exclusive_lock) while the
+        ranks write it; when another writer holds it, every rank raises its LockHeldError."""
+        from lumo_core.errors import LockHeldError
+        from lumo_core.fileio import exclusive_lock
+
+        with ExitStack() as stack:
+            refusal = None
+            if self.is_main:
+                try:
+                    stack.enter_context(exclusive_lock(lock_path, purpose))
+                except LockHeldError as exc:
+                    refusal = str(exc)
+            refusal = self.gather(refusal)[0]
+            if refusal is not None:
+                raise LockHeldError(refusal)
+            yield
 
     def stop(self) -> None:
         if self.owns_group:

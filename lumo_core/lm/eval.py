@@ -33,7 +33,7 @@ from lumo_core.errors import (
     TokenSpaceError,
     rebuild_hint,
 )
-from lumo_core.fileio import canonical_json_bytes, sha256_hex
+from lumo_core.fileio import canonical_json_bytes, exclusive_lock, sha256_hex
 from lumo_core.lm.train_config import SamplingConfig, load_train_config
 from lumo_core.reporting import Reporter, markdown
 from lumo_core.uti.token_space import (
@@ -209,7 +209,14 @@ def _per_task_table(metrics: dict[str, Any]) -> str:
 
 
 def run_eval(settings: Settings, reporter: Reporter, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate lm_checkpoint/final on the eval split; writes lm_eval/ (see module doc)."""
+    """Evaluate lm_checkpoint/final on the eval split; writes lm_eval/ (see module doc). One
+    writer at a time: a second `lumo eval` on the same outputs is refused (LockHeldError)."""
+    out_dir = settings.layout.lm_eval
+    with exclusive_lock(out_dir.with_name(f".{out_dir.name}.lock"), "`lumo eval`"):
+        return _evaluate(settings, reporter, overrides)
+
+
+def _evaluate(settings: Settings, reporter: Reporter, overrides: dict[str, Any] | None) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     from lumo_core.lm.checkpoints import FINAL, TRAIN_LOG

@@ -80,7 +80,7 @@ def _loaded_model(config: TrainConfig, token_space: TokenSpace) -> Any:
     if not (path / "config.json").is_file():
         raise LumoError(f"model.path {path}: not a Hugging Face model folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation=config.model.attn_implementation
+        path, dtype=torch.float32, attn_implementation=config.model.attn_implementation, use_safetensors=True
     )
     recorded = getattr(model.config, TOKEN_SPACE_ATTR, None)
     rows = model.get_input_embeddings().weight.shape[0]
@@ -210,7 +210,7 @@ def load_lm(path: str | Path, device: Any = "cpu") -> Any:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise LumoError(f"{path}: not a saved model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
     return model.to(device).eval()
 
 

@@ -22,7 +22,7 @@ from lumo_core.lm.data import data_source_sha256
 
 if TYPE_CHECKING:
     from lumo_core.lm.distributed import Distributed
-    from lumo_core.lm.train_config import TrainConfig
+    from lumo_core.lm.train_config import LoopConfig, TrainConfig
     from lumo_core.reporting import Reporter
     from lumo_core.uti.token_space import TokenSpace
 
@@ -80,7 +80,7 @@ def resume_point(
     out_dir: Path,
     identity: str,
     recipe: dict[str, Any],
-    max_steps: int,
+    train: LoopConfig,
     dist: Distributed,
     reporter: Reporter,
     new_run: bool,
@@ -88,7 +88,8 @@ def resume_point(
 ) -> ResumePoint:
     """The checkpoint to resume from. A run folder holding another run's checkpoints is set
     aside whole with `new_run`, and refused otherwise; only leftovers of a run that never
-    completed a checkpoint are cleared."""
+    completed a checkpoint are cleared; runs set aside beyond `train.keep_runs_aside` are pruned."""
+    max_steps = train.max_steps
     checkpoint, state = checkpoints.latest_state(out_dir)
     held = checkpoints.holds_models(out_dir)
     # Every rank has read the folder before rank 0 may change it.
@@ -125,6 +126,10 @@ def resume_point(
             previous_run = checkpoints.kept_run_name(out_dir, state)
             checkpoints.set_run_aside(out_dir, previous_run)
             reporter.log(f"the previous run in {out_dir} is kept whole as {previous_run}; starting a new run")
+            for pruned in checkpoints.prune_runs_aside(out_dir, train.keep_runs_aside):
+                reporter.log(
+                    f"deleted {pruned}, the oldest run set aside beyond train.keep_runs_aside {train.keep_runs_aside}"
+                )
         else:
             reporter.log(
                 f"clearing {out_dir}: it holds no complete checkpoint, only leftovers of a run that stopped before one"

@@ -158,6 +158,14 @@ class LoopConfig(StrictModel):
     # 0 saves only at the end.
     save_every: int = Field(default=10, ge=0)
     keep_checkpoints: int = Field(default=2, gt=0)
+    # ddp: every rank holds the whole model and optimizer; fsdp: PyTorch FSDP2 (fully_shard) shards
+    # parameters, gradients and optimizer state over the ranks (bf16 parameters with fp32
+    # gradient reduction on CUDA). Checkpoints are the same either way, so a run may switch.
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    # Runs set aside for a new run (`--new-run`, `--init-from`) and the final-step<N>/ folders of
+    # continued runs are kept; a number keeps only the newest that many (None: all).
+    keep_runs_aside: int | None = Field(default=None, ge=0)
+    keep_earlier_finals: int | None = Field(default=None, ge=0)
     # Writes the ids each rank trained on (lm_checkpoint/sample_ids/rank-N.jsonl), for audits.
     record_sample_ids: bool = False
     torch_threads: int | None = Field(default=None, gt=0)
@@ -232,6 +240,9 @@ class TrainConfig(StrictModel):
                     "log_every",
                     "save_every",
                     "keep_checkpoints",
+                    "keep_runs_aside",
+                    "keep_earlier_finals",
+                    "parallelism",
                     "record_sample_ids",
                     "torch_threads",
                 },

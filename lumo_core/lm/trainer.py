@@ -1,10 +1,11 @@
 """The model a training run trains, built fresh or restored from a checkpoint, with its optimizer
-and schedule, and wrapped for the run's processes (DDP).
+and schedule, and wrapped for the run's processes (DDP, or sharded with FSDP2: lumo_core.lm.fsdp).
 
 - A fresh run builds the model from `seed` (the same on every rank), from `init_from`'s weights
   when given; LoRA saves the base model to base/ first and puts adapters on it.
-- A resumed run loads checkpoint-<step>/ (LoRA: base/ plus the checkpoint's adapter), then the
-  optimizer, schedule, this rank's RNG and data stream states (lumo_core.lm.checkpoints).
+- A resumed run first checks that every file of checkpoint-<step>/ (and base/) is JSON or
+  safetensors, then loads the model (LoRA: base/ plus the checkpoint's adapter), the optimizer,
+  schedule, this rank's RNG and data stream states (lumo_core.lm.checkpoints).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lumo_core.errors import LumoError
 from lumo_core.lm import checkpoints
 from lumo_core.lm.checkpoints import BASE
 
@@ -28,11 +31,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class Trainer:
-    """What the steps of one run share once it is built: the model (and its DDP wrapper), the
-    optimizer and schedule, and this rank's state (data stream position, token counts)."""
+    """What the steps of one run share once it is built: the model (sharded in place with FSDP)
+    and what the forward pass calls (its DDP wrapper, or itself), the context that holds back
+    gradient sync between accumulated micro-batches, the optimizer and schedule, and this rank's
+    state (data stream position, token counts)."""
 
     model: Any
     wrapped: Any
+    no_sync: Callable[[], AbstractContextManager[Any]]
     optimizer: torch.optim.Optimizer
     scheduler: Any
     params: list[Any]
@@ -62,6 +68,10 @@ def build_model(
     init = (
         checkpoints.load_weights(init_from, token_space, attn) if init_from is not None and checkpoint is None else None
     )
+    if checkpoint is not None:
+        checkpoints.verify_checkpoint(checkpoint)
+        if config.finetune.method == "lora":
+            checkpoints.verify_checkpoint(out_dir / BASE)
     if config.finetune.method != "lora":
         if checkpoint is not None:
             return AutoModelForCausalLM.from_pretrained(
@@ -96,11 +106,16 @@ def build_trainer(
     import torch
     from transformers import get_scheduler
 
+    from lumo_core.lm import fsdp
     from lumo_core.lm.heads import model_head_index
     from lumo_core.lm.model import trainable_parameters
 
+    use_bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and device.type == "cuda")
+    sharded = config.train.parallelism == "fsdp" and dist.world_size > 1
     model = build_model(config, token_space, out_dir, dist, checkpoint, init_from).to(device)
     model.train()
+    if sharded:
+        fsdp.shard(model, device, use_bf16)
     head_index = model_head_index(model)
     if head_index is not None:
         head_index = head_index.to(device)
@@ -122,7 +137,7 @@ def build_trainer(
     )
     rank_state: dict[str, Any] = {"slot_states": {}, "tokens": 0, "pad_tokens": 0}
     if checkpoint is not None:
-        rank_state = checkpoints.load_training_state(checkpoint, dist.rank, optimizer, scheduler, device)
+        rank_state = checkpoints.load_training_state(checkpoint, dist.rank, model, optimizer, scheduler)
         # The optimizer holds the rate its last step set; take it from this run's schedule,
         # which differs when max_steps changed (the same value otherwise).
         for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
@@ -130,11 +145,33 @@ def build_trainer(
     else:
         torch.manual_seed(config.seed + dist.rank)
 
-    wrapped = model
-    if dist.world_size > 1:
+    wrapped, no_sync = model, nullcontext
+    if sharded:
+        no_sync = partial(fsdp.no_gradient_sync, model)
+    elif dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    return Trainer(model, wrapped, optimizer, scheduler, params, head_index, device, autocast, rank_state)
+        no_sync = wrapped.no_sync
+    # Under FSDP the mixed-precision policy casts the parameters; autocast would cast twice.
+    autocast = (
+        (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+        if use_bf16 and not sharded
+        else nullcontext
+    )
+    return Trainer(model, wrapped, no_sync, optimizer, scheduler, params, head_index, device, autocast, rank_state)
+
+
+def unsharded_copy(config: TrainConfig, token_space: TokenSpace, out_dir: Path, state: dict[str, Any]) -> Any:
+    """A plain CPU model holding a sharded LoRA model's full weights (`state`), so that its
+    adapters can be merged for final/ (rank 0 only: the base comes from base/)."""
+    from lumo_core.lm.fsdp import tied_aliases
+    from lumo_core.lm.model import apply_lora, load_lm
+
+    model = apply_lora(load_lm(out_dir / BASE), config, token_space)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - tied_aliases(model):
+        raise LumoError(
+            f"the gathered weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model

@@ -46,12 +46,12 @@ from typing import TYPE_CHECKING, Any
 
 from lumo_core.config import Settings
 from lumo_core.errors import MissingUpstreamError, rebuild_hint
-from lumo_core.lm import checkpoints
+from lumo_core.lm import checkpoints, fsdp
 from lumo_core.lm.checkpoints import FINAL, TRAIN_LOG
 from lumo_core.lm.distributed import Distributed, resolve_device
 from lumo_core.lm.run_state import resume_point, run_identity, run_recipe
 from lumo_core.lm.train_config import TrainConfig, load_train_config
-from lumo_core.lm.trainer import Trainer, build_trainer
+from lumo_core.lm.trainer import Trainer, build_trainer, unsharded_copy
 from lumo_core.reporting import Reporter
 from lumo_core.uti.token_space import TokenSpace
 
@@ -171,7 +171,7 @@ class TrainingRun:
             self.out_dir,
             self.identity,
             self.recipe,
-            self.config.train.max_steps,
+            self.config.train,
             self.dist,
             self.reporter,
             self.new_run,
@@ -189,6 +189,7 @@ class TrainingRun:
             kept = None
             if dist.is_main and start_step == continued_from:
                 kept = checkpoints.keep_final(self.out_dir, start_step)
+                checkpoints.prune_earlier_finals(self.out_dir, config.train.keep_earlier_finals)
             dist.barrier()
             self._log(
                 f"continuing {checkpoint} (step {start_step}, trained to max_steps {continued_from}) to max_steps {config.train.max_steps}: "
@@ -239,11 +240,11 @@ class TrainingRun:
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
         for index, mb in enumerate(micro_batches):
             syncing = dist.world_size == 1 or index == accum - 1
-            with nullcontext() if syncing else trainer.wrapped.no_sync():
+            with nullcontext() if syncing else trainer.no_sync():
                 with trainer.autocast():
                     logits = trainer.wrapped(**mb.model_inputs(device), use_cache=False).logits
                 loss_sum = token_loss_sum(logits, mb.labels.to(device, non_blocking=True), trainer.head_index)
-                # DDP averages gradients over ranks; scaling by world size turns that into a sum.
+                # DDP and FSDP average gradients over ranks; scaling by world size makes it a sum.
                 (loss_sum * dist.world_size / max(global_targets, 1.0)).backward()
             step_loss += loss_sum.detach().double()
             trainer.rank_state["slot_states"][mb.slot] = mb.state
@@ -311,8 +312,9 @@ class TrainingRun:
             self.out_dir,
             step,
             model=trainer.model,
-            optimizer=trainer.optimizer,
-            scheduler=trainer.scheduler,
+            model_state=fsdp.full_model_state(trainer.model),
+            optimizer_state=fsdp.full_optimizer_state(trainer.model, trainer.optimizer),
+            scheduler_state=trainer.scheduler.state_dict(),
             rank_state=trainer.rank_state,
             token_space=self.token_space,
             run_state=run_state,
@@ -331,14 +333,12 @@ class TrainingRun:
         counts: dict[str, int],
     ) -> dict[str, Any]:
         """The run's summary, written with the final model into final/."""
-        from lumo_core.lm.model import trainable_digest
-
         config, dist, rank_state = self.config, self.dist, trainer.rank_state
         train_seconds = time.perf_counter() - started
         if not last_entry and (self.out_dir / TRAIN_LOG).is_file():
             # Resumed at the last step (the final model was not written yet): nothing was logged now.
             last_entry = json.loads((self.out_dir / TRAIN_LOG).read_text().splitlines()[-1])
-        rank_digests = dist.gather(trainable_digest(trainer.model))
+        rank_digests = dist.gather(fsdp.trainable_digest(trainer.model))
         overlong: Counter[str] = Counter()
         for rank_skips in dist.gather([dict(st.skipped_overlong) for st in rank_state["slot_states"].values()]):
             for skips in rank_skips:
@@ -374,8 +374,12 @@ class TrainingRun:
             "checkpoint": str(self.out_dir / FINAL),
             "reused": False,
         }
+        model, state = trainer.model, fsdp.full_model_state(trainer.model)
         if dist.is_main:
-            checkpoints.save_final(self.out_dir, trainer.model, self.token_space, summary)
+            if state is not None and config.finetune.method == "lora":
+                # A sharded model's adapters cannot be merged in place: merge them into a copy.
+                model, state = unsharded_copy(config, self.token_space, self.out_dir, state), None
+            checkpoints.save_final(self.out_dir, model, self.token_space, summary, state)
         dist.barrier()
         return summary
 
@@ -420,9 +424,9 @@ def run_train(
     token_space, shards_dir = train_inputs(settings, need_shards=config.data.jsonl is None)
     dist = Distributed.start(config.train.device)
     try:
-        summary = TrainingRun(
-            config, token_space, shards_dir, settings.layout.lm_checkpoint, reporter, dist, init_from, new_run
-        ).run()
+        out_dir = settings.layout.lm_checkpoint
+        with dist.exclusive(checkpoints.lock_path(out_dir), "`lumo train`"):
+            summary = TrainingRun(config, token_space, shards_dir, out_dir, reporter, dist, init_from, new_run).run()
     finally:
         dist.stop()
     if not dist.is_main:

@@ -20,17 +20,21 @@ from lumo_core.lm.checkpoints import (
     TRAINER_STATE,
 )
 from lumo_core.lm.distributed import Distributed
+from lumo_core.lm.fsdp import full_optimizer_state
 
 
-class FakeModel:
+class FakeModel(torch.nn.Module):
     """Writes what save_pretrained would, so a checkpoint can be saved without transformers."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.layer = torch.nn.Linear(2, 2)
 
-    def save_pretrained(self, directory, safe_serialization: bool) -> None:
-        assert safe_serialization
-        (directory / "model.safetensors").write_bytes(b"weights")
+    def save_pretrained(self, directory, safe_serialization: bool, state_dict=None) -> None:
+        from safetensors.torch import save_file
+
+        assert safe_serialization and state_dict is None
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, directory / "model.safetensors")
 
 
 class FakeTokenSpace:
@@ -48,8 +52,9 @@ def save(out_dir, step, keep=2, rank_state=None):
         out_dir,
         step,
         model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
+        model_state=None,
+        optimizer_state=full_optimizer_state(model, optimizer),
+        scheduler_state=scheduler.state_dict(),
         rank_state=rank_state or {"tokens": step},
         token_space=FakeTokenSpace(),
         run_state={"run_identity": "run-1", "world_size": 1},
@@ -69,11 +74,14 @@ def test_checkpoints_are_written_whole_pointed_at_by_latest_and_pruned(tmp_path)
     assert latest == tmp_path / "checkpoint-6"
     assert {p.name for p in latest.iterdir()} == {
         "model.safetensors",
-        "optimizer.pt",
-        "scheduler.pt",
+        "optimizer.json",
+        "optimizer.safetensors",
+        "scheduler.json",
+        "scheduler.safetensors",
         "token_space.json",
         TRAINER_STATE,
-        "rank-00000.pt",
+        "rank-00000.json",
+        "rank-00000.safetensors",
     }
     checkpoint, state = checkpoints.latest_state(tmp_path)
     assert checkpoint == latest
@@ -95,9 +103,8 @@ def test_resume_state_restores_optimizer_scheduler_and_rng(tmp_path):
     model = FakeModel()
     optimizer = torch.optim.SGD(model.layer.parameters(), lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    rank_state = checkpoints.load_training_state(
-        tmp_path / "checkpoint-1", 0, optimizer, scheduler, torch.device("cpu")
-    )
+    checkpoints.verify_checkpoint(tmp_path / "checkpoint-1")
+    rank_state = checkpoints.load_training_state(tmp_path / "checkpoint-1", 0, model, optimizer, scheduler)
     assert rank_state["tokens"] == 11 and rank_state["slot_states"] == {} and "rng" in rank_state
     assert optimizer.param_groups[0]["lr"] == 0.1
     again = (random.random(), torch.rand(3))
@@ -139,8 +146,9 @@ def test_pruning_spares_the_last_checkpoint_of_a_finished_run(tmp_path):
             tmp_path,
             step,
             model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
+            model_state=None,
+            optimizer_state=full_optimizer_state(model, optimizer),
+            scheduler_state=scheduler.state_dict(),
             rank_state={},
             token_space=FakeTokenSpace(),
             run_state={"run_identity": "run-1", "world_size": 1, "max_steps": max_steps},

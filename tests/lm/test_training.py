@@ -53,9 +53,18 @@ def test_a_short_run_lowers_the_loss_and_saves_a_checkpoint_that_loads_with_the_
         model = AutoModelForCausalLM.from_pretrained(folder)
         assert model.get_input_embeddings().weight.shape[0] == space.vocab_size_total == model.config.vocab_size
         assert model.config.lumo_token_space_sha256 == space.sha256
-    assert {"optimizer.pt", "scheduler.pt", "rank-00000.pt", "trainer_state.json", "model.safetensors"} <= {
-        p.name for p in (checkpoints / "checkpoint-4").iterdir()
-    }
+    # State is data: JSON and safetensors only, nothing pickled (issue 22).
+    assert {
+        "optimizer.json",
+        "optimizer.safetensors",
+        "scheduler.json",
+        "scheduler.safetensors",
+        "rank-00000.json",
+        "rank-00000.safetensors",
+        "trainer_state.json",
+        "model.safetensors",
+    } <= {p.name for p in (checkpoints / "checkpoint-4").iterdir()}
+    assert {p.suffix for p in (checkpoints / "checkpoint-4").iterdir()} == {".json", ".safetensors"}
 
     assert reporter.checks == [] and summary["vocab_matches_token_space"] is True
     (materialization,) = reporter.materializations

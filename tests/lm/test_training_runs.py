@@ -31,7 +31,13 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def weight_files(folder: Path) -> dict[str, str]:
-    return {name: sha for name, sha in snapshot(folder).items() if name.endswith(".safetensors")}
+    """The model files (the optimizer, schedule and rank states are safetensors too)."""
+    state = ("optimizer.", "scheduler.", "rank-")
+    return {
+        name: sha
+        for name, sha in snapshot(folder).items()
+        if name.endswith(".safetensors") and not Path(name).name.startswith(state)
+    }
 
 
 def cli_train(settings, capsys, *flags: str) -> tuple[int, dict | str]:

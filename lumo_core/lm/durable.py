@@ -1,0 +1,69 @@
+"""Folder moves that survive a crash: fsync before a name moves, rename aside before delete.
+
+A checkpoint is fsynced (every file, every folder) before `latest` names it, and `latest` before
+anything older is pruned; a folder is replaced by renaming the old one aside, renaming the new
+one in, and only then deleting the old. A kill at any point leaves the last good checkpoint and
+`latest` naming it; what a kill can leave is a hidden `.<name>.*.tmp` folder, which the next save
+or run clears.
+
+`crash_point(name)` kills this process at a named point when LUMO_TEST_CRASH_AT names it: the
+tests kill a real save at each step with it (tests/lm/test_checkpoint_safety.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+CRASH_ENV = "LUMO_TEST_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_path(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder`, `folder` itself and its parent (its name)."""
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_path(Path(root) / name)
+        fsync_path(Path(root))
+    fsync_path(folder.parent)
+
+
+def aside_name(path: Path, why: str) -> Path:
+    return path.with_name(f".{path.name}.{why}.tmp")
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Put the (fsynced) folder `source` at `target`: an existing `target` is renamed aside
+    first and deleted only after the new one has its name on disk."""
+    old = aside_name(target, "old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+        crash_point("replace-aside")
+    os.replace(source, target)
+    fsync_path(target.parent)
+    crash_point("replace-renamed")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a folder by renaming it aside (one atomic step) and then removing it."""
+    doomed = aside_name(path, "deleted")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    fsync_path(path.parent)
+    shutil.rmtree(doomed)
