@@ -44,7 +44,7 @@ from lumo_core.errors import LumoError, MissingUpstreamError, rebuild_hint
 from lumo_core.fileio import canonical_json_bytes, sha256_hex
 from lumo_core.lm import checkpoints
 from lumo_core.lm.checkpoints import BASE, FINAL, TRAIN_LOG
-from lumo_core.lm.data import data_source_sha256
+from lumo_core.lm.data import RESUME_MAY_CHANGE, check_global_batch, data_source_sha256, global_batch
 from lumo_core.lm.distributed import Distributed, resolve_device
 from lumo_core.lm.train_config import TrainConfig, load_train_config
 from lumo_core.reporting import Reporter
@@ -73,7 +73,8 @@ def run_recipe(
 ) -> dict[str, Any]:
     """What a checkpoint must share with a run to be resumed by it, as dotted keys."""
     return {
-        **config.trajectory_settings(),
+        # How the global batch is split may change on resume (lumo_core.lm.plan); its size may not.
+        **{k: v for k, v in config.trajectory_settings().items() if k not in RESUME_MAY_CHANGE},
         "token_space_sha256": token_space.sha256,
         # The shards' index.json, or the `data.jsonl` source's (lumo_core.lm.data).
         "shards_index_sha256": data_source_sha256(config, shards_dir),
@@ -132,6 +133,8 @@ class TrainingRun:
         self.identity = run_identity(self.recipe)
         self.lora = config.finetune.method == "lora"
         self.previous_run: Path | None = None
+        # The data plan's state after the last step trained (lumo_core.lm.plan), JSON.
+        self.data_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ helpers
     def _log(self, message: str) -> None:
@@ -148,11 +151,7 @@ class TrainingRun:
         self.dist.barrier()
         max_steps = self.config.train.max_steps
         if state is not None and state["run_identity"] == self.identity:
-            if state["world_size"] != self.dist.world_size:
-                raise LumoError(
-                    f"{checkpoint} was written by {state['world_size']} processes, this run has {self.dist.world_size}: "
-                    f"resume with the same number, or start a new run from its weights with `lumo train --init-from {checkpoint}`"
-                )
+            self._check_data_state(checkpoint, state)
             if state["step"] > max_steps:
                 raise LumoError(
                     f"{checkpoint} is at step {state['step']}, past train.max_steps {max_steps}: nothing was deleted; "
@@ -231,12 +230,7 @@ class TrainingRun:
         import torch
         from transformers import get_scheduler
 
-        from lumo_core.lm.data import (
-            BatchPlan,
-            TrainStream,
-            make_loader,
-            open_train_split,
-        )
+        from lumo_core.lm.data import open_train_split, sample_ids_line
         from lumo_core.lm.heads import model_head_index
         from lumo_core.lm.model import (
             parameter_counts,
@@ -301,7 +295,7 @@ class TrainingRun:
             num_training_steps=config.train.max_steps,
             scheduler_specific_kwargs={"min_lr_rate": config.optim.min_lr_ratio},
         )
-        rank_state: dict[str, Any] = {"slot_states": {}, "tokens": 0, "pad_tokens": 0}
+        rank_state: dict[str, Any] = {"tokens": 0, "pad_tokens": 0}
         if checkpoint is not None:
             rank_state = checkpoints.load_training_state(checkpoint, dist.rank, optimizer, scheduler, device)
             # The optimizer holds the rate its last step set; take it from this run's schedule,
@@ -319,12 +313,8 @@ class TrainingRun:
         use_bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and device.type == "cuda")
         autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
-        plan = BatchPlan.from_config(config, split, self.token_space.special_id("<|pad_mm|>"))
         accum = config.optim.grad_accum_steps
-        stream = TrainStream(
-            plan, dist.rank, dist.world_size, config.data.num_workers, start_step * accum, rank_state["slot_states"]
-        )
-        batches = iter(make_loader(stream, config.data.num_workers, pin_memory=device.type == "cuda"))
+        plan, batches = self._data_stream(split, state, device)
         counts = parameter_counts(model)
         self._log(
             f"{config.finetune.method} fine-tuning, {counts['trainable']:,} of {counts['total']:,} parameters trainable, "
@@ -354,7 +344,7 @@ class TrainingRun:
                     # DDP averages gradients over ranks; scaling by world size turns that into a sum.
                     (loss_sum * dist.world_size / max(global_targets, 1.0)).backward()
                 step_loss += loss_sum.detach().double()
-                rank_state["slot_states"][mb.slot] = mb.state
+                self.data_state = mb.data_state
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
             optimizer.step()
             scheduler.step()
@@ -368,9 +358,7 @@ class TrainingRun:
             interval["loss"] += float(step_loss)
             if config.train.record_sample_ids:
                 with open(ids_log, "a") as handle:
-                    handle.write(
-                        json.dumps({"step": step, "ids": [i for mb in micro_batches for i in mb.sample_ids]}) + "\n"
-                    )
+                    handle.writelines(sample_ids_line(step, mb) for mb in micro_batches)
 
             if step % config.train.log_every == 0 or step == config.train.max_steps:
                 (loss_total,) = dist.sum([interval["loss"]], device)
@@ -405,10 +393,8 @@ class TrainingRun:
             last_entry = json.loads((self.out_dir / TRAIN_LOG).read_text().splitlines()[-1])
 
         rank_digests = dist.gather(trainable_digest(model))
-        overlong: Counter[str] = Counter()
-        for rank_skips in dist.gather([dict(st.skipped_overlong) for st in rank_state["slot_states"].values()]):
-            for skips in rank_skips:
-                overlong.update(skips)
+        # The plan is global: its count is every rank's.
+        overlong = Counter(self.data_state["skipped_overlong"] if self.data_state else {})
         if overlong:
             self._log(
                 f"samples longer than block_size {config.data.block_size} were passed over (each time met): {dict(sorted(overlong.items()))}"
@@ -445,6 +431,25 @@ class TrainingRun:
         dist.barrier()
         return summary
 
+    # -------------------------------------------------------------------- data
+    def _check_data_state(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose global batch differs from this run's (the world size and the
+        split of the global batch may change)."""
+        data = self.config.data
+        batch = global_batch(data.micro_batch_size, self.config.optim.grad_accum_steps, self.dist.world_size)
+        check_global_batch(state.get("data"), batch, str(checkpoint))
+
+    def _data_stream(self, split: Any, state: dict[str, Any] | None, device: Any) -> tuple[Any, Any]:
+        """The plan and this rank's micro-batches, from the checkpoint's data state (a JSON
+        object in trainer_state.json, the same for every rank) or the start."""
+        from lumo_core.lm.data import BatchPlan, TrainStream, make_loader
+
+        config, dist = self.config, self.dist
+        plan = BatchPlan.from_config(config, split, self.token_space.special_id("<|pad_mm|>"), dist.world_size)
+        self.data_state = state["data"] if state else None
+        stream = TrainStream(plan, dist.rank, config.data.num_workers, self.data_state)
+        return plan, iter(make_loader(stream, config.data.num_workers, pin_memory=device.type == "cuda"))
+
     # ------------------------------------------------------------- checkpoints
     def _save_checkpoint(
         self, step: int, model: Any, optimizer: Any, scheduler: Any, rank_state: dict[str, Any]
@@ -455,6 +460,7 @@ class TrainingRun:
             "recipe": self.recipe,
             "world_size": self.dist.world_size,
             "num_workers": self.config.data.num_workers,
+            "data": self.data_state,
             "method": self.config.finetune.method,
             "token_space_sha256": self.token_space.sha256,
         }

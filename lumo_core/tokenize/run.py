@@ -30,6 +30,7 @@ from lumo_core.tokenize.pipeline import (
     cache_recipe_for,
     make_executor,
 )
+from lumo_core.tokenize.sample_index import write_sample_indexes
 from lumo_core.tokenize.shards import (
     INDEX_FORMAT_VERSION,
     PAYLOAD_MAGIC,
@@ -552,6 +553,7 @@ def _merge_locked(run: TokenizeRun, reporter: Any) -> dict[str, Any]:
             )
             for split in SPLITS
         }
+        write_sample_indexes(out_dir, split_summaries)
     except DamagedFileError as exc:
         # Never half-used: the damaged unit is dropped, to be tokenized again by the next run.
         for spool in spools:

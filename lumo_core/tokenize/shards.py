@@ -33,7 +33,8 @@ SHARD_MTIME = 0
 SPLITS = ("train", "eval")
 # 2: index.json lists the dataset card (`card`); samples have one member set and one JSON schema.
 # 3: every shard entry also records its file `size` in bytes (TokenizeRun.up_to_date checks it).
-INDEX_FORMAT_VERSION = 3
+# 4: every shard entry lists its sample index (`sample_index`: name, sha256; lumo_core.tokenize.sample_index).
+INDEX_FORMAT_VERSION = 4
 CARD_NAME = "README.md"
 
 # ----------------------------------------------------------------- the sample layout
