@@ -26,8 +26,9 @@ Fresh runs are reproducible: the model, its LoRA adapters and the training RNG a
 the same settings end in the same weights, bit for bit.
 
 Run several processes with `torchrun --nproc-per-node N -m lumo_core.torchrun_train` (gloo on
-CPU, nccl on CUDA; see lumo_core.lm.distributed); every rank reads a disjoint part of the data (see
-lumo_core.lm.data).
+CPU, nccl on CUDA; see lumo_core.lm.distributed); the ranks share each step's global batch and each
+reads only its own samples (see lumo_core.lm.data). A checkpoint resumes on any number of processes
+and loader workers at the same global batch (micro_batch_size x grad_accum_steps x processes).
 """
 
 from __future__ import annotations
@@ -273,6 +274,11 @@ class TrainingRun:
         if config.train.record_sample_ids:
             ids_log.parent.mkdir(parents=True, exist_ok=True)
             checkpoints.truncate_jsonl(ids_log, start_step)
+            if dist.is_main:
+                # Ranks of a larger run this one resumes (with fewer processes) log no more.
+                for other in sorted(ids_log.parent.glob("rank-*.jsonl")):
+                    if int(other.stem.removeprefix("rank-")) >= dist.world_size:
+                        checkpoints.truncate_jsonl(other, start_step)
 
         model = self._build(checkpoint).to(device)
         model.train()
