@@ -96,7 +96,8 @@ def load_catalog(split: SplitShards) -> Catalog:
         else:
             assert entry.sample_index is not None
             index = read_sample_index(entry.sample_index, entry.sample_index_sha256, entry.n_samples)
-            task = np.array([_task_code(t.decode(), f"{entry.sample_index}") for t in index["task"]], dtype=np.int64)
+            names, inverse = np.unique(index["task"], return_inverse=True)
+            task = np.array([_task_code(name.decode(), str(entry.sample_index)) for name in names], np.int64)[inverse]
             n, offset, length = index["n_tokens"], index["read_offset"], index["read_length"]
         tasks.append(task.astype(np.int8))
         n_tokens.append(n.astype(np.int64))

@@ -115,6 +115,7 @@ def test_the_stream_is_repeatable_and_resumes_exactly_from_a_saved_state(data_se
     assert next(other_seed).sample_ids != reference[0].sample_ids
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
 def test_dataloader_workers_take_turns_and_a_resumed_loader_continues_the_same_sequence(data_settings):
     plan = make_plan(data_settings, {"data.packing": False, "optim.grad_accum_steps": 2})
     single = iter_micro_batches(plan)
