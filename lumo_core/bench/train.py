@@ -111,7 +111,7 @@ def _hf_trainer(config: TrainConfig, settings: Settings, work: Path, skip: int) 
         loops pay the same data cost)."""
 
         def __iter__(self):
-            for batch in iter_micro_batches(plan, rank=0, world_size=1, slot=0, n_slots=1):
+            for batch in iter_micro_batches(plan):
                 tokens.append(float(batch.n_real_tokens))
                 for row in range(batch.input_ids.shape[0]):
                     yield {

@@ -18,7 +18,7 @@ from lumo_core.errors import LumoError
 from lumo_core.fileio import canonical_json_bytes, sha256_hex
 from lumo_core.lm import checkpoints
 from lumo_core.lm.checkpoints import FINAL
-from lumo_core.lm.data import data_source_sha256
+from lumo_core.lm.data import RESUME_MAY_CHANGE, check_global_batch, data_source_sha256
 
 if TYPE_CHECKING:
     from lumo_core.lm.distributed import Distributed
@@ -32,7 +32,8 @@ def run_recipe(
 ) -> dict[str, Any]:
     """What a checkpoint must share with a run to be resumed by it, as dotted keys."""
     return {
-        **config.trajectory_settings(),
+        # How the global batch is split may change on resume (lumo_core.lm.plan); its size may not.
+        **{k: v for k, v in config.trajectory_settings().items() if k not in RESUME_MAY_CHANGE},
         "token_space_sha256": token_space.sha256,
         # The shards' index.json, or the `data.jsonl` source's (lumo_core.lm.data).
         "shards_index_sha256": data_source_sha256(config, shards_dir),
@@ -85,6 +86,7 @@ def resume_point(
     reporter: Reporter,
     new_run: bool,
     init_from: Path | None,
+    global_batch: dict[str, int],
 ) -> ResumePoint:
     """The checkpoint to resume from. A run folder holding another run's checkpoints is set
     aside whole with `new_run`, and refused otherwise; only leftovers of a run that never
@@ -95,11 +97,8 @@ def resume_point(
     # Every rank has read the folder before rank 0 may change it.
     dist.barrier()
     if state is not None and state["run_identity"] == identity:
-        if state["world_size"] != dist.world_size:
-            raise LumoError(
-                f"{checkpoint} was written by {state['world_size']} processes, this run has {dist.world_size}: "
-                f"resume with the same number, or start a new run from its weights with `lumo train --init-from {checkpoint}`"
-            )
+        # The number of processes and workers may change; the global batch may not.
+        check_global_batch(state.get("data"), global_batch, str(checkpoint))
         if state["step"] > max_steps:
             raise LumoError(
                 f"{checkpoint} is at step {state['step']}, past train.max_steps {max_steps}: nothing was deleted; "

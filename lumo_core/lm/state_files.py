@@ -31,9 +31,9 @@ TENSOR, NDARRAY, TUPLE, FROZENSET, ITEMS, DATACLASS = (
 
 def _dataclasses() -> dict[str, type]:
     """The dataclasses a rank state may hold (the data stream's), by name."""
-    from lumo_core.lm.data import StreamState, TokenSample
+    from lumo_core.lm.data import TokenSample
 
-    return {cls.__name__: cls for cls in (StreamState, TokenSample)}
+    return {cls.__name__: cls for cls in (TokenSample,)}
 
 
 def read_json(path: Path) -> Any:

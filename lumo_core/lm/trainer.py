@@ -135,7 +135,7 @@ def build_trainer(
         num_training_steps=config.train.max_steps,
         scheduler_specific_kwargs={"min_lr_rate": config.optim.min_lr_ratio},
     )
-    rank_state: dict[str, Any] = {"slot_states": {}, "tokens": 0, "pad_tokens": 0}
+    rank_state: dict[str, Any] = {"tokens": 0, "pad_tokens": 0}
     if checkpoint is not None:
         rank_state = checkpoints.load_training_state(checkpoint, dist.rank, model, optimizer, scheduler)
         # The optimizer holds the rate its last step set; take it from this run's schedule,

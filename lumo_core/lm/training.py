@@ -26,8 +26,9 @@ Fresh runs are reproducible: the model, its LoRA adapters and the training RNG a
 the same settings end in the same weights, bit for bit.
 
 Run several processes with `torchrun --nproc-per-node N -m lumo_core.torchrun_train` (gloo on
-CPU, nccl on CUDA; see lumo_core.lm.distributed); every rank reads a disjoint part of the data (see
-lumo_core.lm.data).
+CPU, nccl on CUDA; see lumo_core.lm.distributed); the ranks share each step's global batch and each
+reads only its own samples (see lumo_core.lm.data). A checkpoint resumes on any number of processes
+and loader workers at the same global batch (micro_batch_size x grad_accum_steps x processes).
 
 `TrainingRun.run` is a sequence of named steps: `_resume_point` (lumo_core.lm.run_state),
 `_prepare_outputs`, the model and optimizer (lumo_core.lm.trainer), `_data_stream`, then per step
@@ -48,6 +49,7 @@ from lumo_core.config import Settings
 from lumo_core.errors import MissingUpstreamError, rebuild_hint
 from lumo_core.lm import checkpoints, fsdp
 from lumo_core.lm.checkpoints import FINAL, TRAIN_LOG
+from lumo_core.lm.data import global_batch, sample_ids_line
 from lumo_core.lm.distributed import Distributed, resolve_device
 from lumo_core.lm.run_state import resume_point, run_identity, run_recipe
 from lumo_core.lm.train_config import TrainConfig, load_train_config
@@ -113,6 +115,8 @@ class TrainingRun:
         self.recipe = run_recipe(config, token_space, self.shards_dir, init_sha)
         self.identity = run_identity(self.recipe)
         self.previous_run: Path | None = None
+        # The data plan's state after the last step trained (lumo_core.lm.plan), JSON.
+        self.data_state: dict[str, Any] | None = None
 
     def _log(self, message: str) -> None:
         if self.dist.is_main:
@@ -142,7 +146,7 @@ class TrainingRun:
         start_step = state["step"] if state else 0
         continued_from = self._prepare_outputs(checkpoint, state, start_step)
         trainer = build_trainer(config, self.token_space, self.out_dir, dist, device, checkpoint, self.init_from)
-        plan, batches = self._data_stream(split, start_step, trainer)
+        plan, batches = self._data_stream(split, state, trainer)
         from lumo_core.lm.model import parameter_counts
 
         counts = parameter_counts(trainer.model)
@@ -176,6 +180,7 @@ class TrainingRun:
             self.reporter,
             self.new_run,
             self.init_from,
+            global_batch(self.config.data.micro_batch_size, self.config.optim.grad_accum_steps, self.dist.world_size),
         )
         self.previous_run, self.init_from = point.previous_run, point.init_from
         return point.checkpoint, point.state
@@ -204,23 +209,22 @@ class TrainingRun:
         if config.train.record_sample_ids:
             self.ids_log.parent.mkdir(parents=True, exist_ok=True)
             checkpoints.truncate_jsonl(self.ids_log, start_step)
+            if dist.is_main:
+                # Ranks of a larger run this one resumes (with fewer processes) log no more.
+                for other in sorted(self.ids_log.parent.glob("rank-*.jsonl")):
+                    if int(other.stem.removeprefix("rank-")) >= dist.world_size:
+                        checkpoints.truncate_jsonl(other, start_step)
         return continued_from
 
-    def _data_stream(self, split: SplitShards, start_step: int, trainer: Trainer) -> tuple[BatchPlan, Any]:
-        """This rank's micro-batches from `start_step` on, restored from the rank state's
-        `slot_states` (the data side's JSON-able stream positions)."""
+    def _data_stream(self, split: SplitShards, state: dict[str, Any] | None, trainer: Trainer) -> tuple[BatchPlan, Any]:
+        """The global plan and this rank's micro-batches, from the checkpoint's data state (a JSON
+        object in trainer_state.json, the same for every rank) or the start."""
         from lumo_core.lm.data import BatchPlan, TrainStream, make_loader
 
         config, dist = self.config, self.dist
-        plan = BatchPlan.from_config(config, split, self.token_space.special_id("<|pad_mm|>"))
-        stream = TrainStream(
-            plan,
-            dist.rank,
-            dist.world_size,
-            config.data.num_workers,
-            start_step * config.optim.grad_accum_steps,
-            trainer.rank_state["slot_states"],
-        )
+        plan = BatchPlan.from_config(config, split, self.token_space.special_id("<|pad_mm|>"), dist.world_size)
+        self.data_state = state["data"] if state else None
+        stream = TrainStream(plan, dist.rank, config.data.num_workers, self.data_state)
         loader = make_loader(stream, config.data.num_workers, pin_memory=trainer.device.type == "cuda")
         return plan, iter(loader)
 
@@ -247,7 +251,7 @@ class TrainingRun:
                 # DDP and FSDP average gradients over ranks; scaling by world size makes it a sum.
                 (loss_sum * dist.world_size / max(global_targets, 1.0)).backward()
             step_loss += loss_sum.detach().double()
-            trainer.rank_state["slot_states"][mb.slot] = mb.state
+            self.data_state = mb.data_state
         grad_norm = torch.nn.utils.clip_grad_norm_(trainer.params, self.config.optim.grad_clip)
         trainer.optimizer.step()
         trainer.scheduler.step()
@@ -260,9 +264,7 @@ class TrainingRun:
         interval.loss += float(step_loss)
         if self.config.train.record_sample_ids:
             with open(self.ids_log, "a") as handle:
-                handle.write(
-                    json.dumps({"step": step, "ids": [i for mb in micro_batches for i in mb.sample_ids]}) + "\n"
-                )
+                handle.writelines(sample_ids_line(step, mb) for mb in micro_batches)
         return grad_norm, global_tokens
 
     def _log_step(
@@ -305,6 +307,7 @@ class TrainingRun:
             "recipe": self.recipe,
             "world_size": self.dist.world_size,
             "num_workers": self.config.data.num_workers,
+            "data": self.data_state,
             "method": self.config.finetune.method,
             "token_space_sha256": self.token_space.sha256,
         }
@@ -339,10 +342,8 @@ class TrainingRun:
             # Resumed at the last step (the final model was not written yet): nothing was logged now.
             last_entry = json.loads((self.out_dir / TRAIN_LOG).read_text().splitlines()[-1])
         rank_digests = dist.gather(fsdp.trainable_digest(trainer.model))
-        overlong: Counter[str] = Counter()
-        for rank_skips in dist.gather([dict(st.skipped_overlong) for st in rank_state["slot_states"].values()]):
-            for skips in rank_skips:
-                overlong.update(skips)
+        # The plan is global: its count is every rank's.
+        overlong = Counter(self.data_state["skipped_overlong"] if self.data_state else {})
         if overlong:
             self._log(
                 f"samples longer than block_size {config.data.block_size} were passed over (each time met): {dict(sorted(overlong.items()))}"

@@ -45,7 +45,8 @@ import yaml
 from lumo_core.errors import LumoError, rebuild_hint
 from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, exclusive_lock, file_sha256
 from lumo_core.layout import INDEX_FILE
-from lumo_core.tokenize.shards import SPLITS, read_index
+from lumo_core.tokenize.sample_layout import SPLITS
+from lumo_core.tokenize.shard_index import read_index
 
 if TYPE_CHECKING:
     from lumo_core.reporting import Reporter

@@ -12,6 +12,7 @@ from lumo_core.errors import DamagedFileError, LumoError, rebuild_hint
 from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, exclusive_lock, sha256_hex
 from lumo_core.tokenize.dataset_card import dataset_card, write_dataset_card
 from lumo_core.tokenize.pipeline import PIPELINE_VERSION
+from lumo_core.tokenize.sample_index import write_sample_indexes
 from lumo_core.tokenize.sample_layout import SPLITS
 from lumo_core.tokenize.shard_index import INDEX_FORMAT_VERSION, write_index
 from lumo_core.tokenize.shard_writer import clear_outputs, write_split_shards
@@ -66,6 +67,7 @@ def _merge_locked(run: TokenizeRun, reporter: Reporter) -> dict[str, Any]:
             )
             for split in SPLITS
         }
+        write_sample_indexes(out_dir, split_summaries)
     except DamagedFileError as exc:
         # Never half-used: the damaged unit is dropped, to be tokenized again by the next run.
         for spool in spools:

@@ -15,7 +15,8 @@ from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, file_sha2
 
 # 2: index.json lists the dataset card (`card`); samples have one member set and one JSON schema.
 # 3: every shard entry also records its file `size` in bytes (TokenizeRun.up_to_date checks it).
-INDEX_FORMAT_VERSION = 3
+# 4: every shard entry lists its sample index (`sample_index`: name, sha256; lumo_core.tokenize.sample_index).
+INDEX_FORMAT_VERSION = 4
 
 
 def index_entry(name: str, path: Path, n_samples: int, n_tokens: int) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""The training data stream: splitting across ranks and workers, task mixing by stage, padding
-and packing, repeatability and resume, and the token-space guard."""
+"""The training data stream: the global plan cut across ranks and workers, task mixing by stage,
+padding and packing, repeatability, resume, and the token-space guard."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from lumo_core.config import TASKS
 from lumo_core.errors import LumoError, MissingUpstreamError, TokenSpaceError
 from lumo_core.lm.data import (
     BatchPlan,
-    TaskStream,
+    PlanCursor,
     TokenSample,
     TrainStream,
     best_fill,
@@ -29,9 +29,9 @@ from lumo_core.lm.data import (
     collate_padded,
     iter_micro_batches,
     iter_split,
+    load_catalog,
     make_loader,
     open_split,
-    owner,
 )
 from lumo_core.lm.train_config import load_train_config
 from lumo_core.uti.sequences import IGNORE_INDEX
@@ -39,11 +39,11 @@ from lumo_core.uti.token_space import TokenSpace
 from tests.lm_fixtures import lm_outputs
 
 
-def make_plan(settings, overrides: dict | None = None) -> BatchPlan:
+def make_plan(settings, overrides: dict | None = None, world_size: int = 1) -> BatchPlan:
     config = load_train_config(settings.train_config, overrides)
     space = TokenSpace.read(settings.layout.token_space)
     split = open_split(settings.layout.tokenized_shards, "train", space.sha256)
-    return BatchPlan.from_config(config, split, space.special_id("<|pad_mm|>"))
+    return BatchPlan.from_config(config, split, space.special_id("<|pad_mm|>"), world_size)
 
 
 def same_batches(a, b) -> bool:
@@ -52,67 +52,79 @@ def same_batches(a, b) -> bool:
     )
 
 
+def owned(plan: BatchPlan, worker: int, n_workers: int, n_steps: int) -> int:
+    """How many micro-batches worker `worker` of a rank yields over `n_steps` steps."""
+    return len(range(worker, n_steps * plan.grad_accum_steps, n_workers))
+
+
+def step_ids(plan: BatchPlan, n_steps: int, n_workers: int = 1, state: dict | None = None) -> dict[int, list[str]]:
+    """The ids of each step, every rank and worker simulated in-process, in micro-batch order."""
+    found = {}
+    for rank in range(plan.world_size):
+        for worker in range(n_workers):
+            stream = iter_micro_batches(plan, rank, worker, n_workers, state)
+            for _ in range(owned(plan, worker, n_workers, n_steps)):
+                batch = next(stream)
+                assert (batch.step, batch.micro_batch) not in found
+                found[(batch.step, batch.micro_batch)] = batch.sample_ids
+    assert len(found) == n_steps * plan.micro_batches_per_step
+    merged: dict[int, list[str]] = {}
+    for (step, _), ids in sorted(found.items()):
+        merged.setdefault(step, []).extend(ids)
+    return merged
+
+
 @pytest.fixture(scope="module")
 def data_settings(tmp_path_factory, tokenized_sample):  # noqa: F811
     return lm_outputs(tmp_path_factory.mktemp("data"), tokenized_sample)
 
 
-@given(n_samples=st.integers(0, 500), n_consumers=st.integers(1, 64))
-def test_consumer_shares_are_disjoint_balanced_and_cover_the_split(n_samples, n_consumers):
-    shares = [[i for i in range(n_samples) if owner(i, n_consumers) == c] for c in range(n_consumers)]
-    assert sorted(i for share in shares for i in share) == list(range(n_samples))
-    sizes = [len(share) for share in shares]
-    assert max(sizes) - min(sizes) <= 1
-
-
-def test_an_epoch_split_over_two_ranks_and_two_workers_visits_every_sample_once(data_settings):
-    plan = make_plan(data_settings)
-    n_consumers = 4  # 2 ranks x 2 workers
-    for task in TASKS:
-        expected = sorted(s.id for s in iter_split(plan.split, task=task))
-        seen = []
-        for consumer in range(n_consumers):
-            stream = TaskStream(plan, consumer, n_consumers, task)
-            # Reading past the end of epoch 0 starts epoch 1 over the same share.
-            mine = []
-            while (sample := stream.next()) is not None and stream.epoch == 0:
-                mine.append(sample.id)
-            # The shards hold samples in key order (grouped by task): every consumer still gets each task.
-            assert mine, (task, consumer)
-            seen += mine
-        assert sorted(seen) == expected, task
+def test_each_task_stream_visits_every_sample_of_its_task_once_per_epoch(data_settings):
+    plan = make_plan(
+        data_settings,
+        {"data.packing": False, "data.curriculum": [{"name": "all", "task_weights": {t: 1 for t in TASKS}}]},
+    )
+    catalog = load_catalog(plan.split)
+    cursor = PlanCursor(plan, catalog)
+    drawn: dict[str, list[int]] = {task: [] for task in TASKS}
+    while any(len(drawn[t]) < 2 * len(m) for t, m in catalog.task_members().items()):
+        for (number,) in cursor.next_step():
+            drawn[TASKS[catalog.task[number]]].append(number)
+    for task, members in catalog.task_members().items():
+        n = len(members)
+        assert n > 0, task
+        # Epoch 0 and epoch 1 each hold every sample of the task once, in different orders.
+        assert sorted(drawn[task][:n]) == sorted(drawn[task][n : 2 * n]) == members.tolist()
+        assert drawn[task][:n] != drawn[task][n : 2 * n]
+    expected = sorted(s.id for s in iter_split(plan.split))
+    assert len(expected) == len(catalog)
 
 
 def test_the_stream_is_repeatable_and_resumes_exactly_from_a_saved_state(data_settings):
-    plan = make_plan(data_settings, {"data.shuffle_buffer": 4})
-    first = iter_micro_batches(plan, rank=0, world_size=1, slot=0, n_slots=1)
+    plan = make_plan(data_settings)
+    first = iter_micro_batches(plan)
     reference = [next(first) for _ in range(12)]
-    again = iter_micro_batches(plan, rank=0, world_size=1, slot=0, n_slots=1)
+    again = iter_micro_batches(plan)
     assert all(same_batches(a, b) for a, b in zip(reference, (next(again) for _ in range(12))))
     # Epochs wrapped at least once for some task, so resume crosses epoch boundaries too.
-    assert any(epoch > 0 for epoch, _ in reference[5].state.task_positions.values())
-    resumed = iter_micro_batches(plan, rank=0, world_size=1, slot=0, n_slots=1, state=reference[5].state)
+    assert any(epoch > 0 for epoch, _ in reference[5].data_state["tasks"].values())
+    json.dumps(reference[5].data_state)  # the state is plain JSON
+    resumed = iter_micro_batches(plan, state=reference[5].data_state)
     assert all(same_batches(a, b) for a, b in zip(reference[6:], (next(resumed) for _ in range(6))))
-    other_seed = iter_micro_batches(replace(plan, seed=plan.seed + 1), rank=0, world_size=1, slot=0, n_slots=1)
+    other_seed = iter_micro_batches(replace(plan, seed=plan.seed + 1))
     assert next(other_seed).sample_ids != reference[0].sample_ids
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
 def test_dataloader_workers_take_turns_and_a_resumed_loader_continues_the_same_sequence(data_settings):
-    plan = make_plan(data_settings, {"data.packing": False})
-    loader = iter(make_loader(TrainStream(plan, rank=0, world_size=1, num_workers=2), num_workers=2))
-    reference = [next(loader) for _ in range(7)]
-    assert [b.slot for b in reference] == [0, 1, 0, 1, 0, 1, 0]
-    assert not set(reference[0].sample_ids) & set(reference[1].sample_ids)
-    states = {}
-    for batch in reference[:5]:
-        states[batch.slot] = batch.state
-    resumed = iter(
-        make_loader(
-            TrainStream(plan, rank=0, world_size=1, num_workers=2, start_micro_batch=5, slot_states=states),
-            num_workers=2,
-        )
-    )
-    assert all(same_batches(a, next(resumed)) for a in reference[5:])
+    plan = make_plan(data_settings, {"data.packing": False, "optim.grad_accum_steps": 2})
+    single = iter_micro_batches(plan)
+    reference = [next(single) for _ in range(8)]
+    loader = iter(make_loader(TrainStream(plan, rank=0, num_workers=2), num_workers=2))
+    assert all(same_batches(a, next(loader)) for a in reference)
+    # Resumed after step 1 (micro-batches 0..3 consumed), with 3 workers this time.
+    resumed = iter(make_loader(TrainStream(plan, rank=0, num_workers=3, state=reference[3].data_state), num_workers=3))
+    assert all(same_batches(a, next(resumed)) for a in reference[4:])
 
 
 def test_stages_change_the_task_mix(data_settings):
@@ -121,7 +133,7 @@ def test_stages_change_the_task_mix(data_settings):
         {"name": "audio_later", "task_weights": {"a2t": 1, "t2a": 1}},
     ]
     plan = make_plan(data_settings, {"data.curriculum": curriculum, "data.packing": False, "optim.grad_accum_steps": 2})
-    stream = iter_micro_batches(plan, rank=0, world_size=1, slot=0, n_slots=1)
+    stream = iter_micro_batches(plan)
     tasks_by_step = [Counter(), Counter(), Counter(), Counter()]
     for micro_batch in range(8):
         tasks_by_step[micro_batch // 2].update(next(stream).task_counts)
@@ -176,7 +188,7 @@ def test_packed_micro_batches_hold_each_drawn_sample_whole_and_pad_less(data_set
     shares = {}
     for packing in (False, True):
         plan = make_plan(data_settings, {"seed": seed, "data.packing": packing})
-        stream = iter_micro_batches(plan, rank=0, world_size=1, slot=0, n_slots=1)
+        stream = iter_micro_batches(plan)
         batches = [next(stream) for _ in range(6)]
         shares[packing] = sum(b.n_pad_tokens for b in batches) / sum(b.input_ids.numel() for b in batches)
         for batch in batches:
@@ -189,14 +201,14 @@ def test_packed_micro_batches_hold_each_drawn_sample_whole_and_pad_less(data_set
 
 def test_samples_longer_than_a_block_are_passed_over_and_counted(data_settings):
     plan = make_plan(data_settings, {"data.block_size": 128})
-    stream = iter_micro_batches(plan, rank=0, world_size=1, slot=0, n_slots=1)
+    stream = iter_micro_batches(plan)
     batches = [next(stream) for _ in range(4)]
     assert all(b.input_ids.shape[1] == 128 for b in batches)
-    assert sum(batches[-1].state.skipped_overlong.values()) > 0
+    assert sum(batches[-1].data_state["skipped_overlong"].values()) > 0
     audio_only = [{"name": "audio", "task_weights": {"t2a": 1, "a2t": 1}}]
     too_short = make_plan(data_settings, {"data.block_size": 100, "data.curriculum": audio_only})
     with pytest.raises(LumoError, match="no sample of length <= block_size 100 for tasks"):
-        next(iter_micro_batches(too_short, rank=0, world_size=1, slot=0, n_slots=1))
+        next(iter_micro_batches(too_short))
 
 
 def test_shards_for_another_token_space_are_refused(data_settings, tmp_path):

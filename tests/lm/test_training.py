@@ -20,6 +20,7 @@ from lumo_core.errors import (
     MissingUpstreamError,
     TokenSpaceError,
 )
+from lumo_core.lm.data import merged_sample_ids
 from lumo_core.lm.model import apply_lora, build_model, new_token_ids
 from lumo_core.lm.train_config import load_train_config
 from lumo_core.lm.training import run_train
@@ -285,7 +286,13 @@ def test_two_processes_under_torchrun_train_on_disjoint_data_and_end_in_sync(tmp
         for rank in (0, 1)
     ]
     assert seen[0] and seen[1]
-    assert not set(seen[0]) & set(seen[1])
+    # Each step's global batch is cut between the ranks: micro-batch j is rank j's (lumo_core.lm.loader).
+    for rank in (0, 1):
+        lines = (ids_dir / f"rank-{rank:05d}.jsonl").read_text().splitlines()
+        assert [(json.loads(line)["step"], json.loads(line)["micro_batch"]) for line in lines] == [
+            (step, rank) for step in range(1, 5)
+        ]
+    assert sorted(merged_sample_ids(ids_dir)) == [1, 2, 3, 4]
     assert len(train_log(settings)) == 4
     assert Path(summary["checkpoint"], "model.safetensors").is_file()
 

@@ -34,7 +34,7 @@ from lumo_core.tokenize.energon_meta import (
 from lumo_core.tokenize.energon_meta import (
     main as energon_meta_main,
 )
-from lumo_core.tokenize.shards import SAMPLE_MEMBERS, SPLITS
+from lumo_core.tokenize.sample_layout import SAMPLE_MEMBERS, SPLITS
 from tests.tokenize.test_shard_readers import Built, assert_same_value, check_sample, hf_offline  # noqa: F401
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "energon.md"

@@ -85,19 +85,19 @@ def test_the_export_streams_the_same_micro_batches_and_resumes_the_same(exported
     space = TokenSpace.read(exported.layout.token_space)
     config = load_train_config(exported.train_config, {"data.shuffle_buffer": 4})
     pad = space.special_id("<|pad_mm|>")
-    shards_plan = BatchPlan.from_config(
-        config, open_split(exported.layout.tokenized_shards, "train", space.sha256), pad
-    )
-    jsonl_plan = replace(
-        shards_plan, split=open_jsonl_split(exported.output_dir / "tokenized_jsonl", "train", space.sha256)
-    )
     for rank, world_size in ((0, 1), (1, 2)):
-        reference = iter_micro_batches(shards_plan, rank, world_size, slot=0, n_slots=1)
+        shards_plan = BatchPlan.from_config(
+            config, open_split(exported.layout.tokenized_shards, "train", space.sha256), pad, world_size
+        )
+        jsonl_plan = replace(
+            shards_plan, split=open_jsonl_split(exported.output_dir / "tokenized_jsonl", "train", space.sha256)
+        )
+        reference = iter_micro_batches(shards_plan, rank)
         reference = [next(reference) for _ in range(8)]
-        stream = iter_micro_batches(jsonl_plan, rank, world_size, slot=0, n_slots=1)
+        stream = iter_micro_batches(jsonl_plan, rank)
         for a, b in zip(reference, stream):
             assert a.sample_ids == b.sample_ids and (a.input_ids == b.input_ids).all() and (a.labels == b.labels).all()
-        resumed = iter_micro_batches(jsonl_plan, rank, world_size, slot=0, n_slots=1, state=reference[3].state)
+        resumed = iter_micro_batches(jsonl_plan, rank, state=reference[3].data_state)
         assert [next(resumed).sample_ids for _ in range(4)] == [b.sample_ids for b in reference[4:]]
 
 
