@@ -18,6 +18,6 @@ EXECUTOR_CONFIG = yaml.safe_load(Path(__file__).with_name("executor.yaml").read_
 
 defs = build_definitions(
     LumoSettings.from_environment(),
-    LumoRunner(),
-    executor=celery_executor.configured(EXECUTOR_CONFIG, name="lumo_celery_executor"),
+    LumoRunner.from_environment(),
+    executor=celery_executor.configured(lambda _: EXECUTOR_CONFIG, name="lumo_celery_executor", config_schema={}),
 )

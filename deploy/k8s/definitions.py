@@ -18,6 +18,6 @@ EXECUTOR_CONFIG = yaml.safe_load(Path(__file__).with_name("executor.yaml").read_
 
 defs = build_definitions(
     LumoSettings.from_environment(),
-    LumoRunner(),
-    executor=k8s_job_executor.configured(EXECUTOR_CONFIG, name="lumo_k8s_job_executor"),
+    LumoRunner.from_environment(),
+    executor=k8s_job_executor.configured(lambda _: EXECUTOR_CONFIG, name="lumo_k8s_job_executor", config_schema={}),
 )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dagster import build_resources
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -188,9 +189,9 @@ def test_compose_code_location_runs_steps_in_the_gpu_image_it_builds(monkeypatch
     definitions_file = Path(code_server_cmd[code_server_cmd.index("--python-file") + 1])
     assert definitions_file == Path("/opt/lumo/docker/definitions.py")
     monkeypatch.setenv("LUMO_RUNNER_IMAGE", gpu_image)
-    runner = load_definitions(DOCKER / "definitions.py").resources["runner"].process_config_and_initialize()
-    assert runner.mode == "docker"
-    assert runner.image == gpu_image
+    with build_resources({"runner": load_definitions(DOCKER / "definitions.py").resources["runner"]}) as initialized:
+        assert initialized.runner.mode == "docker"
+        assert initialized.runner.image == gpu_image
 
 
 def test_webserver_publishes_on_loopback_unless_told_otherwise() -> None:
