@@ -194,11 +194,35 @@ def test_compose_code_location_runs_steps_in_the_gpu_image_it_builds(monkeypatch
         assert initialized.runner.image == gpu_image
 
 
-def test_webserver_publishes_on_loopback_unless_told_otherwise() -> None:
+def test_the_ui_is_published_only_through_the_login_proxy_on_loopback() -> None:
     services = load_compose(DOCKER / "compose.yaml")["services"]
-    (published,) = services["webserver"]["ports"]
-    assert published.startswith("${DAGSTER_WEBSERVER_BIND:-127.0.0.1}:")
-    assert "ports" not in services["postgres"], "PostgreSQL must stay on the compose network"
+    for proxy, webserver in (("ui_proxy", "webserver"), ("ui_proxy_viewers", "webserver_readonly")):
+        (published,) = services[proxy]["ports"]
+        assert published.startswith("${DAGSTER_WEBSERVER_BIND:-127.0.0.1}:"), published
+        assert services[proxy]["environment"]["LUMO_UI_UPSTREAM"] == f"{webserver}:3000"
+        template, htpasswd = services[proxy]["volumes"]
+        assert template.split(":")[0] == "./nginx/lumo-ui.conf.template"
+        assert (DOCKER / "nginx" / "lumo-ui.conf.template").is_file()
+        assert htpasswd.endswith(f":{services['ui_proxy']['environment']['LUMO_UI_HTPASSWD_FILE']}:ro")
+    for name, service in services.items():
+        if not name.startswith("ui_proxy"):
+            assert "ports" not in service, f"{name} must stay on the compose network"
+    assert "--read-only" in services["webserver_readonly"]["command"]
+    assert "--read-only" not in services["webserver"]["command"]
+    # The operators' login is required: compose refuses to start without its htpasswd file.
+    assert ":?" in services["ui_proxy"]["volumes"][1]
+
+
+def test_the_celery_broker_requires_a_password_that_the_urls_carry() -> None:
+    services = load_compose(ROOT / "deploy" / "celery" / "compose.yaml")["services"]
+    redis_command = " ".join(services["redis"]["command"])
+    assert "requirepass" in redis_command and "$$LUMO_REDIS_PASSWORD" in redis_command
+    assert services["redis"]["environment"]["LUMO_REDIS_PASSWORD"].startswith("${LUMO_REDIS_PASSWORD:?")
+    assert "REDISCLI_AUTH" in " ".join(services["redis"]["healthcheck"]["test"])
+    for name in ("lumo_code", "celery_worker", "celery_gpu_worker"):
+        environment = services[name]["environment"]
+        for variable in ("DAGSTER_CELERY_BROKER_URL", "DAGSTER_CELERY_BACKEND_URL"):
+            assert environment[variable].startswith("redis://:${LUMO_REDIS_PASSWORD:?"), (name, variable)
 
 
 def test_instance_config_passes_dagsters_schema_with_credentials_from_env(tmp_path: Path) -> None:
