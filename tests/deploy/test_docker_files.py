@@ -266,6 +266,8 @@ def test_compose_v1_accepts_the_compose_file(override: Path | None, tmp_path: Pa
         "LUMO_DATA_DIR": str(tmp_path),
         "LUMO_SMOKE_BASE_IMAGE": "lumo-test-base:x",
         "LUMO_DOCKER_SOCKET": str(tmp_path / "docker.sock"),
+        "LUMO_UI_HTPASSWD": str(tmp_path / "ui.htpasswd"),
+        "DAGSTER_WEBSERVER_PORT": "3999",
     }
     result = subprocess.run(
         [docker_compose, "-p", "lumo-check", *files, "config"],
@@ -282,3 +284,9 @@ def test_compose_v1_accepts_the_compose_file(override: Path | None, tmp_path: Pa
         assert config["services"]["postgres"]["image"].startswith("lumo-smoke-postgres:")
         assert f"{tmp_path / 'docker.sock'}:/var/run/docker.sock:rw" in config["services"]["lumo_code"]["volumes"]
         assert config["services"]["webserver"]["build"]["args"]["PYTHON_IMAGE"] == "lumo-test-base:x"
+        # The smoke run reaches the webserver directly; the login proxy is an image it cannot pull.
+        assert config["services"]["ui_proxy"]["profiles"] == ["login-proxy"]
+        assert config["services"]["webserver"]["ports"]
+    else:
+        assert f"{tmp_path / 'ui.htpasswd'}:/etc/nginx/lumo-ui.htpasswd:ro" in config["services"]["ui_proxy"]["volumes"]
+        assert "ports" not in config["services"]["webserver"]
