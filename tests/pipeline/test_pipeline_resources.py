@@ -13,7 +13,9 @@ import yaml
 from dagster import (
     DagsterInvalidConfigError,
     EnvVar,
+    MaterializeResult,
     PipesSubprocessClient,
+    asset,
     build_resources,
     materialize,
     validate_run_config,
@@ -22,6 +24,7 @@ from dagster import (
 import lumo_pipeline
 from lumo_core.errors import ConfigError
 from lumo_pipeline.assets import LUMO_ASSETS
+from lumo_pipeline.dagster_compat import DagsterPipesExecutionError
 from lumo_pipeline.definitions import build_definitions, pipeline_resources
 from lumo_pipeline.resources import SETTINGS_ENV_VARS, LumoSettings
 from lumo_pipeline.runner import (
@@ -30,8 +33,10 @@ from lumo_pipeline.runner import (
     RUNNER_ENV_PREFIX,
     DockerLaunch,
     LocalLaunch,
+    LumoCommandError,
     LumoRunner,
     build_launch,
+    failure_reason,
 )
 
 
@@ -280,3 +285,25 @@ def test_docker_launch_on_the_embedded_sample_shares_the_host_cache(clean_env, t
     assert launch.env["LUMO_CACHE_DIR"] == "/lumo/cache"
     [cache] = [m for m in launch.container_kwargs["mounts"] if m["Target"] == "/lumo/cache"]
     assert cache["Source"] == str(tmp_path / "cache") and not cache["ReadOnly"]
+
+
+def test_a_failed_commands_reason_comes_from_its_pipes_session(clean_env, tmp_path):
+    """The reason travels in the Pipes `closed` message the `lumo` process sends and is read by the
+    runner's own message reader, for this launch alone (the former lookup matched a
+    Dagster-internal engine-event prefix in the instance's event log)."""
+    settings = LumoSettings(output_dir=str(tmp_path / "outputs"), manifest=str(tmp_path / "missing.jsonl")).resolve()
+    caught: list[LumoCommandError] = []
+
+    @asset
+    def audit_missing_manifest(context) -> MaterializeResult:
+        try:
+            LumoRunner().run(context, ["audit-manifest"], settings, gpu=False)
+        except LumoCommandError as exc:
+            caught.append(exc)
+        return MaterializeResult()
+
+    assert materialize([audit_missing_manifest]).success
+    [error] = caught
+    assert error.reason == f"{tmp_path / 'missing.jsonl'}: manifest file not found"
+    assert failure_reason(error) == error.reason
+    assert isinstance(error.__cause__, DagsterPipesExecutionError)
