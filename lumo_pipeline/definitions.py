@@ -27,14 +27,15 @@ from lumo_pipeline.jobs import (
     reaudit_job,
     tokenization_job,
 )
-from lumo_pipeline.resources import LumoSettings
+from lumo_pipeline.resources import LumoSettings, fixed_by_deployment
 from lumo_pipeline.runner import LumoRunner
 
 
 def pipeline_resources(lumo: LumoSettings, runner: LumoRunner) -> dict[str, object]:
     """Every resource the assets and checks need: settings, runner, and the IO managers of the
-    tokenized_shards graph (which store nothing). Pass these to `materialize(LUMO_ASSETS, ...)`."""
-    return {"lumo": lumo, "runner": runner, **io_manager_resources()}
+    tokenized_shards graph (which store nothing). Pass these to `materialize(LUMO_ASSETS, ...)`.
+    Settings and runner are the deployment's: a run config cannot change them (docs/security.md)."""
+    return {"lumo": fixed_by_deployment(lumo), "runner": fixed_by_deployment(runner), **io_manager_resources()}
 
 
 def build_definitions(
@@ -52,4 +53,4 @@ def build_definitions(
     )
 
 
-defs = build_definitions(LumoSettings.from_environment(), LumoRunner())
+defs = build_definitions(LumoSettings.from_environment(), LumoRunner.from_environment())

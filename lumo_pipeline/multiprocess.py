@@ -17,4 +17,4 @@ from lumo_pipeline.definitions import build_definitions
 from lumo_pipeline.resources import LumoSettings
 from lumo_pipeline.runner import LumoRunner
 
-defs = build_definitions(LumoSettings.from_environment(), LumoRunner(), executor=multiprocess_executor)
+defs = build_definitions(LumoSettings.from_environment(), LumoRunner.from_environment(), executor=multiprocess_executor)

@@ -1,4 +1,5 @@
-"""The settings resource: docs/contract.md §2 as a Dagster resource.
+"""The settings resource (docs/contract.md §2 as a Dagster resource), and how the code location
+hands its resources to Dagster: fixed by the deployment, closed to run config.
 
 Every field is optional. A field bound to an environment variable uses `EnvVar`, so the UI shows
 where the value comes from; an unset variable is simply not bound (Dagster errors on an `EnvVar`
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from dagster import ConfigurableResource, EnvVar
+from dagster import ConfigurableResource, EnvVar, InitResourceContext, ResourceDefinition
 from pydantic import Field
 
 from lumo_core.config import Settings
@@ -53,3 +54,27 @@ class LumoSettings(ConfigurableResource):
                 if getattr(settings, name) is not None
             }
         )
+
+
+def fixed_by_deployment(resource: ConfigurableResource) -> ResourceDefinition:
+    """`resource` for Dagster with an empty config schema. A ConfigurableResource given to
+    Definitions as it is turns the values it was built with into run-config defaults, which any
+    launch may override: `resources.runner.config.env.PYTHONPATH` ran code in every step, `image`
+    and `extra_mounts` started any image with host folders. Here the values are the ones the code
+    location built from its environment, and a run config that sets any field is refused by
+    Dagster's config validation before a step runs. EnvVar fields still resolve in the process
+    that runs the step, as Dagster resolves them."""
+
+    def initialize(_context: InitResourceContext) -> ConfigurableResource:
+        # A copy, as Dagster hands each step its own; built directly, since Dagster's own
+        # initializer (process_config_and_initialize) opens an instance per call that is never closed.
+        values = {name: getattr(resource, name) for name in type(resource).model_fields}
+        return type(resource)(
+            **{name: value.get_value() if isinstance(value, EnvVar) else value for name, value in values.items()}
+        )
+
+    return ResourceDefinition(
+        resource_fn=initialize,
+        config_schema={},
+        description=f"{type(resource).__doc__} Set by the deployment, not by run config (docs/security.md).",
+    )

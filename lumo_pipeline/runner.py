@@ -4,8 +4,13 @@ Local mode starts `python -m lumo_core.cli <subcommand>` with the interpreter ru
 (same environment, no PATH lookup) through `PipesSubprocessClient`. Docker mode runs the same
 subcommand in the image through `dagster_docker.PipesDockerClient`: GPUs requested, the output
 folder mounted read-write, the manifest's and configs' folders read-only, the LUMO_* variables
-pointed at the container paths. Which mode runs is resource configuration, not code: run config
-`resources: {runner: {config: {mode: docker, image: ...}}}` (see run_configs/docker.yaml).
+pointed at the container paths.
+
+Which mode runs, in which image, with which environment, mounts and user is deployment
+configuration, not run configuration: the code location reads it at load from the LUMO_RUNNER_*
+variables or the YAML file LUMO_RUNNER_CONFIG names (`LumoRunner.from_environment`), and
+`lumo_pipeline.resources.fixed_by_deployment` gives the resource to Dagster with an empty config
+schema, so a launch that tries to set any of it is refused before a step runs (docs/security.md).
 
 `build_launch` returns the Pipes client together with everything it will be called with, so
 the container arguments can be checked without a Docker engine.
@@ -13,28 +18,38 @@ the container arguments can be checked without a Docker engine.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import sys
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import yaml
 from dagster import (
     ConfigurableResource,
     DagsterError,
-    DagsterEventType,
     PipesClientCompletedInvocation,
+    PipesMessageHandler,
+    PipesMessageReader,
     PipesSubprocessClient,
+    PipesTempFileMessageReader,
     PreviewWarning,
 )
 from dagster_pipes import DagsterPipesError
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from lumo_core.config import Settings, cache_root
+from lumo_core.errors import ConfigError
 from lumo_pipeline.dagster_compat import DagsterPipesExecutionError
+
+if TYPE_CHECKING:
+    from dagster_pipes import PipesMessage, PipesParams
 
 # Dagster's own Pipes message handler reads `PipesMessageReader.expected_writer_count`, a property
 # marked @preview, once per Pipes session: every `lumo` step and check printed a PreviewWarning
@@ -56,9 +71,16 @@ RUN_ID_LABEL = "lumo.run_id"
 STEP_LABEL = "lumo.step"
 COMMAND_LABEL = "lumo.command"
 
+# The deployment's runner settings: LUMO_RUNNER_<FIELD> for each field of LumoRunner (the mappings
+# `env` and `extra_mounts` as JSON objects), or a YAML mapping of the same fields in the file that
+# LUMO_RUNNER_CONFIG names; a variable wins over the file.
+RUNNER_ENV_PREFIX = "LUMO_RUNNER_"
+RUNNER_CONFIG_VAR = "LUMO_RUNNER_CONFIG"
+
 
 class LumoRunner(ConfigurableResource):
-    """How the `lumo` steps run: `local` (a subprocess in this environment) or `docker`."""
+    """How the `lumo` steps run: `local` (a subprocess in this environment) or `docker`. Fixed by
+    the deployment (`from_environment`), never by a run's config."""
 
     mode: Literal["local", "docker"] = Field(default="local", description="local subprocess or docker container")
     image: str = Field(
@@ -89,17 +111,70 @@ class LumoRunner(ConfigurableResource):
         default=True, description="docker mode: run as the host uid:gid so outputs stay owned by the user"
     )
 
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None, **defaults: Any) -> LumoRunner:
+        """The runner the deployment describes: `defaults` (what a code location fixes, such as
+        docker mode), then the LUMO_RUNNER_CONFIG file, then the LUMO_RUNNER_* variables."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = dict(defaults)
+        sources = {name: "the code location" for name in values}
+        if config_path := environ.get(RUNNER_CONFIG_VAR):
+            from_file = read_runner_config(Path(config_path))
+            values.update(from_file)
+            sources.update(dict.fromkeys(from_file, f"{config_path} ({RUNNER_CONFIG_VAR})"))
+        for name, info in cls.model_fields.items():
+            variable = f"{RUNNER_ENV_PREFIX}{name.upper()}"
+            raw = environ.get(variable)
+            if not raw:  # unset or empty: not given, as for the LUMO_* settings
+                continue
+            if info.annotation == dict[str, str]:
+                try:
+                    raw = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{variable}: not a JSON object ({exc})") from exc
+            values[name] = raw
+            sources[name] = variable
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{sources.get(str(item['loc'][0]), item['loc'][0]) if item['loc'] else '<root>'}: {item['msg']}"
+                for item in exc.errors()
+            )
+            raise ConfigError(f"runner deployment settings: {problems}") from exc
+
     def run(
         self, context: Any, subcommand: Sequence[str], settings: Settings, gpu: bool
     ) -> PipesClientCompletedInvocation:
+        launch = build_launch(self, settings, subcommand, gpu=gpu)
         try:
-            return build_launch(self, settings, subcommand, gpu=gpu).run(context)
+            return launch.run(context)
         # Local mode raises DagsterPipesExecutionError on a non-zero exit, docker mode DagsterPipesError.
         except (DagsterPipesExecutionError, DagsterPipesError) as exc:
-            reason = pipes_failure_reason(context)
+            reason = launch.client.message_reader.failure_reason
             if reason is None:
                 raise
             raise LumoCommandError(reason, str(exc)) from exc
+
+
+def read_runner_config(path: Path) -> dict[str, Any]:
+    """The LUMO_RUNNER_CONFIG file: a YAML mapping of LumoRunner's fields, unknown keys refused."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path} ({RUNNER_CONFIG_VAR}): cannot read: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} ({RUNNER_CONFIG_VAR}): not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} ({RUNNER_CONFIG_VAR}): expected a mapping of runner settings")
+    unknown = sorted(set(data) - set(LumoRunner.model_fields))
+    if unknown:
+        raise ConfigError(
+            f"{path} ({RUNNER_CONFIG_VAR}): unknown runner settings {unknown}; known: {sorted(LumoRunner.model_fields)}"
+        )
+    return data
 
 
 class LumoCommandError(DagsterPipesExecutionError):
@@ -116,40 +191,56 @@ def failure_reason(exc: BaseException) -> str:
     return exc.reason if isinstance(exc, LumoCommandError) else str(exc)
 
 
-# How the Dagster side of Pipes records an exception the external process closed Pipes with
-# (dagster._core.pipes.context.PipesMessageHandler._handle_closed): an engine event of the step,
-# holding the exception's class and message. `lumo` raises its LumoError inside the Reporter, that
-# is inside open_dagster_pipes, so the reason travels this way for every Pipes client (subprocess
-# and docker alike), without reading the process's stderr.
-PIPES_CLOSED_WITH_EXCEPTION = "[pipes] external process pipes closed with exception"
+class _ClosedExceptionRecorder:
+    """Stands in for the session's PipesMessageHandler in front of a message reader: every message
+    goes on to the handler; the exception a `closed` message carries is kept on the reader."""
+
+    def __init__(self, handler: PipesMessageHandler, reader: ReasonRecordingReader) -> None:
+        self._handler = handler
+        self._reader = reader
+
+    def handle_message(self, message: PipesMessage) -> None:
+        # dagster_pipes' `closed` message: params {"exception": {"name", "message", "stack", ...}}
+        # when the process left open_dagster_pipes by an exception; `lumo` raises its LumoError
+        # inside the Reporter, so the message is the command's one-line reason.
+        if message.get("method") == "closed":
+            exception = (message.get("params") or {}).get("exception")
+            if exception and exception.get("message"):
+                self._reader.failure_reason = exception_message(exception)
+        self._handler.handle_message(message)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only attributes this class lacks get here; `_handler` itself is absent only on a copy
+        # made without __init__, which must fail plainly rather than recurse.
+        if name == "_handler":
+            raise AttributeError(name)
+        return getattr(self._handler, name)
 
 
-def pipes_failure_reason(context: Any) -> str | None:
-    """The message of the exception the step's latest `lumo` process closed Pipes with, or None."""
-    try:
-        op_context = getattr(context, "op_execution_context", context)
-        step_key = op_context.get_step_execution_context().step.key
-        records = op_context.instance.get_records_for_run(
-            run_id=op_context.run_id, of_type=DagsterEventType.ENGINE_EVENT, ascending=False
-        ).records
-    except (AttributeError, DagsterError):  # a context without a step or an instance (a direct invocation): no reason
-        return None
-    for record in records:
-        entry = record.event_log_entry
-        if (
-            entry.step_key != step_key
-            or entry.dagster_event is None
-            or not entry.user_message.startswith(PIPES_CLOSED_WITH_EXCEPTION)
-        ):
-            continue
-        error = entry.dagster_event.engine_event_data.error
-        if error is None:
-            continue
-        # format_exception_only: "lumo_core.errors.LumoError: <reason>\n"
-        message = error.message.strip()
-        head, sep, rest = message.partition(": ")
-        return rest if sep and head.split(".")[-1] == error.cls_name else message
-    return None
+def exception_message(exception: Mapping[str, Any]) -> str:
+    """The message of a Pipes exception without its class: dagster_pipes sends
+    traceback.format_exception_only, "lumo_core.errors.LumoError: <reason>" plus a newline, and the class's
+    name apart."""
+    message = str(exception["message"]).strip()
+    head, sep, rest = message.partition(": ")
+    return rest if sep and head.split(".")[-1] == exception.get("name") else message
+
+
+class ReasonRecordingReader:
+    """Mixin for a Pipes message reader: keeps the message of the exception the external process
+    closed Pipes with (None until one arrives), read from the Pipes messages themselves."""
+
+    failure_reason: str | None = None
+
+    @contextmanager
+    def read_messages(self, handler: PipesMessageHandler) -> Iterator[PipesParams]:
+        self.failure_reason = None
+        with super().read_messages(_ClosedExceptionRecorder(handler, self)) as params:  # type: ignore[misc]
+            yield params
+
+
+class LocalMessageReader(ReasonRecordingReader, PipesTempFileMessageReader):
+    """PipesSubprocessClient's default reader, keeping the failure reason."""
 
 
 @dataclass(frozen=True)
@@ -209,7 +300,7 @@ def build_launch(
     """The Pipes client and the exact arguments it will be run with."""
     if runner.mode == "local":
         return LocalLaunch(
-            client=PipesSubprocessClient(),
+            client=PipesSubprocessClient(message_reader=LocalMessageReader()),
             command=[sys.executable, "-m", "lumo_core.cli", *subcommand],
             env={**settings.to_env(), **runner.env},
         )
@@ -266,12 +357,22 @@ def build_docker_launch(runner: LumoRunner, settings: Settings, subcommand: Sequ
     if runner.run_as_host_user:
         container_kwargs["user"] = f"{os.getuid()}:{os.getgid()}"
     return DockerLaunch(
-        client=PipesDockerClient(),
+        client=PipesDockerClient(message_reader=docker_message_reader_class()()),
         image=runner.image,
         command=["lumo", *subcommand],
         env={**env, **runner.env},
         container_kwargs=container_kwargs,
     )
+
+
+@functools.cache
+def docker_message_reader_class() -> type[PipesMessageReader]:
+    """PipesDockerClient's default reader (it reads the messages from the container's logs, and the
+    client checks for that class), keeping the failure reason. Built on first use: dagster_docker
+    is imported only in docker mode."""
+    from dagster_docker import PipesDockerLogsMessageReader
+
+    return type("DockerMessageReader", (ReasonRecordingReader, PipesDockerLogsMessageReader), {})
 
 
 def remove_launched_containers(context: Any, launch_id: str) -> None:

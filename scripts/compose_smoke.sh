@@ -44,7 +44,8 @@ port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
 export LUMO_SMOKE_BASE_IMAGE="$LUMO_TEST_BASE_IMAGE" LUMO_DOCKER_SOCKET="$socket" LUMO_IMAGE_TAG=smoke LUMO_RUNNER_GPUS=0 \
     DAGSTER_PG_USERNAME=dagster DAGSTER_PG_DB=dagster DAGSTER_PG_PASSWORD="$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')" \
     LUMO_DATA_DIR="$work/data" LUMO_UID="$(id -u)" LUMO_GID="$(id -g)" DOCKER_GID="$(stat -c %g "$socket")" \
-    DAGSTER_WEBSERVER_BIND=127.0.0.1 DAGSTER_WEBSERVER_PORT="$port"
+    DAGSTER_WEBSERVER_BIND=127.0.0.1 DAGSTER_WEBSERVER_PORT="$port" LUMO_UI_HTPASSWD="$work/ui.htpasswd"
+touch "$LUMO_UI_HTPASSWD"
 chown "$LUMO_UID:$LUMO_GID" "$work/data"
 
 down() {

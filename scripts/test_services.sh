@@ -4,6 +4,8 @@
 #     may create databases (tests/integration/test_postgres_instance.py makes one per run and drops it);
 #   - Debian's Chromium (tests/integration/test_ui_browser.py drives it headless; no browser download);
 #   - Debian's Redis server binary (tests/integration/test_celery_cluster.py starts its own broker with it);
+#   - Debian's nginx and apache2-utils' htpasswd (tests/integration/test_ui_login_proxy.py runs the
+#     compose login proxy's config with them, its own nginx on free loopback ports);
 #   - a Docker engine and the lumo-gpu image built on a local base (scripts/docker_engine.sh;
 #     tests/integration/test_docker_runner.py runs the steps in it).
 # Idempotent: installs only what is missing, starts the cluster and the engine only when they are
@@ -19,7 +21,7 @@ fi
 
 PG_ROLE=lumo_test
 # docker.io and debootstrap for scripts/docker_engine.sh, in the same apt run.
-PACKAGES=(postgresql chromium redis-server docker.io debootstrap)
+PACKAGES=(postgresql chromium redis-server nginx-light apache2-utils docker.io debootstrap)
 
 log() { echo "test_services: $*" >&2; }
 
@@ -67,4 +69,5 @@ echo "export LUMO_TEST_PG_DSN='postgresql://${PG_ROLE}:${pg_password}@127.0.0.1:
 echo "export LUMO_TEST_CHROMIUM='$(command -v chromium)'"
 # Debian starts a Redis service at install; the tests use their own server on a free port.
 echo "export LUMO_TEST_REDIS='$(command -v redis-server)'"
+echo "export LUMO_TEST_NGINX='$(command -v nginx || echo /usr/sbin/nginx)'"
 bash "$(dirname "$0")/docker_engine.sh" start

@@ -187,3 +187,34 @@ def test_gpu_pool_steps_go_to_the_queue_the_gpu_workers_serve() -> None:
     gpu_queue = gpu_command[gpu_command.index("--queue") + 1]
     queued = {name for name, op in asset_job_ops().items() if op.tags.get(DAGSTER_CELERY_QUEUE_TAG) == gpu_queue}
     assert queued == gpu_pool_steps()
+
+
+def test_celery_redelivers_no_step_that_can_still_be_running() -> None:
+    """Issue 22, finding 7: with `task_acks_late` and Redis, a task unacknowledged for the broker's
+    visibility timeout (1 h by default) is delivered again while it still runs. The timeout must be
+    set, and above the runs' time limit, which bounds every step."""
+    config_source = executor_config(CELERY_EXECUTOR)["config_source"]
+    assert config_source["task_acks_late"] is True
+    visibility_timeout = config_source["broker_transport_options"]["visibility_timeout"]
+    run_limit = yaml.safe_load((ROOT / "docker" / "dagster.yaml").read_text())["run_monitoring"]["max_runtime_seconds"]
+    assert run_limit > 3600, "the run limit must leave room for real trainings"
+    assert visibility_timeout > run_limit
+
+
+def test_launch_config_cannot_change_the_executors_pods_or_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The k8s executor's pod spec (step_k8s_config, per_step_k8s_config, job_image, volumes, env)
+    and the Celery executor's broker and worker settings are the code location's: a run config
+    that sets any of them is refused before any step runs, rather than silently ignored."""
+    from dagster import DagsterInvalidConfigError, validate_run_config
+
+    monkeypatch.setenv("DAGSTER_CELERY_BROKER_URL", "redis://:secret@redis:6379/0")
+    monkeypatch.setenv("DAGSTER_CELERY_BACKEND_URL", "redis://:secret@redis:6379/1")
+    attempts = {
+        "k8s": {"step_k8s_config": {"pod_spec_config": {"volumes": [{"name": "root", "host_path": {"path": "/"}}]}}},
+        "celery": {"broker": "redis://elsewhere:6379/0"},
+    }
+    for location, execution in attempts.items():
+        job = load_definitions(DEPLOY / location / "definitions.py").resolve_implicit_global_asset_job_def()
+        validate_run_config(job, {})
+        with pytest.raises(DagsterInvalidConfigError, match="Received unexpected config entry"):
+            validate_run_config(job, {"execution": {"config": execution}})

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dagster import build_resources
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -188,16 +189,40 @@ def test_compose_code_location_runs_steps_in_the_gpu_image_it_builds(monkeypatch
     definitions_file = Path(code_server_cmd[code_server_cmd.index("--python-file") + 1])
     assert definitions_file == Path("/opt/lumo/docker/definitions.py")
     monkeypatch.setenv("LUMO_RUNNER_IMAGE", gpu_image)
-    runner = load_definitions(DOCKER / "definitions.py").resources["runner"].process_config_and_initialize()
-    assert runner.mode == "docker"
-    assert runner.image == gpu_image
+    with build_resources({"runner": load_definitions(DOCKER / "definitions.py").resources["runner"]}) as initialized:
+        assert initialized.runner.mode == "docker"
+        assert initialized.runner.image == gpu_image
 
 
-def test_webserver_publishes_on_loopback_unless_told_otherwise() -> None:
+def test_the_ui_is_published_only_through_the_login_proxy_on_loopback() -> None:
     services = load_compose(DOCKER / "compose.yaml")["services"]
-    (published,) = services["webserver"]["ports"]
-    assert published.startswith("${DAGSTER_WEBSERVER_BIND:-127.0.0.1}:")
-    assert "ports" not in services["postgres"], "PostgreSQL must stay on the compose network"
+    for proxy, webserver in (("ui_proxy", "webserver"), ("ui_proxy_viewers", "webserver_readonly")):
+        (published,) = services[proxy]["ports"]
+        assert published.startswith("${DAGSTER_WEBSERVER_BIND:-127.0.0.1}:"), published
+        assert services[proxy]["environment"]["LUMO_UI_UPSTREAM"] == f"{webserver}:3000"
+        template, htpasswd = services[proxy]["volumes"]
+        assert template.split(":")[0] == "./nginx/lumo-ui.conf.template"
+        assert (DOCKER / "nginx" / "lumo-ui.conf.template").is_file()
+        assert htpasswd.endswith(f":{services['ui_proxy']['environment']['LUMO_UI_HTPASSWD_FILE']}:ro")
+    for name, service in services.items():
+        if not name.startswith("ui_proxy"):
+            assert "ports" not in service, f"{name} must stay on the compose network"
+    assert "--read-only" in services["webserver_readonly"]["command"]
+    assert "--read-only" not in services["webserver"]["command"]
+    # The operators' login is required: compose refuses to start without its htpasswd file.
+    assert ":?" in services["ui_proxy"]["volumes"][1]
+
+
+def test_the_celery_broker_requires_a_password_that_the_urls_carry() -> None:
+    services = load_compose(ROOT / "deploy" / "celery" / "compose.yaml")["services"]
+    redis_command = " ".join(services["redis"]["command"])
+    assert "requirepass" in redis_command and "$$LUMO_REDIS_PASSWORD" in redis_command
+    assert services["redis"]["environment"]["LUMO_REDIS_PASSWORD"].startswith("${LUMO_REDIS_PASSWORD:?")
+    assert "REDISCLI_AUTH" in " ".join(services["redis"]["healthcheck"]["test"])
+    for name in ("lumo_code", "celery_worker", "celery_gpu_worker"):
+        environment = services[name]["environment"]
+        for variable in ("DAGSTER_CELERY_BROKER_URL", "DAGSTER_CELERY_BACKEND_URL"):
+            assert environment[variable].startswith("redis://:${LUMO_REDIS_PASSWORD:?"), (name, variable)
 
 
 def test_instance_config_passes_dagsters_schema_with_credentials_from_env(tmp_path: Path) -> None:
@@ -241,6 +266,8 @@ def test_compose_v1_accepts_the_compose_file(override: Path | None, tmp_path: Pa
         "LUMO_DATA_DIR": str(tmp_path),
         "LUMO_SMOKE_BASE_IMAGE": "lumo-test-base:x",
         "LUMO_DOCKER_SOCKET": str(tmp_path / "docker.sock"),
+        "LUMO_UI_HTPASSWD": str(tmp_path / "ui.htpasswd"),
+        "DAGSTER_WEBSERVER_PORT": "3999",
     }
     result = subprocess.run(
         [docker_compose, "-p", "lumo-check", *files, "config"],
@@ -257,3 +284,9 @@ def test_compose_v1_accepts_the_compose_file(override: Path | None, tmp_path: Pa
         assert config["services"]["postgres"]["image"].startswith("lumo-smoke-postgres:")
         assert f"{tmp_path / 'docker.sock'}:/var/run/docker.sock:rw" in config["services"]["lumo_code"]["volumes"]
         assert config["services"]["webserver"]["build"]["args"]["PYTHON_IMAGE"] == "lumo-test-base:x"
+        # The smoke run reaches the webserver directly; the login proxy is an image it cannot pull.
+        assert config["services"]["ui_proxy"]["profiles"] == ["login-proxy"]
+        assert config["services"]["webserver"]["ports"]
+    else:
+        assert f"{tmp_path / 'ui.htpasswd'}:/etc/nginx/lumo-ui.htpasswd:ro" in config["services"]["ui_proxy"]["volumes"]
+        assert "ports" not in config["services"]["webserver"]

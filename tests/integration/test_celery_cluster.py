@@ -11,6 +11,7 @@ redis-server binary): `.ci/run` and `eval "$(scripts/test_services.sh)"` set bot
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -45,23 +46,15 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     if not server:
         pytest.skip('no Redis server binary: set LUMO_TEST_REDIS (eval "$(scripts/test_services.sh)" installs one)')
     port = free_port()
-    process = subprocess.Popen(
-        [
-            server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    # With a password, as deploy/celery/compose.yaml runs its broker; given in a config file that
+    # only this user can read, not on the command line where `ps` shows it.
+    password = secrets.token_hex(16)
+    config = tmp_path / "redis.conf"
+    config.touch(mode=0o600)
+    config.write_text(
+        f'port {port}\nbind 127.0.0.1\nsave ""\nappendonly no\ndir "{tmp_path}"\nrequirepass {password}\n'
     )
+    process = subprocess.Popen([server, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -70,7 +63,11 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
                 break
             except OSError:
                 time.sleep(0.1)
-        yield f"redis://127.0.0.1:{port}"
+        # Without the password the broker answers nothing but NOAUTH.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+            connection.sendall(b"PING\r\n")
+            assert connection.recv(256).startswith(b"-NOAUTH"), "the test broker must require its password"
+        yield f"redis://:{password}@127.0.0.1:{port}"
     finally:
         process.terminate()
         process.wait(timeout=20)

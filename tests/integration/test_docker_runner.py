@@ -171,13 +171,13 @@ def owned_folder(path: Path, inputs: Inputs) -> Path:
 def materialize_cli(
     engine: Engine, inputs: Inputs, work: Path, selection: str, train_config: Path | None = None, **popen: Any
 ) -> subprocess.Popen:
-    """`dagster asset materialize` with the runner in docker mode (run config, as a user gives
-    it), as inputs.uid, with `work/outputs` as the output folder; one instance (`home(inputs)`)
-    for every run."""
+    """`dagster asset materialize` with the runner in docker mode (the deployment's runner file,
+    LUMO_RUNNER_CONFIG, as a deployer gives it: no run config can set the runner), as inputs.uid,
+    with `work/outputs` as the output folder; one instance (`home(inputs)`) for every run."""
     if not home(inputs).exists():
         owned_folder(home(inputs), inputs)
-    run_config = work / "run.yaml"
-    run_config.write_text(yaml.safe_dump({"resources": {"runner": {"config": docker_runner(engine)}}}))
+    runner_config = work / "runner.yaml"
+    runner_config.write_text(yaml.safe_dump(docker_runner(engine)))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LUMO_", "DAGSTER_"))}
     env.update(
         DAGSTER_HOME=str(home(inputs)),
@@ -188,6 +188,7 @@ def materialize_cli(
         LUMO_MANIFEST=str(inputs.manifest),
         LUMO_UTI_CONFIG=str(inputs.uti_config),
         LUMO_TRAIN_CONFIG=str(train_config or inputs.train_config),
+        LUMO_RUNNER_CONFIG=str(runner_config),
     )
     as_user = (
         {"user": inputs.uid, "group": inputs.gid, "extra_groups": list(inputs.groups)}
@@ -195,7 +196,7 @@ def materialize_cli(
         else {}
     )
     process = subprocess.Popen(
-        [DAGSTER, "asset", "materialize", "-m", "lumo_pipeline", "--select", selection, "-c", str(run_config)],
+        [DAGSTER, "asset", "materialize", "-m", "lumo_pipeline", "--select", selection],
         cwd=work,
         env=env,
         stdout=subprocess.PIPE,
