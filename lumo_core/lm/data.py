@@ -98,9 +98,13 @@ def open_split(shards_dir: Path, split: str, token_space_sha256: str) -> SplitSh
     """Read index.json and refuse shards made for another token space than `token_space_sha256`
     (the token space the model is trained for)."""
     from lumo_core.tokenize.shard_index import read_index
+    from lumo_core.tokenize.staging import committed_build
 
     shards_dir = Path(shards_dir)
-    index = read_index(shards_dir)
+    # The build committed now, resolved once: every shard path below is of this build, which a
+    # rebuild keeps until the build after it (lumo_core.tokenize.staging).
+    build = committed_build(shards_dir)
+    index = read_index(build)
     recorded = index.get("token_space_sha256")
     if recorded != token_space_sha256:
         raise TokenSpaceError(
@@ -114,7 +118,7 @@ def open_split(shards_dir: Path, split: str, token_space_sha256: str) -> SplitSh
     entries = []
     first = 0
     for item in listed:
-        path = shards_dir / item["name"]
+        path = build / item["name"]
         if not path.is_file():
             raise MissingUpstreamError(
                 f"{path}: listed in index.json but missing: tokenize again: {rebuild_hint('tokenized_shards', 'lumo tokenize')}"
