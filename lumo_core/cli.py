@@ -139,6 +139,12 @@ def cmd_export_jsonl(settings: Settings, reporter: Reporter, args: argparse.Name
     return run_export_jsonl(settings, reporter, out_dir=args.out)
 
 
+def cmd_cache_prune(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
+    from lumo_core.tokenize.cache_prune import run_cache_prune
+
+    return run_cache_prune(settings, reporter, keep_days=args.keep_days, max_bytes=args.max_bytes)
+
+
 def cmd_bench_tokenize(settings: Settings, reporter: Reporter, args: argparse.Namespace) -> dict[str, Any]:
     from lumo_core.bench.tokenize import run_bench_tokenize
 
@@ -273,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, metavar="DIR", help="the export folder (default: LUMO_OUTPUT_DIR/tokenized_jsonl)"
     )
     export.set_defaults(handler=cmd_export_jsonl)
+    cache = sub.add_parser("cache", help="the token cache")
+    prune = cache.add_subparsers(dest="cache", required=True).add_parser(
+        "prune", parents=[common], help="remove token cache entries by age and size, oldest first"
+    )
+    prune.add_argument("--keep-days", type=float, metavar="N", help="remove entries written more than N days ago")
+    prune.add_argument("--max-bytes", type=int, metavar="N", help="then remove the oldest until at most N bytes remain")
+    prune.set_defaults(handler=cmd_cache_prune)
     from lumo_core.audit.registry import CHECKS
 
     check = sub.add_parser(

@@ -31,6 +31,7 @@ from lumo_core.tokenize.decode_workers import FAULTS_ENV, HANG_MAGIC, SIGKILL_MA
 from lumo_core.tokenize.manifest_audit import audit_manifest
 from lumo_core.tokenize.merge import merge_units
 from lumo_core.tokenize.run import tokenize, tokenize_unit
+from lumo_core.tokenize.staging import builds_root
 from tests.manifests import write_hostile_manifest
 from tests.tokenize.test_tokenization import DUMMY_CONFIG, _spooled_rows, run_lumo, shard_bytes
 from tests.tokenize.test_work_units import settings_for
@@ -80,10 +81,12 @@ def lumo_env(output_dir: Path, manifest: Path, config: Path, **extra: str) -> di
 def final_names_complete(root: Path, clean: Path, temporaries: bool = False) -> None:
     """Every shard under a final name is whole (equal to the clean run's); unless `temporaries`
     (what a kill -9 leaves: nothing could remove them), no temporary file is left either."""
-    for shard in root.glob("*/*.tar"):
-        assert shard.read_bytes() == (clean / shard.relative_to(root)).read_bytes(), shard
-    if not temporaries:
-        assert not list(root.glob("*/*.tmp")) and not list(root.glob(".*.tmp-*"))
+    # The committed build (through the contract paths) and every build folder beside it.
+    for folder in [root, *sorted(builds_root(root).glob("build-*"))]:
+        for shard in folder.glob("*/*.tar"):
+            assert shard.read_bytes() == (clean / shard.relative_to(folder)).read_bytes(), shard
+        if not temporaries:
+            assert not list(folder.glob("*/*.tmp")) and not list(folder.glob(".*.tmp-*"))
 
 
 # ---------------------------------------------------------------------- media workers
@@ -126,6 +129,11 @@ def _first(root: Path, pattern: str) -> bool:
     return any(root.glob(pattern))
 
 
+def _staged(out: Path, pattern: str) -> bool:
+    """A file of `pattern` in a build being written (the merge writes beside the committed build)."""
+    return any(builds_root(out / "tokenized_shards").glob(f"build-*/{pattern}"))
+
+
 # (phase, the command, what shows the phase has begun, what must still be absent after the kill)
 PHASES = {
     "spooling": (
@@ -135,17 +143,17 @@ PHASES = {
     ),
     "shard writing": (
         ("tokenize",),
-        lambda out: _first(out / "tokenized_shards", "train/shard-000002.tar*"),
+        lambda out: _staged(out, "train/shard-000002.tar*"),
         "tokenized_shards/index.json",
     ),
     "stats": (
         ("tokenize",),
-        lambda out: (out / "tokenized_shards" / "rejects.jsonl").exists(),
+        lambda out: _staged(out, "rejects.jsonl"),
         "tokenized_shards/stats.json",
     ),
     "index": (
         ("tokenize",),
-        lambda out: (out / "tokenized_shards" / "README.md").exists(),
+        lambda out: _staged(out, "README.md"),
         "tokenized_shards/index.json",
     ),
     "audit-manifest": (

@@ -29,6 +29,7 @@ from lumo_core.audit.tokenizer_checks import (
 from lumo_core.config import Settings, load_uti_config
 from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, sha256_hex
 from lumo_core.tokenize.shard_index import read_index
+from lumo_core.tokenize.staging import committed_build
 from lumo_core.uti.token_space import (
     AUDIO,
     IMAGE,
@@ -42,7 +43,8 @@ def audit_shards(settings: Settings, reporter: Any) -> dict[str, Any]:
     from lumo_core.uti.unified import UnifiedTokenizer
 
     config = load_uti_config(settings.uti_config)
-    shards_dir = settings.layout.tokenized_shards
+    # The build committed now, resolved once: every check reads this one build to the end.
+    shards_dir = committed_build(settings.layout.tokenized_shards)
     read_index(shards_dir)
     space = TokenSpace.read_output(settings.layout.token_space)
     out_dir = settings.layout.tokenized_audit

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from lumo_core.audit.checkpoint_checks import check_vocab_matches_token_space
@@ -27,6 +28,7 @@ from lumo_core.audit.tokenizer_checks import (
     check_tokenizers_deterministic,
 )
 from lumo_core.config import Settings, UTIConfig, load_uti_config
+from lumo_core.tokenize.staging import committed_build
 from lumo_core.uti.token_space import TokenSpace
 
 
@@ -43,8 +45,9 @@ class CheckSpec:
     needs_models: bool = False
 
 
-def _shards(settings: Settings):
-    return settings.layout.tokenized_shards
+def _shards(settings: Settings) -> Path:
+    """The committed build, resolved once per check (lumo_core.tokenize.staging)."""
+    return committed_build(settings.layout.tokenized_shards)
 
 
 def _space(settings: Settings) -> TokenSpace:

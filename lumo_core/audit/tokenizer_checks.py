@@ -14,7 +14,7 @@ from lumo_core.audit.outcome import MAX_LISTED, CheckOutcome, pick
 from lumo_core.audit.shard_checks import ShardScan, scan_shards
 from lumo_core.config import UTIConfig
 from lumo_core.errors import MissingUpstreamError, rebuild_hint
-from lumo_core.tokenize.sample_layout import npy_load
+from lumo_core.tokenize.sample_layout import check_sample_key, npy_load
 from lumo_core.tokenize.shard_index import iter_shard_samples
 from lumo_core.uti.token_space import AUDIO, IMAGE, TEXT, TokenSpace
 
@@ -162,6 +162,9 @@ def decode_spot_checks(
                 found[sample["__key__"]] = sample
     written = []
     for key in chosen:
+        # The key comes from a tar others may have written: it names a file here only when it
+        # is a plain sample key (lumo_core.uti.sequences.sample_key makes no other).
+        check_sample_key(key, shards_dir / shard_of[key])
         sample = found[key]
         info = json.loads(sample["json"])
         input_ids = npy_load(sample["input_ids.npy"])

@@ -75,8 +75,11 @@ def open_split(shards_dir: Path, split: str, token_space_sha256: str) -> SplitSh
     """Read index.json and refuse shards made for another token space than `token_space_sha256`
     (the token space the model is trained for)."""
     from lumo_core.tokenize.shard_index import read_index
+    from lumo_core.tokenize.staging import committed_build
 
-    shards_dir = Path(shards_dir)
+    # The build committed now, resolved once: every shard path below is of this build, which a
+    # rebuild keeps until the build after it (lumo_core.tokenize.staging).
+    shards_dir = committed_build(Path(shards_dir))
     index = read_index(shards_dir)
     recorded = index.get("token_space_sha256")
     if recorded != token_space_sha256:

@@ -14,6 +14,7 @@ from lumo_core.errors import DamagedFileError, LumoError, rebuild_hint
 from lumo_core.fileio import exclusive_lock, sha256_hex
 from lumo_core.tokenize.pipeline import cache_recipe_for
 from lumo_core.tokenize.spool import PAYLOAD_MAGIC, Spool
+from lumo_core.tokenize.staging import committed_build
 from lumo_core.tokenize.staleness import run_key_for, stale_reason
 from lumo_core.tokenize.token_cache import TokenCache
 from lumo_core.tokenize.units import unit_spool_path
@@ -83,7 +84,7 @@ class TokenizeRun:
         files are verified against index.json: every shard's size always, and every shard's
         sha256 (and the dataset card's) while the shards total at most FULL_HASH_MAX_BYTES;
         above that, the sha256 of a spread sample of HASH_SAMPLE_SHARDS shards."""
-        return stale_reason(self.out_dir, self.run_key)
+        return stale_reason(committed_build(self.out_dir), self.run_key)
 
     def discard_unit(self, unit: int) -> None:
         """Remove the unit's spool (with SQLite's side files), so the unit starts over."""

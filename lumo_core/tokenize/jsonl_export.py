@@ -32,6 +32,7 @@ from lumo_core.errors import LumoError
 from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, sha256_hex
 from lumo_core.tokenize.sample_layout import SPLITS, json_text, npy_load
 from lumo_core.tokenize.shard_index import iter_shard_samples, read_index
+from lumo_core.tokenize.staging import builds_root, committed_build
 from lumo_core.uti.sequences import token_sha256
 
 FORMAT = "lumo-tokenized-jsonl"
@@ -118,7 +119,9 @@ def _export_split(
 def export_jsonl(shards_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Write every split of the shard set in `shards_dir` as tokenized JSONL into `out_dir`;
     returns the index it wrote last."""
-    shards_dir, out_dir = Path(shards_dir), Path(out_dir)
+    _refuse_foreign_target(Path(shards_dir), Path(out_dir))
+    # The build committed now, resolved once: a rebuild that switches meanwhile changes nothing here.
+    shards_dir, out_dir = committed_build(Path(shards_dir)), Path(out_dir)
     index = read_index(shards_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Readers trust the files only while index.json names them: drop it before rewriting them.
@@ -137,6 +140,25 @@ def export_jsonl(shards_dir: Path, out_dir: Path) -> dict[str, Any]:
     }
     atomic_write_bytes(out_dir / INDEX, canonical_json_bytes(export))
     return export
+
+
+def _refuse_foreign_target(shards_dir: Path, out_dir: Path) -> None:
+    """The export replaces its folder's index.json: refuse a folder whose index.json is not an
+    export's (`--out` naming the shards folder would decommit the shards), and any folder inside
+    the shards folder or its builds."""
+    target = out_dir.resolve()
+    for protected in (shards_dir, builds_root(shards_dir)):
+        if target == protected.resolve() or protected.resolve() in target.parents:
+            raise LumoError(
+                f"--out {out_dir}: inside the tokenized shards ({protected}): refusing to replace it: choose another --out"
+            )
+    if (out_dir / INDEX).exists() or (out_dir / INDEX).is_symlink():
+        try:
+            read_export_index(out_dir)
+        except LumoError as exc:
+            raise LumoError(
+                f"--out {out_dir}: its {INDEX} is not a {FORMAT} index ({exc}): refusing to replace it: choose another --out"
+            ) from None
 
 
 def read_export_index(folder: Path) -> dict[str, Any]:

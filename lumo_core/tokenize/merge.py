@@ -1,5 +1,6 @@
 """The merge: every unit's spool read in key order into the shards, rejects.jsonl, stats.json,
-the dataset card and index.json (last: the commit point), under the shards folder's lock."""
+the dataset card and index.json (last), under the shards folder's lock, all in a staging build
+folder; then one switch commits the build (lumo_core.tokenize.staging)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from lumo_core.errors import DamagedFileError, LumoError, rebuild_hint
 from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, exclusive_lock, sha256_hex
-from lumo_core.tokenize.dataset_card import dataset_card, write_dataset_card
+from lumo_core.tokenize.dataset_card import CARD_NAME, dataset_card, write_dataset_card
 from lumo_core.tokenize.pipeline import PIPELINE_VERSION
 from lumo_core.tokenize.sample_index import write_sample_indexes
 from lumo_core.tokenize.sample_layout import SPLITS
 from lumo_core.tokenize.shard_index import INDEX_FORMAT_VERSION, write_index
-from lumo_core.tokenize.shard_writer import clear_outputs, write_split_shards
+from lumo_core.tokenize.shard_writer import write_split_shards
 from lumo_core.tokenize.spool import SOURCE_COUNTS, MergedSpool, Spool
+from lumo_core.tokenize.staging import fault_point, prune_builds, staging_build, switch_to
 from lumo_core.tokenize.stats import compute_stats
 from lumo_core.tokenize.unit_processes import ranges
 from lumo_core.tokenize.units import unit_spool_path
@@ -36,10 +38,6 @@ def merge_units(run: TokenizeRun, reporter: Reporter) -> dict[str, Any]:
 def _merge_locked(run: TokenizeRun, reporter: Reporter) -> dict[str, Any]:
     from lumo_core.tokenize.manifest import count_lines
 
-    # What a killed writer left under temporary names (the lock says no writer is left).
-    for leftover in [*run.out_dir.glob(".*.tmp-*"), *run.out_dir.glob("*/*.tar.tmp")]:
-        leftover.unlink(missing_ok=True)
-
     if not run.force and run.up_to_date():
         reporter.log("shards are up to date with the manifest, config and token space: nothing to do")
         return summarize(run.out_dir, reused=True)
@@ -48,12 +46,15 @@ def _merge_locked(run: TokenizeRun, reporter: Reporter) -> dict[str, Any]:
         raise LumoError(
             f"{len(missing)} of {run.n_units} work units are not complete ({ranges(missing)}): run them first: {rebuild_hint('tokenized_shards', 'lumo tokenize --unit K, or lumo tokenize')}"
         )
-    out_dir = run.out_dir
-    merge_marker = run.work_dir / "merge.json"
-    # Shards of another build must not be reused under their names: clear them once per build.
-    if run.force or not merge_marker.is_file() or json.loads(merge_marker.read_bytes()).get("run_key") != run.run_key:
-        clear_outputs(out_dir)
-        atomic_write_bytes(merge_marker, canonical_json_bytes({"run_key": run.run_key}))
+    # The new build goes into a folder of its own; the committed one stays readable until the
+    # switch (lumo_core.tokenize.staging). A forced build starts a new folder; an unforced one
+    # goes on in the folder a stopped merge of the same run key left.
+    build = staging_build(run.out_dir, run.run_key, run.work_dir / "merge.json", fresh=run.force)
+    prune_builds(run.out_dir, also_keep=build.name)
+    # What a killed writer left under temporary names (the lock says no writer is left).
+    for leftover in [*build.glob(".*.tmp-*"), *build.glob("*/*.tar.tmp")]:
+        leftover.unlink(missing_ok=True)
+    fault_point("staged")
     spools: list[Spool] = []
     try:
         for unit in range(run.n_units):
@@ -63,11 +64,11 @@ def _merge_locked(run: TokenizeRun, reporter: Reporter) -> dict[str, Any]:
         config = run.config
         split_summaries = {
             split: write_split_shards(
-                merged, out_dir, split, config.shards.max_samples_per_shard, config.shards.max_bytes_per_shard, reporter
+                merged, build, split, config.shards.max_samples_per_shard, config.shards.max_bytes_per_shard, reporter
             )
             for split in SPLITS
         }
-        write_sample_indexes(out_dir, split_summaries)
+        write_sample_indexes(build, split_summaries)
     except DamagedFileError as exc:
         # Never half-used: the damaged unit is dropped, to be tokenized again by the next run.
         for spool in spools:
@@ -79,8 +80,9 @@ def _merge_locked(run: TokenizeRun, reporter: Reporter) -> dict[str, Any]:
             f"work unit {unit}'s spool is damaged ({exc}); it was removed and no shard was committed: "
             f"run `lumo tokenize` (or `lumo tokenize --unit {unit}`, then --merge) again to rebuild it"
         ) from exc
-    write_rejects(out_dir, merged)
-    atomic_write_bytes(out_dir / "stats.json", canonical_json_bytes(compute_stats(merged, run.space)))
+    write_rejects(build, merged)
+    fault_point("stats", build / "stats.json")
+    atomic_write_bytes(build / "stats.json", canonical_json_bytes(compute_stats(merged, run.space)))
     n_samples = merged.count()
     n_rejected = sum(1 for _ in merged.iter_rejects())
     counts = {name: sum(spool.get_count(name) for spool in spools) for name in SOURCE_COUNTS}
@@ -98,10 +100,11 @@ def _merge_locked(run: TokenizeRun, reporter: Reporter) -> dict[str, Any]:
     }
     # The dataset card (the splits for `load_dataset(<folder>)`) goes in before the commit point,
     # which lists it.
-    index["card"] = write_dataset_card(out_dir, dataset_card(index, run.space, _task_counts(merged), PIPELINE_VERSION))
+    fault_point("card", build / CARD_NAME)
+    index["card"] = write_dataset_card(build, dataset_card(index, run.space, _task_counts(merged), PIPELINE_VERSION))
     settings = run.settings
     atomic_write_bytes(
-        out_dir / "run.json",
+        build / "run.json",
         canonical_json_bytes(
             {
                 "run_key": run.run_key,
@@ -113,7 +116,10 @@ def _merge_locked(run: TokenizeRun, reporter: Reporter) -> dict[str, Any]:
             }
         ),
     )
-    write_index(out_dir, index)
+    fault_point("index", build / "index.json")
+    write_index(build, index)
+    # The commit: every contract path now reads the new build.
+    switch_to(run.out_dir, build)
     for spool in spools:
         spool.close()
     shutil.rmtree(run.work_dir, ignore_errors=True)
@@ -122,7 +128,7 @@ def _merge_locked(run: TokenizeRun, reporter: Reporter) -> dict[str, Any]:
         f"{counts['rows_encoded']} rows encoded, {counts['rows_from_cache']} from the cache"
     )
     return {
-        **summarize(out_dir, reused=False, reused_shards=sum(s["reused_shards"] for s in split_summaries.values())),
+        **summarize(run.out_dir, reused=False, reused_shards=sum(s["reused_shards"] for s in split_summaries.values())),
         **counts,
     }
 

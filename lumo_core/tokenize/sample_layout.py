@@ -5,11 +5,27 @@ from __future__ import annotations
 
 import io
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lumo_core.errors import DamagedFileError
+
 SPLITS = ("train", "eval")
+# A sample's key (its tar members' name before the first dot), as lumo_core.uti.sequences.sample_key
+# makes it: safe characters and a 12-hex hash of the id.
+SAMPLE_KEY = re.compile(r"[A-Za-z0-9_-]{0,80}-[0-9a-f]{12}")
+
+
+def check_sample_key(key: object, where: Path) -> str:
+    """`key` when it is a sample key; DamagedFileError naming `where` (its shard) if not: keys read
+    from a shard name files (decode spot-checks), so `/`, `..` or anything else is refused."""
+    if not isinstance(key, str) or not SAMPLE_KEY.fullmatch(key):
+        raise DamagedFileError(where, f"sample key {key!r} is not a Lumo sample key")
+    return key
+
 
 # ----------------------------------------------------------------- the sample layout
 # Every sample of every task has the same members and the same JSON schema, with typed empty

@@ -8,15 +8,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lumo_core.fileio import file_sha256, raise_if_out_of_space
-from lumo_core.tokenize.dataset_card import CARD_NAME
-from lumo_core.tokenize.sample_layout import SPLITS
 from lumo_core.tokenize.shard_index import index_entry
+from lumo_core.tokenize.staging import fault_point
 
 if TYPE_CHECKING:
     from lumo_core.reporting import Reporter
@@ -52,6 +50,7 @@ def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None
     try:
         with open(tmp, "wb") as stream:
             writer = webdataset.TarWriter(stream, mtime=SHARD_MTIME, encoder=False)
+            fault_point("shard")
             for key, members in samples:
                 writer.write({"__key__": key, **members})
             writer.close()
@@ -155,12 +154,3 @@ def commit_shard(
     if reporter is not None:
         reporter.log(f"{split}: shard {number + 1}/{n_planned} {'reused' if already_complete else 'written'}")
     return index_entry(name, path, len(batch), n_tokens), already_complete
-
-
-def clear_outputs(out_dir: Path) -> None:
-    """Remove a previous run's outputs, the commit point first."""
-    (out_dir / "index.json").unlink(missing_ok=True)
-    for name in ("stats.json", "rejects.jsonl", "run.json", CARD_NAME):
-        (out_dir / name).unlink(missing_ok=True)
-    for split in SPLITS:
-        shutil.rmtree(out_dir / split, ignore_errors=True)

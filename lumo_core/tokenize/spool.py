@@ -87,6 +87,12 @@ class Spool:
             self._create()
         except sqlite3.DatabaseError as exc:
             self._db.close()
+            # A full disk while the spool is created is no damage: say what it is (SQLite writes
+            # at least a page, 4096 bytes).
+            if "full" in str(exc):
+                raise_if_out_of_space(
+                    OSError(errno.ENOSPC, str(exc)), path, 4096, kept="the spool holds its earlier rows"
+                )
             raise DamagedFileError(path, f"not a readable spool ({exc})") from exc
 
     def verify(self) -> None:

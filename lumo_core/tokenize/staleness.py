@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 from lumo_core.config import UTIConfig
+from lumo_core.errors import DamagedFileError
 from lumo_core.fileio import canonical_json_bytes, file_sha256, sha256_hex
 from lumo_core.tokenize.pipeline import PIPELINE_VERSION
 from lumo_core.tokenize.sample_layout import SPLITS
-from lumo_core.tokenize.shard_index import INDEX_FORMAT_VERSION
+from lumo_core.tokenize.shard_index import INDEX_FORMAT_VERSION, check_index_names
 
 # Verifying the shards before "up to date": sha256 runs at about 1.3 GB/s on one core of the
 # 2-core CI machine (measured: 256 MiB hashed in 0.19 s), so hashing every shard of up to 2 GiB
@@ -48,6 +49,7 @@ def stale_reason(out_dir: Path, run_key: str) -> str | None:
     try:
         recorded_key = json.loads(run_file.read_bytes()).get("run_key")
         index = json.loads(index_file.read_bytes())
+        check_index_names(index, index_file)
         version = index.get("format_version")
         entries = (
             [entry for split in SPLITS for entry in index["splits"][split]["shards"]]
@@ -59,7 +61,7 @@ def stale_reason(out_dir: Path, run_key: str) -> str | None:
                 isinstance(entry["name"], str) and isinstance(entry["size"], int) and isinstance(entry["sha256"], str)
             ):
                 raise TypeError(f"shard entry {entry!r}")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, DamagedFileError) as exc:
         return f"index.json or run.json is damaged ({type(exc).__name__}: {exc})"
     if recorded_key != run_key:
         return "the manifest, config or token space changed"

@@ -136,3 +136,20 @@ def test_bad_jsonl_is_refused_with_the_file_and_line(exported, tmp_path, capsys)
         open_jsonl_split(exported.output_dir / "tokenized_jsonl", "train", "0" * 64)
     with pytest.raises(LumoError, match="no such file"):
         open_jsonl_split(tmp_path / "missing.jsonl", "train", space.sha256)
+
+
+def test_export_never_replaces_the_index_of_a_shard_set(exported, tmp_path, capsys):
+    """`--out` naming the shards folder, or any folder whose index.json is not an export's, is
+    refused before anything is written: the shards stay committed."""
+    shards_dir = exported.layout.tokenized_shards
+    before = (shards_dir / "index.json").read_bytes()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "index.json").write_bytes(b'{"something": "else"}')
+    for target in (shards_dir, other):
+        assert main(["export-jsonl", "--output-dir", str(exported.output_dir), "--out", str(target)]) == 2
+        error = capsys.readouterr().err
+        assert "refusing to replace it" in error and "choose another --out" in error, error
+    assert (shards_dir / "index.json").read_bytes() == before
+    assert (other / "index.json").read_bytes() == b'{"something": "else"}'
+    assert sorted(p.name for p in other.iterdir()) == ["index.json"]
