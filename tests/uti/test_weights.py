@@ -147,7 +147,11 @@ def test_vq_weights_changed_in_place_rebuild_the_shards_with_other_codes(tmp_pat
     from lumo_core.sample_data import ensure_sample_manifest
     from tests.tokenize.test_tokenization import run_lumo
 
-    manifest = ensure_sample_manifest(tmp_path / "sample")
+    sample = ensure_sample_manifest(tmp_path / "sample")
+    # The sample's image rows only (beside it, so their relative paths still resolve).
+    image_rows = [line for line in sample.read_text().splitlines() if json.loads(line)["task"] in ("t2i", "i2t")]
+    manifest = sample.parent / "images.jsonl"
+    manifest.write_text("\n".join(image_rows[:12]) + "\n")
     config = local_vq_config(tmp_path, vq_folder)
     out = tmp_path / "out"
     run = {"output_dir": out, "manifest": manifest, "config": config}
@@ -159,6 +163,9 @@ def test_vq_weights_changed_in_place_rebuild_the_shards_with_other_codes(tmp_pat
     assert "up to date" in again.stdout + again.stderr
 
     permute_codebook(vq_folder)
+    # The recorded token space no longer names the loaded weights: tokenize refuses to mix them.
+    refused = run_lumo("tokenize", **run, check=False)
+    assert refused.returncode != 0 and "differs from" in refused.stderr and "lumo token-space" in refused.stderr
     run_lumo("token-space", **run)
     rebuilt = run_lumo("tokenize", **run)
     assert "up to date" not in rebuilt.stdout + rebuilt.stderr
