@@ -153,10 +153,10 @@ class LimitsConfig(StrictModel):
     image_formats: list[str] = Field(
         default_factory=lambda: ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"], min_length=1
     )
-    # Address-space limit (RLIMIT_AS) of each media decoder worker: a decoder that asks for
-    # more gets a MemoryError, and its row is rejected, instead of the machine swapping. None: no
-    # limit. Must leave room for the interpreter and the decoders' libraries (about 0.4 GB).
-    decoder_memory_bytes: int | None = Field(default=4 << 30, ge=1 << 30)
+    # Address space (RLIMIT_AS) each media decoder worker may map beyond what it holds once
+    # started: a decoder that asks for more gets a MemoryError, and its row is rejected, instead
+    # of the machine swapping. None: no limit.
+    decoder_memory_bytes: int | None = Field(default=4 << 30, ge=64 << 20)
 
     @field_validator("image_formats")
     @classmethod

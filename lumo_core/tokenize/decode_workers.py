@@ -10,8 +10,10 @@ Either way the item's result is what `fault(item, code, detail)` makes of it (a 
 
 The deadline counts from the moment an item is sent to a worker that has finished starting
 (imports, initializer), so a slow start is never blamed on a file. A worker's address space may
-be capped (`memory_limit_bytes`, RLIMIT_AS, set before its initializer runs): a decoder that asks
-for more gets a MemoryError, which the task turns into its item's reject.
+be capped (`memory_limit_bytes`, RLIMIT_AS): once it has started, it may map that many bytes more
+than it then holds, and a decoder that asks for more gets a MemoryError, which the task turns into
+its item's reject. Counting from the started worker keeps the setting independent of the machine:
+the libraries' own reservations (a BLAS thread pool sized by the core count) are not a file's.
 
 Testing hook: with the environment variable LUMO_TESTING_DECODER_FAULTS=1 (and only then), a
 worker given a media file whose bytes start with `LUMO-TEST-HANG` sleeps forever, and one whose
@@ -72,6 +74,21 @@ def out_of_memory(path: object, limit_bytes: int | None) -> DecoderFailedError:
     )
 
 
+def _limit_address_space(extra_bytes: int) -> None:
+    """RLIMIT_AS at what this process maps now plus `extra_bytes` (Linux: /proc; elsewhere the
+    kernel does not enforce RLIMIT_AS, and nothing is set)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            size_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError):
+        return
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    limit = size_kb * 1024 + extra_bytes
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
 def _serve(
     conn: Connection,
     initializer: Callable[..., None],
@@ -81,8 +98,7 @@ def _serve(
 ) -> None:
     """A worker's life: start, say ready, then one item at a time until told to stop (None) or
     the parent is gone (EOF)."""
-    if memory_limit_bytes is not None:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+
     # The parent decides when a run stops. Ctrl-C and a SIGTERM to the whole process group reach
     # the workers too: were a worker to die of them first, the parent would record its row as
     # `decoder_crashed` before stopping itself. The parent kills its workers as it stops, and a
@@ -90,6 +106,8 @@ def _serve(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     initializer(*initargs)
+    if memory_limit_bytes is not None:
+        _limit_address_space(memory_limit_bytes)
     conn.send(("ready", None, None))
     while True:
         try:

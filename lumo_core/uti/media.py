@@ -97,8 +97,11 @@ def read_media(path: str | os.PathLike, max_bytes: int) -> bytes:
             raise MediaTooLargeError(path, f"{info.st_size} bytes exceeds limits.max_media_bytes ({max_bytes})")
         with os.fdopen(fd, "rb", closefd=False) as handle:
             os.set_blocking(fd, True)
-            # One byte more than allowed: a file that grew since fstat is caught, not truncated.
-            data = handle.read(max_bytes + 1)
+            # One byte more than fstat said (the buffer is allocated up front, so never the
+            # limit itself): a file that grew since is caught below, not truncated.
+            data = handle.read(info.st_size + 1)
+            if len(data) > info.st_size:
+                data += handle.read(max_bytes + 1 - len(data))
     finally:
         os.close(fd)
     if len(data) > max_bytes:
