@@ -44,7 +44,7 @@ def weights_identity(path: str | os.PathLike, revision: str | None = None) -> di
     if not is_local(text):
         if revision is None:
             raise AdapterLoadError(
-                f"{text} is a hub name without a pinned revision: set `revision` (a 40-hex commit sha) "
+                f"{text} is no local folder, so it is read as a hub name, and has no pinned revision: set `revision` (a 40-hex commit sha) "
                 "beside its `path` in tokenizers, so the token space names the weights it was made with"
             )
         return {"hub_revision": revision}

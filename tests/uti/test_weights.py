@@ -173,3 +173,10 @@ def test_vq_weights_changed_in_place_rebuild_the_shards_with_other_codes(tmp_pat
     ids_after = image_ids(out)
     assert ids_after.keys() == ids_before.keys() and ids_before
     assert all(not np.array_equal(ids_after[key], ids_before[key]) for key in ids_before)
+
+
+def test_a_hub_model_without_a_revision_is_refused_before_any_download() -> None:
+    from lumo_core.uti.adapters.vq import VQImageAdapter
+
+    with pytest.raises(AdapterLoadError, match="read as a hub name, which needs a pinned `revision`"):
+        VQImageAdapter("some-org/some-vq-model", "vq", "cpu")

@@ -207,7 +207,8 @@ def _from_pretrained(loader: Any, path: str, what: str, revision: str | None = N
             # Before any download: an unpinned hub model would leave the token space naming a
             # branch, not the weights (lumo_core.uti.weights).
             raise AdapterLoadError(
-                f"cannot load the {what} {path}: a hub name needs a pinned `revision` (a 40-hex commit sha) beside its `path`"
+                f"cannot load the {what} {path}: no such local folder, so it is read as a hub name, "
+                "which needs a pinned `revision` (a 40-hex commit sha) beside its `path`"
             )
         kwargs["revision"] = revision
     try:
