@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -47,17 +47,26 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# A hub model loads only at a pinned commit (docs/contract.md §8): a branch or tag can move, and
+# the token space would then name weights other than the ones that made the ids. Local folders
+# and builtins are named by the sha256 of their files instead (lumo_core.uti.weights).
+def _hub_revision() -> Any:
+    return Field(default=None, pattern=r"^[0-9a-f]{40}$", description="hub models: the commit sha to load")
+
+
 class TextTokenizerConfig(StrictModel):
     kind: Literal["hf", "dummy"] = "hf"
     # A local folder, a hub name (online machines only) or `builtin:<name>` (built here from a
     # fixed seed, see lumo_core.uti.embedded).
     path: str = "builtin:bpe-tiny"
+    revision: str | None = _hub_revision()
     vocab_size: int | None = Field(default=None, description="dummy adapter only")
 
 
 class ImageTokenizerConfig(StrictModel):
     kind: Literal["vq", "seed", "dummy"] = "vq"
     path: str = "builtin:vq-tiny"
+    revision: str | None = _hub_revision()
     # SEED only: where its model code lives (not on the package index) and the unCLIP decoder.
     model_code_path: str | None = None
     unclip_path: str | None = None
@@ -74,6 +83,7 @@ class ImageTokenizerConfig(StrictModel):
 class AudioTokenizerConfig(StrictModel):
     kind: Literal["encodec", "dummy"] = "encodec"
     path: str = "builtin:encodec-24khz-tiny"
+    revision: str | None = _hub_revision()
     bandwidth: float | None = Field(default=None, description="kbps; picks n_codebooks")
     n_codebooks: int | None = None
     # dummy adapter only
@@ -131,6 +141,33 @@ class LimitsConfig(StrictModel):
     max_line_bytes: int = Field(default=1 << 20, gt=0)
     max_json_depth: int = Field(default=64, gt=0, le=500)
     max_caption_chars: int = Field(default=100_000, gt=0)
+    # A media file is read whole into memory once, then hashed and decoded from those bytes.
+    max_media_bytes: int = Field(default=256 << 20, gt=0)
+    # Checked in the audio header before decoding: a few-kB FLAC may declare 650 kHz x 8
+    # channels, about 630 MB of float32 once decoded. max_audio_samples bounds frames x channels
+    # (the decoded size: 4 bytes each); the defaults admit 30 s of 192 kHz stereo or 48 kHz 7.1.
+    max_audio_sample_rate: int = Field(default=192_000, gt=0)
+    max_audio_channels: int = Field(default=8, gt=0)
+    max_audio_samples: int = Field(default=16_000_000, gt=0)
+    # The Pillow formats a manifest may reach: every other format's parser never runs.
+    image_formats: list[str] = Field(
+        default_factory=lambda: ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"], min_length=1
+    )
+    # Address space (RLIMIT_AS) each media decoder worker may map beyond what it holds once
+    # started: a decoder that asks for more gets a MemoryError, and its row is rejected, instead
+    # of the machine swapping. None: no limit.
+    decoder_memory_bytes: int | None = Field(default=4 << 30, ge=64 << 20)
+
+    @field_validator("image_formats")
+    @classmethod
+    def _known_image_formats(cls, value: list[str]) -> list[str]:
+        from PIL import Image
+
+        Image.init()
+        unknown = [name for name in value if name not in Image.OPEN]
+        if unknown:
+            raise ValueError(f"unknown Pillow formats {unknown}; known: {sorted(Image.OPEN)}")
+        return value
 
 
 # `auto` batch sizes (rows per model call), by device. On CPU one row per call: batching buys

@@ -88,6 +88,24 @@ class ImageTooLargeError(MediaError):
     reason = "image_too_large"
 
 
+class AudioTooLargeError(MediaError):
+    """The audio header declares more than `limits` allow (rate, channels, frames x channels)."""
+
+    reason = "audio_too_large"
+
+
+class ImageFormatNotAllowedError(MediaError):
+    """An image in a Pillow format outside `limits.image_formats`."""
+
+    reason = "image_format_not_allowed"
+
+
+class MediaTooLargeError(MediaError):
+    """A media file over `limits.max_media_bytes`."""
+
+    reason = "media_file_too_large"
+
+
 class PathOutsideRootsError(MediaError):
     reason = "path_outside_data_roots"
 

@@ -6,17 +6,26 @@ is the sha256 of its validated content in canonical JSON: a comment, the key ord
 written out does not change it; any setting that does change a value does, whichever part of
 the outputs it shapes (split.eval_fraction, a codec's bandwidth, a batch size). The manifest's
 version is the sha256 of its bytes, the same digest manifest_audit and the shards record.
+
+The UTI config's version also covers the tokenizers' weights (docs/contract.md §8): the sha256 of
+the files of each local model folder (lumo_core.uti.weights, cached by stat, so an observation
+costs a few stats), so weights changed in place at the same path change the version, and with it
+`token_space` and everything downstream shows as unsynced. A hub model is named by its pinned
+revision, which is in the config already; a builtin by its recipe revision (its weights are a
+function of it, and reading a version must not build it).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lumo_core.config import Settings, load_uti_config
-from lumo_core.errors import ConfigError
+from lumo_core.config import Settings, UTIConfig, load_uti_config
+from lumo_core.errors import ConfigError, LumoError
 from lumo_core.fileio import canonical_json_bytes, file_sha256, sha256_hex
 from lumo_core.lm.train_config import load_train_config
 from lumo_core.sample_data import SAMPLE_VERSION
+from lumo_core.uti.embedded import is_builtin, model_identity
+from lumo_core.uti.weights import weights_identity
 
 MISSING = "missing"
 
@@ -30,7 +39,32 @@ def manifest_version(settings: Settings) -> str:
 
 
 def uti_config_version(settings: Settings) -> str:
-    return _config_version(settings.uti_config, load_uti_config)
+    version = _config_version(settings.uti_config, load_uti_config)
+    if version == MISSING or version.startswith("invalid"):
+        return version
+    weights = tokenizer_weights(load_uti_config(settings.uti_config))
+    return sha256_hex(canonical_json_bytes({"config": version, "weights": weights}))
+
+
+def tokenizer_weights(config: UTIConfig) -> dict[str, str]:
+    """Per modality, what names its tokenizer's weights: the sha256 of a local model's files, a
+    builtin's identity, `hub@<revision>`, or why the weights could not be read (the step that
+    loads them reports it with the path)."""
+    weights = {}
+    for modality in ("text", "image", "audio"):
+        tokenizer = getattr(config.tokenizers, modality)
+        if tokenizer.kind == "dummy":
+            weights[modality] = "dummy"
+        elif is_builtin(tokenizer.path):
+            weights[modality] = model_identity(tokenizer.path)
+        else:
+            try:
+                identity = weights_identity(tokenizer.path, tokenizer.revision)
+            except (LumoError, OSError) as exc:
+                weights[modality] = f"unreadable: {exc}"
+                continue
+            weights[modality] = identity.get("sha256") or f"hub@{identity['hub_revision']}"
+    return weights
 
 
 def train_config_version(settings: Settings) -> str:

@@ -149,7 +149,11 @@ def inputs_observed(context: SensorEvaluationContext, lumo: LumoSettings) -> Sen
     for name, version_of in VERSION_OF.items():
         stat_key = _stat_key(settings, name)
         known = cursor.get(name)
-        version = known["version"] if known and known.get("stat") == stat_key else version_of(settings)
+        # Only the manifest (it can be gigabytes) keeps its version while its stat is unchanged. A
+        # config's version is cheap, and the UTI config's covers the tokenizers' weight files,
+        # which the config file's own stat does not see (their digests are cached by stat).
+        reuse = name == "manifest" and known and known.get("stat") == stat_key
+        version = known["version"] if reuse else version_of(settings)
         new_cursor[name] = {"stat": stat_key, "version": version}
         if latest_recorded_version(context.instance, name) != version:
             events.append(observation(name, version, settings, recorded_by="sensor inputs_observed"))

@@ -9,17 +9,25 @@ Either way the item's result is what `fault(item, code, detail)` makes of it (a 
 `decoder_timeout` or `decoder_crashed`), and a fresh worker takes the dead one's place.
 
 The deadline counts from the moment an item is sent to a worker that has finished starting
-(imports, initializer), so a slow start is never blamed on a file.
+(imports, initializer), so a slow start is never blamed on a file. A worker's address space may
+be capped (`memory_limit_bytes`, RLIMIT_AS): once it has started, it may map that many bytes more
+than it then holds, and a decoder that asks for more gets a MemoryError, which the task turns into
+its item's reject. Counting from the started worker keeps the setting independent of the machine:
+the libraries' own reservations (a BLAS thread pool sized by the core count) are not a file's.
 
 Testing hook: with the environment variable LUMO_TESTING_DECODER_FAULTS=1 (and only then), a
 worker given a media file whose bytes start with `LUMO-TEST-HANG` sleeps forever, and one whose
 bytes start with `LUMO-TEST-SIGKILL` sends itself SIGKILL: real faults in a real worker, for
-the tests of this module's recovery. Without the variable such a file is just unreadable media.
+the tests of this module's recovery. A file whose first line is `LUMO-TEST-SWAP` and whose second
+names a folder makes the worker replace the file's own folder with a symlink to that folder, just
+before the file is opened: the race between the manifest's path check and the open, won on
+purpose. Without the variable such a file is just unreadable media.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import time
 from collections import deque
@@ -28,11 +36,12 @@ from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
 from typing import Any, Self
 
-from lumo_core.errors import LumoError
+from lumo_core.errors import DecoderFailedError, LumoError
 
 FAULTS_ENV = "LUMO_TESTING_DECODER_FAULTS"
 HANG_MAGIC = b"LUMO-TEST-HANG"
 SIGKILL_MAGIC = b"LUMO-TEST-SIGKILL"
+SWAP_MAGIC = b"LUMO-TEST-SWAP\n"
 # A worker that dies this many times in a row before it is ready is a broken setup (an
 # initializer that fails), not a bad file: the run stops and says so.
 MAX_FAILED_STARTS = 3
@@ -44,9 +53,13 @@ def inject_testing_fault(path: str | os.PathLike) -> None:
         return
     try:
         with open(path, "rb") as handle:
-            head = handle.read(len(SIGKILL_MAGIC))
+            head = handle.read(4096)
     except OSError:
         return
+    if head.startswith(SWAP_MAGIC):
+        folder = os.path.dirname(os.path.abspath(path))
+        os.rename(folder, folder + ".before-swap")
+        os.symlink(head[len(SWAP_MAGIC) :].decode().strip(), folder)
     if head.startswith(HANG_MAGIC):
         while True:
             time.sleep(3600)
@@ -54,9 +67,38 @@ def inject_testing_fault(path: str | os.PathLike) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _serve(conn: Connection, initializer: Callable[..., None], initargs: tuple, task: Callable[[Any], Any]) -> None:
+def out_of_memory(path: object, limit_bytes: int | None) -> DecoderFailedError:
+    """The error of a decode that ran out of its worker's address space."""
+    return DecoderFailedError(
+        path, f"out of memory: decoding needs more than limits.decoder_memory_bytes ({limit_bytes})"
+    )
+
+
+def _limit_address_space(extra_bytes: int) -> None:
+    """RLIMIT_AS at what this process maps now plus `extra_bytes` (Linux: /proc; elsewhere the
+    kernel does not enforce RLIMIT_AS, and nothing is set)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            size_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError):
+        return
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    limit = size_kb * 1024 + extra_bytes
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _serve(
+    conn: Connection,
+    initializer: Callable[..., None],
+    initargs: tuple,
+    task: Callable[[Any], Any],
+    memory_limit_bytes: int | None = None,
+) -> None:
     """A worker's life: start, say ready, then one item at a time until told to stop (None) or
     the parent is gone (EOF)."""
+
     # The parent decides when a run stops. Ctrl-C and a SIGTERM to the whole process group reach
     # the workers too: were a worker to die of them first, the parent would record its row as
     # `decoder_crashed` before stopping itself. The parent kills its workers as it stops, and a
@@ -64,6 +106,8 @@ def _serve(conn: Connection, initializer: Callable[..., None], initargs: tuple, 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     initializer(*initargs)
+    if memory_limit_bytes is not None:
+        _limit_address_space(memory_limit_bytes)
     conn.send(("ready", None, None))
     while True:
         try:
@@ -85,10 +129,17 @@ def _serve(conn: Connection, initializer: Callable[..., None], initargs: tuple, 
 
 class _Worker:
     def __init__(
-        self, context: Any, initializer: Callable[..., None], initargs: tuple, task: Callable[[Any], Any]
+        self,
+        context: Any,
+        initializer: Callable[..., None],
+        initargs: tuple,
+        task: Callable[[Any], Any],
+        memory_limit_bytes: int | None = None,
     ) -> None:
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, initializer, initargs, task), daemon=True)
+        self.process = context.Process(
+            target=_serve, args=(child, initializer, initargs, task, memory_limit_bytes), daemon=True
+        )
         self.process.start()
         child.close()
         self.ready = False
@@ -133,6 +184,7 @@ class GuardedPool:
         initargs: tuple,
         timeout_s: float,
         fault: Callable[[Any, str, str], Any],
+        memory_limit_bytes: int | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("a GuardedPool needs at least one worker")
@@ -140,6 +192,7 @@ class GuardedPool:
         self._context = get_context("spawn")
         self._task, self._initializer, self._initargs = task, initializer, initargs
         self.timeout_s = timeout_s
+        self.memory_limit_bytes = memory_limit_bytes
         self._fault = fault
         self._workers = [self._start() for _ in range(workers)]
         self._failed_starts = 0
@@ -148,7 +201,7 @@ class GuardedPool:
         self.replaced = 0
 
     def _start(self) -> _Worker:
-        return _Worker(self._context, self._initializer, self._initargs, self._task)
+        return _Worker(self._context, self._initializer, self._initargs, self._task, self.memory_limit_bytes)
 
     def imap(
         self, items: Iterable[Any], window: int, passthrough: Callable[[Any], bool] = lambda item: False

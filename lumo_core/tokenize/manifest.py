@@ -358,16 +358,18 @@ def _short(value: Any, limit: int = 60) -> str:
 
 # --------------------------------------------------------------------------------- media
 def check_media(row: ManifestRow, config: UTIConfig) -> dict[str, Any]:
-    """Probe the row's file (header first, so over-large or over-long input is refused before
-    decoding) and decode it fully to catch truncation. Raises the `MediaError` subclasses.
+    """Open the row's file once, without following links (lumo_core.uti.media.read_media), check
+    its header (so over-large or over-long input is refused before decoding) and decode it fully
+    to catch truncation. Raises the `MediaError` subclasses.
 
     Returns `{"width", "height"}` for images, `{"seconds", "sample_rate", "channels"}` for audio.
     """
     limits = config.limits
+    data = media.read_media(row.media_path, limits.max_media_bytes)
     if row.image is not None:
-        image = media.load_image(row.image, limits.max_image_pixels)
+        image = media.decode_image(data, row.image, limits)
         return {"width": image.width, "height": image.height}
-    waveform, sample_rate = media.load_audio(row.audio, limits.max_audio_seconds)
+    waveform, sample_rate = media.decode_audio(data, row.audio, limits)
     frames = waveform.shape[1]
     return {"seconds": frames / sample_rate, "sample_rate": sample_rate, "channels": waveform.shape[0]}
 

@@ -17,7 +17,7 @@ import numpy as np
 from lumo_core.config import TASKS, UTIConfig
 from lumo_core.errors import DECODER_FAULTS, ManifestError, MediaError, UnreadableMediaError
 from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes
-from lumo_core.tokenize.decode_workers import GuardedPool, inject_testing_fault
+from lumo_core.tokenize.decode_workers import GuardedPool, inject_testing_fault, out_of_memory
 from lumo_core.tokenize.manifest import ManifestRow, Reject, allowed_roots, check_media, iter_manifest, manifest_sha256
 from lumo_core.uti import media
 
@@ -79,6 +79,7 @@ def audit_manifest(
             (config,),
             timeout_s=config.pipeline.decoder_timeout_s,
             fault=_fault_record,
+            memory_limit_bytes=config.limits.decoder_memory_bytes,
         )
         if workers
         else None
@@ -125,6 +126,11 @@ def audit_manifest(
             "max_line_bytes": config.limits.max_line_bytes,
             "max_json_depth": config.limits.max_json_depth,
             "max_caption_chars": config.limits.max_caption_chars,
+            "max_media_bytes": config.limits.max_media_bytes,
+            "max_audio_sample_rate": config.limits.max_audio_sample_rate,
+            "max_audio_channels": config.limits.max_audio_channels,
+            "max_audio_samples": config.limits.max_audio_samples,
+            "image_formats": list(config.limits.image_formats),
         },
         **stats.summary(),
     }
@@ -171,6 +177,13 @@ def _audit_one(item: ManifestRow | Reject, config: UTIConfig) -> dict[str, Any]:
         info = check_media(item, config)
     except MediaError as error:
         return {**record, **_reject_record(Reject.from_media_error(item, error))}
+    except MemoryError:
+        return {
+            **record,
+            **_reject_record(
+                Reject.from_media_error(item, out_of_memory(item.media_path, config.limits.decoder_memory_bytes))
+            ),
+        }
     except Exception as error:  # noqa: BLE001 - a decoder bug on one hostile file must not stop the audit
         failure = UnreadableMediaError(item.media_path, f"decoder failed ({type(error).__name__}: {error})")
         return {**record, **_reject_record(Reject.from_media_error(item, failure))}

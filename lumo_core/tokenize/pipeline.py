@@ -9,17 +9,15 @@ the shards (units, spools, merge) is lumo_core.tokenize.run.
 
 from __future__ import annotations
 
-import os
-import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lumo_core.config import TASK_MEDIA, UTIConfig
+from lumo_core.config import TASK_MEDIA, LimitsConfig, UTIConfig
 from lumo_core.errors import (
     DECODER_FAULTS,
     MediaError,
@@ -27,12 +25,15 @@ from lumo_core.errors import (
     UnreadableMediaError,
 )
 from lumo_core.fileio import canonical_json_bytes, sha256_hex
-from lumo_core.tokenize.decode_workers import GuardedPool, inject_testing_fault
+from lumo_core.tokenize.decode_workers import GuardedPool, inject_testing_fault, out_of_memory
 from lumo_core.tokenize.sample_layout import empty_codes, json_text, npy_bytes, sample_media
 from lumo_core.tokenize.spool import SpooledSample
 from lumo_core.tokenize.token_cache import CacheEntry, TokenCache
 from lumo_core.uti.sequences import SequenceBuilder, sample_key, split_of, token_sha256
 from lumo_core.uti.token_space import TokenSpace
+
+if TYPE_CHECKING:
+    from lumo_core.tokenize.manifest import ManifestRow, Reject
 
 # Bump when the bytes written for the same inputs change: it invalidates spools and shards.
 # 2: one member set and one JSON schema for every sample (lumo_core.tokenize.sample_layout.SAMPLE_MEMBERS).
@@ -46,7 +47,7 @@ class PreparedRow:
     """A manifest row with its media decoded and preprocessed for the model, or, when the token
     cache holds its codes, with those codes instead (`cached`, and no media)."""
 
-    row: Any  # lumo_core.tokenize.manifest.ManifestRow
+    row: ManifestRow
     modality: str
     media: np.ndarray | None
     media_meta: dict[str, Any]
@@ -85,66 +86,65 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(
     image_preprocessor: Callable,
     audio_preprocessor: Callable,
-    max_pixels: int,
-    max_seconds: float,
+    limits: LimitsConfig,
     cache: TokenCache | None = None,
 ) -> None:
     from lumo_core.uti.media import warm_decoders
 
     warm_decoders()
-    _WORKER.update(
-        image=image_preprocessor, audio=audio_preprocessor, max_pixels=max_pixels, max_seconds=max_seconds, cache=cache
-    )
+    _WORKER.update(image=image_preprocessor, audio=audio_preprocessor, limits=limits, cache=cache)
 
 
-def _cached_codes(modality: str, path: str) -> tuple[CacheEntry | None, bool]:
-    """(entry, damaged) for a regular file's codes in the token cache. Only regular files are
-    hashed first: anything else (a FIFO, a folder) goes to the decoder, which rejects it."""
-    from lumo_core.fileio import file_sha256
+def _cached_codes(modality: str, source_sha256: str) -> tuple[CacheEntry | None, bool]:
+    """(entry, damaged) for the media's codes in the token cache."""
     from lumo_core.tokenize.token_cache import DamagedEntry
 
     cache: TokenCache | None = _WORKER.get("cache")
     if cache is None:
         return None, False
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return None, False
-        return cache.get(modality, file_sha256(path)), False
+        return cache.get(modality, source_sha256), False
     except DamagedEntry:
         return None, True
-    except OSError:
-        return None, False
 
 
-def prepare_row(row: Any) -> PreparedRow | Any:
-    """Decode and preprocess a row's media in a worker; media problems become a Reject. When
-    the token cache holds the media's codes, the media is not decoded at all."""
-    from lumo_core.fileio import file_sha256
+def prepare_row(row: ManifestRow) -> PreparedRow | Reject:
+    """Decode and preprocess a row's media in a worker; media problems become a Reject. The file
+    is opened once, without following links (lumo_core.uti.media.read_media); its bytes are
+    hashed and, unless the token cache holds their codes, decoded: the cache key and the
+    recorded `source_sha256` always name the bytes that were encoded."""
     from lumo_core.tokenize.manifest import Reject
-    from lumo_core.uti.media import load_audio, load_image
+    from lumo_core.uti.media import decode_audio, decode_image, read_media
 
     modality = TASK_MEDIA[row.task]
-    path = row.image if modality == "image" else row.audio
-    cached, damaged = _cached_codes(modality, path)
-    if cached is not None:
-        return PreparedRow(row=row, modality=modality, media=None, media_meta=dict(cached.media_meta), cached=cached)
+    path = row.media_path
+    limits: LimitsConfig = _WORKER["limits"]
     try:
         inject_testing_fault(path)
+        data = read_media(path, limits.max_media_bytes)
+        digest = sha256_hex(data)
+        cached, damaged = _cached_codes(modality, digest)
+        if cached is not None:
+            return PreparedRow(
+                row=row, modality=modality, media=None, media_meta=dict(cached.media_meta), cached=cached
+            )
         if modality == "image":
-            image = load_image(path, _WORKER["max_pixels"])
+            image = decode_image(data, path, limits)
             media = _WORKER["image"](image)
             meta = {"source_width": image.width, "source_height": image.height}
         else:
-            waveform, rate = load_audio(path, _WORKER["max_seconds"])
+            waveform, rate = decode_audio(data, path, limits)
             media = _WORKER["audio"](waveform, rate)
             meta = {
                 "source_sample_rate": rate,
                 "source_channels": int(waveform.shape[0]),
                 "duration_s": round(waveform.shape[1] / rate, 6),
             }
-        meta["source_sha256"] = file_sha256(path)
+        meta["source_sha256"] = digest
     except MediaError as exc:
         return Reject(line=row.line, id=row.id, reason=str(exc))
+    except MemoryError:
+        return Reject(line=row.line, id=row.id, reason=str(out_of_memory(path, limits.decoder_memory_bytes)))
     except Exception as exc:  # noqa: BLE001 - a hostile file may break a decoder in any way; the row is rejected, the run goes on
         return Reject(line=row.line, id=row.id, reason=str(UnreadableMediaError(path, f"{type(exc).__name__}: {exc}")))
     return PreparedRow(row=row, modality=modality, media=media, media_meta=meta, cache_damaged=damaged)
@@ -346,7 +346,8 @@ class SampleEncoder:
 # --------------------------------------------------------------------- running rows
 def cache_recipe_for(config: UTIConfig, token_space_sha: str) -> str:
     """The sha256 of everything that decides a row's media codes: the adapters (their
-    descriptions are in the token space), their preprocessing settings, the limits that decide
+    descriptions are in the token space, with the sha256 of their weight files or their pinned
+    hub revision: lumo_core.uti.weights), their preprocessing settings, the limits that decide
     whether media is accepted at all, the device and the batch shapes."""
     recipe = {
         "pipeline_version": PIPELINE_VERSION,
@@ -359,13 +360,7 @@ def cache_recipe_for(config: UTIConfig, token_space_sha: str) -> str:
 
 
 def _worker_state(tokenizer: Any, config: UTIConfig, cache: TokenCache | None = None) -> tuple[Any, ...]:
-    return (
-        tokenizer.image.preprocessor(),
-        tokenizer.audio.preprocessor(),
-        config.limits.max_image_pixels,
-        config.limits.max_audio_seconds,
-        cache,
-    )
+    return (tokenizer.image.preprocessor(), tokenizer.audio.preprocessor(), config.limits, cache)
 
 
 def init_media_decoding(tokenizer: Any, config: UTIConfig, cache: TokenCache | None = None) -> None:
@@ -386,6 +381,7 @@ def make_executor(tokenizer: Any, config: UTIConfig, cache: TokenCache | None = 
         _worker_state(tokenizer, config, cache),
         timeout_s=config.pipeline.decoder_timeout_s,
         fault=decoder_fault_reject,
+        memory_limit_bytes=config.limits.decoder_memory_bytes,
     )
 
 

@@ -1,6 +1,8 @@
 """The per-row token cache: a row's media codes, kept under a key made of the sha256 of its source
 media bytes and the sha256 of everything that decides the codes (the recipe: the adapters'
-descriptions in token_space.json, preprocessing, limits, device and batch shapes).
+descriptions in token_space.json, their weights' digests included, preprocessing, limits, device
+and batch shapes). The media's sha256 is taken from the bytes the decoder was given
+(lumo_core.uti.media.read_media reads a file once).
 
 A grown manifest encodes only rows whose key is new; a changed caption re-encodes only the text
 (text is always encoded: it is cheap and not cached); a changed tokenizer changes the recipe and

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from lumo_core.config import UTIConfig, load_uti_config
+from lumo_core.config import LimitsConfig, UTIConfig, load_uti_config
 from lumo_core.errors import (
     AudioTooLongError,
     EmptyAudioError,
@@ -28,9 +28,9 @@ from lumo_core.errors import (
     TokenSpaceError,
     UnreadableMediaError,
 )
-from lumo_core.fileio import file_sha256
+from lumo_core.fileio import sha256_hex
 from lumo_core.uti.adapters import build_adapters
-from lumo_core.uti.media import load_audio, load_image
+from lumo_core.uti.media import decode_audio, decode_image, read_media
 from lumo_core.uti.token_space import TokenSpace
 
 ARRAY_SOURCE = "<array>"
@@ -59,14 +59,21 @@ def _is_path(source: Any) -> bool:
     return isinstance(source, (str, os.PathLike))
 
 
-def prepare_image(source: Any, preprocess: Callable[[Any], np.ndarray], max_pixels: int) -> PreparedMedia:
+def _read_path(source: str | os.PathLike, limits: LimitsConfig) -> tuple[bytes, str]:
+    """A caller's own path (links followed: it is not a manifest's) read once: (bytes, sha256)."""
+    data = read_media(os.path.realpath(source), limits.max_media_bytes)
+    return data, sha256_hex(data)
+
+
+def prepare_image(source: Any, preprocess: Callable[[Any], np.ndarray], limits: LimitsConfig) -> PreparedMedia:
     """A path or PIL image -> preprocessed pixels, with sha256 (file bytes, or the RGB pixel
     bytes of an in-memory image) and the source size."""
     from PIL import Image
 
+    max_pixels = limits.max_image_pixels
     if _is_path(source):
-        image = load_image(source, max_pixels)
-        digest = file_sha256(source)
+        data, digest = _read_path(source, limits)
+        image = decode_image(data, source, limits)
     elif isinstance(source, Image.Image):
         if source.width * source.height > max_pixels:
             raise ImageTooLargeError(
@@ -100,15 +107,16 @@ def _checked_waveform(waveform: Any, sample_rate: int, max_seconds: float, origi
 
 
 def prepare_audio(
-    source: Any, preprocess: Callable[[np.ndarray, int], np.ndarray], max_seconds: float
+    source: Any, preprocess: Callable[[np.ndarray, int], np.ndarray], limits: LimitsConfig
 ) -> PreparedMedia:
     """A path or (waveform [c, n] or [n], sample_rate) -> the waveform at the codec's rate and
     channels, with sha256 (file bytes, or the float32 little-endian sample bytes) and the
     source facts."""
+    max_seconds = limits.max_audio_seconds
     if _is_path(source):
-        waveform, rate = load_audio(source, max_seconds)
+        data, digest = _read_path(source, limits)
+        waveform, rate = decode_audio(data, source, limits)
         waveform = _checked_waveform(waveform, rate, max_seconds, str(source))
-        digest = file_sha256(source)
     elif isinstance(source, tuple) and len(source) == 2:
         rate = int(source[1])
         waveform = _checked_waveform(source[0], rate, max_seconds, ARRAY_SOURCE)
@@ -182,7 +190,7 @@ class UnifiedTokenizer:
 
     # ----------------------------------------------------------------------- image
     def prepare_image(self, source: Any) -> PreparedMedia:
-        return prepare_image(source, self.image.preprocessor(), self.config.limits.max_image_pixels)
+        return prepare_image(source, self.image.preprocessor(), self.config.limits)
 
     def encode_image(self, source: Any) -> Encoded:
         """`source`: a path or a PIL image."""
@@ -215,7 +223,7 @@ class UnifiedTokenizer:
 
     # ----------------------------------------------------------------------- audio
     def prepare_audio(self, source: Any) -> PreparedMedia:
-        return prepare_audio(source, self.audio.preprocessor(), self.config.limits.max_audio_seconds)
+        return prepare_audio(source, self.audio.preprocessor(), self.config.limits)
 
     def encode_audio(self, source: Any) -> Encoded:
         """`source`: a path or (waveform [channels, samples] or [samples], sample_rate)."""

@@ -321,6 +321,48 @@ def test_seed_without_its_code_or_checkpoint_fails_at_load_naming_every_path(tmp
         build_image_adapter(ImageTokenizerConfig(kind="seed", path=str(checkpoint)), "cpu")
 
 
+FAKE_SEED_CODE = """
+import colorsys
+import torch
+
+SHADOWED = colorsys.__file__
+
+
+class Blip2QformerQuantizer(torch.nn.Module):
+    @classmethod
+    def from_pretrained(cls, pretrained_model_path, vit_precision):
+        return cls()
+
+    def get_codebook_indices(self, pixels):
+        return torch.zeros(pixels.shape[0], 32, dtype=torch.long), None
+"""
+
+
+def test_seed_code_goes_at_the_end_of_sys_path_and_its_checkpoint_names_the_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout's folder never shadows an installed module: its own `colorsys.py` is not the
+    one the SEED code imports. The checkpoint's sha256 is in the description."""
+    code = tmp_path / "AnyGPT"
+    (code / "seed2" / "seed_qformer").mkdir(parents=True)
+    (code / "seed2" / "seed_qformer" / "qformer_quantizer.py").write_text(FAKE_SEED_CODE)
+    (code / "colorsys.py").write_text("raise ImportError('the checkout shadowed the standard library')\n")
+    checkpoint = tmp_path / "seed-tokenizer-2"
+    checkpoint.mkdir()
+    (checkpoint / "seed_quantizer.pt").write_bytes(b"weights v1")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in ("colorsys", "seed2", "seed2.seed_qformer", "seed2.seed_qformer.qformer_quantizer"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    adapter = SeedImageAdapter(str(checkpoint), "seed", "cpu", str(code), None, "bicubic")
+    assert sys.path[-1] == str(code)
+    assert not sys.modules["seed2.seed_qformer.qformer_quantizer"].SHADOWED.startswith(str(code))
+    digest = hashlib.sha256(b"weights v1").hexdigest()
+    assert adapter.describe()["weights"] == {
+        "sha256": sha256_hex(canonical_json_bytes({"seed_quantizer.pt": digest})),
+        "files": {"seed_quantizer.pt": digest},
+    }
+
+
 def test_seed_preprocessing_squashes_to_224_with_clip_normalisation() -> None:
     from PIL import Image
 

@@ -190,15 +190,27 @@ def _to_pil_images(pixels: Any) -> list[Any]:
     return [Image.fromarray(np.ascontiguousarray(item.transpose(1, 2, 0))) for item in array]
 
 
-def _from_pretrained(loader: Any, path: str, what: str, **kwargs: Any) -> Any:
-    """`loader.from_pretrained(path)` with a load failure turned into an AdapterLoadError."""
-    looks_local = path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
+def _from_pretrained(loader: Any, path: str, what: str, revision: str | None = None, **kwargs: Any) -> Any:
+    """`loader.from_pretrained(path)` with a load failure turned into an AdapterLoadError; a hub
+    name loads at its pinned `revision`."""
+    from lumo_core.uti.weights import is_local
+
+    looks_local = is_local(path)
     if looks_local and not Path(path).expanduser().is_dir():
         raise AdapterLoadError(f"cannot load the {what}: {path} is not a folder")
     from transformers.utils import logging as transformers_logging
 
     # Per-tensor progress bars would drown the step's own progress lines in the run log.
     transformers_logging.disable_progress_bar()
+    if not looks_local:
+        if revision is None:
+            # Before any download: an unpinned hub model would leave the token space naming a
+            # branch, not the weights (lumo_core.uti.weights).
+            raise AdapterLoadError(
+                f"cannot load the {what} {path}: no such local folder, so it is read as a hub name, "
+                "which needs a pinned `revision` (a 40-hex commit sha) beside its `path`"
+            )
+        kwargs["revision"] = revision
     try:
         return loader.from_pretrained(str(Path(path).expanduser()) if looks_local else path, **kwargs)
     except (OSError, ValueError) as exc:

@@ -16,6 +16,7 @@ from lumo_core.uti.adapters.base import (
     deterministic_device,
     to_codec_format,
 )
+from lumo_core.uti.weights import weights_identity
 
 
 def encodec_bandwidth_table(target_bandwidths: list[float], frame_rate: float, codebook_size: int) -> dict[float, int]:
@@ -76,7 +77,14 @@ class EncodecAdapter(AudioAdapter):
     BUCKET_FRAMES = 25
 
     def __init__(
-        self, path: str, name: str, bandwidth: float | None, n_codebooks: int | None, device: str, batch_size: int = 8
+        self,
+        path: str,
+        name: str,
+        bandwidth: float | None,
+        n_codebooks: int | None,
+        device: str,
+        batch_size: int = 8,
+        revision: str | None = None,
     ) -> None:
         from transformers import EncodecModel
 
@@ -84,7 +92,8 @@ class EncodecAdapter(AudioAdapter):
         self.device = device
         self.batch_size = batch_size
         deterministic_device(device)
-        self.model = _from_pretrained(EncodecModel, path, "audio codec").to(device).eval()
+        self.model = _from_pretrained(EncodecModel, path, "audio codec", revision).to(device).eval()
+        self.weights = weights_identity(path, revision)
         config = self.model.config
         self.sample_rate = int(config.sampling_rate)
         self.channels = int(config.audio_channels)
@@ -253,4 +262,5 @@ class EncodecAdapter(AudioAdapter):
                 if self._padding_is_invisible
                 else "none"
             ),
+            "weights": self.weights,
         }

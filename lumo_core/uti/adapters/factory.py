@@ -33,7 +33,7 @@ def build_text_adapter(config: TextTokenizerConfig) -> TextAdapter:
 
     if config.kind == "dummy":
         return DummyTextAdapter(config.vocab_size or 256)
-    return HFTextAdapter(resolve_model_path(config.path), model_identity(config.path))
+    return HFTextAdapter(resolve_model_path(config.path), model_identity(config.path), config.revision)
 
 
 def build_image_adapter(config: ImageTokenizerConfig, device: str, batch_size: int = 16) -> ImageAdapter:
@@ -61,7 +61,12 @@ def build_image_adapter(config: ImageTokenizerConfig, device: str, batch_size: i
             batch_size,
         )
     return VQImageAdapter(
-        resolve_model_path(config.path), model_identity(config.path), device, config.resolution, batch_size
+        resolve_model_path(config.path),
+        model_identity(config.path),
+        device,
+        config.resolution,
+        batch_size,
+        config.revision,
     )
 
 
@@ -78,6 +83,7 @@ def build_audio_adapter(config: AudioTokenizerConfig, device: str, batch_size: i
         config.n_codebooks,
         device,
         batch_size,
+        config.revision,
     )
 
 

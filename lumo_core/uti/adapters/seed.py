@@ -19,6 +19,7 @@ from lumo_core.uti.adapters.base import (
     pad_rows,
     squash_clip_normalise,
 )
+from lumo_core.uti.weights import weights_identity
 
 SEED_CHECKPOINT = "seed_quantizer.pt"
 SEED_MODULE = "seed2.seed_qformer.qformer_quantizer"
@@ -98,8 +99,11 @@ class SeedImageAdapter(ImageAdapter):
         deterministic_device(device)
         self.resample = resample
         self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        self.weights = weights_identity(checkpoint_file)
+        # At the end of sys.path: a checkout's folder must not shadow an installed package (a
+        # `torch/` or `transformers/` in it would otherwise be imported in their place).
         if str(code_root) not in sys.path:
-            sys.path.insert(0, str(code_root))
+            sys.path.append(str(code_root))
         try:
             module = importlib.import_module(SEED_MODULE)
         except ImportError as exc:
@@ -175,4 +179,5 @@ class SeedImageAdapter(ImageAdapter):
             "resolution": list(self.resolution),
             "order": "q_former_query",
             "input": f"resize to 224x224 without keeping the aspect ratio, {self.resample}, CLIP mean/std",
+            "weights": self.weights,
         }

@@ -7,16 +7,18 @@ from typing import Any
 import numpy as np
 
 from lumo_core.uti.adapters.base import TextAdapter, _from_pretrained
+from lumo_core.uti.weights import weights_identity
 
 
 class HFTextAdapter(TextAdapter):
     """Any Hugging Face tokenizer; ids are the tokenizer's own, without its BOS/EOS."""
 
-    def __init__(self, path: str, name: str) -> None:
+    def __init__(self, path: str, name: str, revision: str | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.name = name
-        self.tokenizer = _from_pretrained(AutoTokenizer, path, "text tokenizer")
+        self.tokenizer = _from_pretrained(AutoTokenizer, path, "text tokenizer", revision)
+        self.weights = weights_identity(path, revision)
 
     @property
     def vocab_size(self) -> int:
@@ -40,4 +42,7 @@ class HFTextAdapter(TextAdapter):
             # Same vocabulary file under another name or path gives the same sha: it is the
             # string -> id table itself that decides the text ids.
             "vocab_sha256": sha256_hex(canonical_json_bytes(self.tokenizer.get_vocab())),
+            # The files themselves too: merges, normalizer and pre-tokenizer rules decide the
+            # ids as much as the vocabulary does.
+            "weights": self.weights,
         }

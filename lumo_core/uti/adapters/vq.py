@@ -17,20 +17,30 @@ from lumo_core.uti.adapters.base import (
     fit_to_unit_range,
     pad_rows,
 )
+from lumo_core.uti.weights import weights_identity
 
 
 class VQImageAdapter(ImageAdapter):
     """A diffusers `VQModel` (aMUSEd / latent-diffusion VQ-GAN layout). Codes are the
     quantizer's nearest-code indices over the latent grid in row-major order."""
 
-    def __init__(self, path: str, name: str, device: str, resolution: int | None = None, batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        path: str,
+        name: str,
+        device: str,
+        resolution: int | None = None,
+        batch_size: int = 16,
+        revision: str | None = None,
+    ) -> None:
         from diffusers import VQModel
 
         self.name = name
         self.device = device
         self.batch_size = self.rows_per_call = batch_size
         deterministic_device(device)
-        self.model = _from_pretrained(VQModel, path, "VQ image tokenizer").to(device).eval()
+        self.model = _from_pretrained(VQModel, path, "VQ image tokenizer", revision).to(device).eval()
+        self.weights = weights_identity(path, revision)
         config = self.model.config
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
         # aMUSEd's VQ config leaves sample_size at a default that is not its training size:
@@ -95,4 +105,5 @@ class VQImageAdapter(ImageAdapter):
             "latent_grid": list(self.latent_grid),
             "order": "row_major",
             "input": "centre crop to the aspect ratio, bicubic resize, scaled to [-1, 1]",
+            "weights": self.weights,
         }
