@@ -13,6 +13,7 @@ from lumo_core.errors import DamagedFileError, LumoError, rebuild_hint
 from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, exclusive_lock, sha256_hex
 from lumo_core.tokenize.dataset_card import CARD_NAME, dataset_card, write_dataset_card
 from lumo_core.tokenize.pipeline import PIPELINE_VERSION
+from lumo_core.tokenize.energon_meta import refresh_energon_meta
 from lumo_core.tokenize.sample_index import write_sample_indexes
 from lumo_core.tokenize.sample_layout import SPLITS
 from lumo_core.tokenize.shard_index import INDEX_FORMAT_VERSION, write_index
@@ -32,7 +33,10 @@ def merge_units(run: TokenizeRun, reporter: Reporter) -> dict[str, Any]:
     """Write the shards, rejects.jsonl, stats.json and index.json (last) from every unit's
     spool (`lumo tokenize --merge`): refuses while a unit is incomplete, names which."""
     with exclusive_lock(run.lock_path, "`lumo tokenize --merge`"):
-        return _merge_locked(run, reporter)
+        summary = _merge_locked(run, reporter)
+        # Megatron-Energon metadata a user asked for once follows every build (docs/energon.md).
+        refresh_energon_meta(run.out_dir, reporter)
+        return summary
 
 
 def _merge_locked(run: TokenizeRun, reporter: Reporter) -> dict[str, Any]:
