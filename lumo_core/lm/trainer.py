@@ -115,7 +115,7 @@ def build_trainer(
     model = build_model(config, token_space, out_dir, dist, checkpoint, init_from).to(device)
     model.train()
     if sharded:
-        fsdp.shard(model, device, use_bf16)
+        fsdp.shard(model, use_bf16)
     head_index = model_head_index(model)
     if head_index is not None:
         head_index = head_index.to(device)
