@@ -318,7 +318,8 @@ def load_weights(path: Path, token_space: TokenSpace, attn_implementation: str =
         base = AutoModelForCausalLM.from_pretrained(
             path.parent / BASE, dtype=torch.float32, attn_implementation=attn_implementation, use_safetensors=True
         )
-        model = PeftModel.from_pretrained(base, path, use_safetensors=True).merge_and_unload()
+        # peft reads adapter_model.safetensors when it is there, which weights_files() required.
+        model = PeftModel.from_pretrained(base, path).merge_and_unload()
     recorded = getattr(model.config, TOKEN_SPACE_ATTR, None)
     if recorded != token_space.sha256:
         raise TokenSpaceError(
