@@ -30,10 +30,12 @@ TENSOR, NDARRAY, TUPLE, FROZENSET, ITEMS, DATACLASS = (
 
 
 def _dataclasses() -> dict[str, type]:
-    """The dataclasses a rank state may hold (the data stream's), by name."""
-    from lumo_core.lm.data import StreamState, TokenSample
+    """The dataclasses a rank state may hold (the data stream's position and its waiting
+    samples), by name. A data side whose state is plain JSON needs none of them."""
+    from lumo_core.lm import data
 
-    return {cls.__name__: cls for cls in (StreamState, TokenSample)}
+    found = (getattr(data, name, None) for name in ("StreamState", "TokenSample"))
+    return {cls.__name__: cls for cls in found if isinstance(cls, type)}
 
 
 def read_json(path: Path) -> Any:
