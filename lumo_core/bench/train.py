@@ -8,13 +8,23 @@ non-padding input tokens per second, the median over the steps after `skip_steps
 steps pay start-up costs). Each side runs `repeats` times, alternating, and keeps its best run. A last run of our
 loop with packing gives the packed throughput and padding share.
 
+Then the scale-out figures: `tokens_per_s_ddp` and `tokens_per_s_fsdp`, our loop as `lumo train`
+under torchrun on 2 gloo processes (CPU, one thread each, `train.parallelism` ddp then fsdp, into
+a scratch output folder), the same median; and the loader's `read_amplification` (bytes read
+from shard files by 16 consumers over one epoch / the split's bytes) and `resume_s_start` /
+`resume_s_end` (seconds from a data state to its first micro-batch, at the start and the end of
+an epoch), measured by lumo_core.lm.read_measure.
+
 Settings (`--set key=value`): steps, skip_steps, repeats, micro_batch_size, block_size, threads.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,6 +93,66 @@ def _our_loop(config: TrainConfig, settings: Settings, reporter: Reporter, work:
         "padding_share": summary["padding_share"],
         "mean_loss": sum(e["loss"] for e in log) / len(log),
     }
+
+
+def _loader_figures(config: TrainConfig, settings: Settings) -> dict[str, float]:
+    """read_amplification at 16 consumers, and resume seconds at an epoch's start and end."""
+    try:
+        from lumo_core.lm.plan import BatchPlan
+        from lumo_core.lm.read_measure import measure_read_amplification, measure_resume_seconds
+    except ImportError as exc:
+        raise LumoError(
+            f"bench train: the loader's figures need lumo_core.lm.read_measure and lumo_core.lm.plan "
+            f"(the read-once loader), which this installation lacks ({exc})"
+        ) from None
+    from lumo_core.lm.data import open_train_split
+    from lumo_core.lm.training import train_inputs
+
+    token_space, shards_dir = train_inputs(settings)
+    split = open_train_split(config, shards_dir, token_space.sha256)
+    plan = BatchPlan.from_config(config, split, token_space.special_id("<|pad_mm|>"))
+    resume = measure_resume_seconds(plan)
+    return {
+        "read_amplification": measure_read_amplification(plan),
+        "resume_s_start": resume["resume_s_start"],
+        "resume_s_end": resume["resume_s_end"],
+    }
+
+
+def _torchrun_loop(settings: Settings, bench: dict[str, Any], parallelism: str, work: Path, skip: int) -> float:
+    """tokens/s of `lumo train` on 2 gloo processes (`parallelism`), in a scratch output folder
+    that links the real token space and shards."""
+    outputs = work / "outputs"
+    outputs.mkdir(parents=True)
+    for step in (settings.layout.token_space, settings.layout.tokenized_shards):
+        (outputs / step.name).symlink_to(step.resolve(), target_is_directory=True)
+    overrides = {
+        "train.max_steps": bench["steps"],
+        "train.save_every": 0,
+        "train.log_every": 1,
+        "train.device": "cpu",
+        "train.torch_threads": 1,
+        "train.parallelism": parallelism,
+        "data.num_workers": 0,
+        "finetune.method": "full",
+        **({"data.micro_batch_size": bench["micro_batch_size"]} if bench["micro_batch_size"] else {}),
+        **({"data.block_size": bench["block_size"]} if bench["block_size"] else {}),
+    }
+    env = {
+        **os.environ,
+        "LUMO_OUTPUT_DIR": str(outputs),
+        "LUMO_MANIFEST": str(settings.manifest),
+        "OMP_NUM_THREADS": "1",
+    }
+    if settings.train_config is not None:
+        env["LUMO_TRAIN_CONFIG"] = str(settings.train_config)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "lumo_core.torchrun_train", *[f"--set={k}={v}" for k, v in overrides.items()]]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise LumoError(f"bench train: {parallelism} on 2 gloo processes failed: {result.stderr.strip()[-1500:]}")
+    log = [json.loads(line) for line in (outputs / "lm_checkpoint" / "train_log.jsonl").read_text().splitlines()]
+    return _rate([0.0] + [e["tokens"] for e in log], [0.0] + [e["elapsed_s"] for e in log], skip)
 
 
 def _hf_trainer(config: TrainConfig, settings: Settings, work: Path, skip: int) -> dict[str, Any]:
@@ -186,6 +256,7 @@ def run_bench_train(settings: Settings, reporter: Reporter, args: dict[str, Any]
     train_inputs(settings)
     padded, packed = _config(settings, bench, packing=False), _config(settings, bench, packing=True)
     skip = bench["skip_steps"]
+    loader = _loader_figures(packed, settings)
     ours, theirs = [], []
     with tempfile.TemporaryDirectory(prefix="lumo-bench-train-") as tmp:
         work = Path(tmp)
@@ -196,6 +267,11 @@ def run_bench_train(settings: Settings, reporter: Reporter, args: dict[str, Any]
             theirs.append(_hf_trainer(padded, settings, work / f"hf-{repeat}", skip))
             ours.append(_our_loop(padded, settings, reporter, work / f"ours-{repeat}", skip))
         with_packing = _our_loop(packed, settings, reporter, work / "packed", skip)
+        reporter.log(f"lumo train on 2 gloo processes, ddp then fsdp, {bench['steps']} steps each")
+        scale_out = {
+            f"tokens_per_s_{mode}": _torchrun_loop(settings, bench, mode, work / f"torchrun-{mode}", skip)
+            for mode in ("ddp", "fsdp")
+        }
     best_ours = max(ours, key=lambda r: r["tokens_per_s"])
     best_theirs = max(theirs, key=lambda r: r["tokens_per_s"])
     report = {
@@ -203,6 +279,8 @@ def run_bench_train(settings: Settings, reporter: Reporter, args: dict[str, Any]
         "hf_trainer_tokens_per_s": best_theirs["tokens_per_s"],
         "speedup_vs_hf_trainer": best_ours["tokens_per_s"] / best_theirs["tokens_per_s"],
         "tokens_per_s_packed": with_packing["tokens_per_s"],
+        **scale_out,
+        **loader,
         "padding_share_padded": best_ours["padding_share"],
         "padding_share_packed": with_packing["padding_share"],
         # Mean training loss over the run: the two loops should learn alike on the same batches.
@@ -223,6 +301,8 @@ def run_bench_train(settings: Settings, reporter: Reporter, args: dict[str, Any]
     }
     reporter.log(
         f"ours {report['tokens_per_s']:.0f} tokens/s, HF Trainer {report['hf_trainer_tokens_per_s']:.0f} tokens/s "
-        f"({report['speedup_vs_hf_trainer']:.2f}x); padding {report['padding_share_padded']:.1%} padded, {report['padding_share_packed']:.1%} packed"
+        f"({report['speedup_vs_hf_trainer']:.2f}x); padding {report['padding_share_padded']:.1%} padded, {report['padding_share_packed']:.1%} packed; "
+        f"2 gloo processes: ddp {report['tokens_per_s_ddp']:.0f}, fsdp {report['tokens_per_s_fsdp']:.0f} tokens/s; "
+        f"read amplification {report['read_amplification']:.2f}x, resume {report['resume_s_start']:.2f} s / {report['resume_s_end']:.2f} s"
     )
     return report

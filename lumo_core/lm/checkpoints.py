@@ -90,8 +90,8 @@ def lock_path(out_dir: Path) -> Path:
 
 
 def rank_stem(checkpoint: Path, rank: int) -> Path:
-    """A rank's own part of a checkpoint (<stem>.json and <stem>.safetensors): its data stream
-    position, token counts and RNG states."""
+    """A rank's own part of a checkpoint (<stem>.json and <stem>.safetensors): its token counts
+    and RNG states."""
     return checkpoint / f"rank-{rank:05d}"
 
 
@@ -157,39 +157,8 @@ def set_run_aside(out_dir: Path, target: Path) -> None:
 
 
 def runs_aside_file(out_dir: Path) -> Path:
+    """The list of runs set aside from `out_dir` (name, when), beside it."""
     return out_dir.with_name(f".{out_dir.name}.runs_aside.json")
-
-
-def prune_runs_aside(out_dir: Path, keep: int | None) -> list[Path]:
-    """Delete the oldest runs set aside from `out_dir` beyond the newest `keep` (None: keep all).
-    Only folders that `set_run_aside` recorded are ever deleted. Returns what was deleted."""
-    register = runs_aside_file(out_dir)
-    if keep is None or not register.is_file():
-        return []
-    entries = [e for e in read_json(register) if (out_dir.parent / e["name"]).is_dir()]
-    entries.sort(key=lambda e: e["set_aside_ns"])
-    doomed = entries[: max(len(entries) - keep, 0)]
-    for entry in doomed:
-        remove_dir(out_dir.parent / entry["name"])
-    atomic_write_bytes(register, canonical_json_bytes(entries[len(doomed) :]))
-    return [out_dir.parent / e["name"] for e in doomed]
-
-
-def earlier_finals(out_dir: Path) -> list[Path]:
-    """The final-step<N>/ folders, oldest (smallest N) first."""
-    found = [p for p in out_dir.glob(f"{FINAL}-step*") if p.is_dir() and p.name[len(FINAL) + 5 :].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(FINAL) + 5 :]))
-
-
-def prune_earlier_finals(out_dir: Path, keep: int | None) -> list[Path]:
-    """Delete the oldest final-step<N>/ folders beyond the newest `keep` (None: keep all)."""
-    if keep is None:
-        return []
-    finals = earlier_finals(out_dir)
-    doomed = finals[: max(len(finals) - keep, 0)]
-    for folder in doomed:
-        remove_dir(folder)
-    return doomed
 
 
 def keep_final(out_dir: Path, step: int) -> Path | None:
@@ -283,17 +252,40 @@ def verify_checkpoint(folder: Path) -> None:
         )
 
 
-def load_training_state(checkpoint: Path, rank: int, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+def load_training_state(
+    checkpoint: Path, rank: int, world_size: int, model: Any, optimizer: Any, scheduler: Any
+) -> dict[str, Any]:
     """Load the optimizer (the full state, sharded as `model` is) and scheduler states, restore
-    this rank's RNG states and return its rank state (data stream position, token counts). The
-    folder must have passed `verify_checkpoint`."""
+    this rank's RNG states and return its rank state (token counts). The folder must have passed
+    `verify_checkpoint`.
+
+    The checkpoint may come from another number of processes (elastic resume; the data plan's
+    position is global, in trainer_state.json). A rank the writing run did not have starts with no
+    token counts and the RNG its build seeded (seed + rank); when fewer ranks resume, rank 0 takes
+    over the counts of the ranks that are gone, so the run's totals stay whole."""
     from lumo_core.lm.fsdp import load_optimizer_state
 
     load_optimizer_state(model, optimizer, load_state(checkpoint / "optimizer"))
     scheduler.load_state_dict(load_state(checkpoint / "scheduler"))
+    written = written_ranks(checkpoint)
+    if rank >= written:
+        return {"tokens": 0, "pad_tokens": 0}
     rank_state = load_state(rank_stem(checkpoint, rank))
     set_rng_state(rank_state["rng"])
+    if rank == 0:
+        for gone in range(world_size, written):
+            counts = load_state(rank_stem(checkpoint, gone))
+            rank_state["tokens"] += counts["tokens"]
+            rank_state["pad_tokens"] += counts["pad_tokens"]
     return rank_state
+
+
+def written_ranks(checkpoint: Path) -> int:
+    """How many processes wrote the checkpoint: its rank-<r> states, numbered from 0 without gaps."""
+    count = 0
+    while rank_stem(checkpoint, count).with_suffix(".json").is_file():
+        count += 1
+    return count
 
 
 def weights_files(path: Path) -> list[Path]:
@@ -349,7 +341,8 @@ def load_weights(path: Path, token_space: TokenSpace, attn_implementation: str =
         base = AutoModelForCausalLM.from_pretrained(
             path.parent / BASE, dtype=torch.float32, attn_implementation=attn_implementation, use_safetensors=True
         )
-        model = PeftModel.from_pretrained(base, path, use_safetensors=True).merge_and_unload()
+        # peft reads adapter_model.safetensors when it is there, which weights_files() required.
+        model = PeftModel.from_pretrained(base, path).merge_and_unload()
     recorded = getattr(model.config, TOKEN_SPACE_ATTR, None)
     if recorded != token_space.sha256:
         raise TokenSpaceError(

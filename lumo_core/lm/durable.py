@@ -21,8 +21,18 @@ CRASH_ENV = "LUMO_TEST_CRASH_AT"
 
 
 def crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
+    """SIGKILL this process when LUMO_TEST_CRASH_AT is `name` (the first time it is reached) or
+    `name#N` (the N-th time)."""
+    wanted = os.environ.get(CRASH_ENV)
+    if wanted is None or wanted.partition("#")[0] != name:
+        return
+    _reached[name] = _reached.get(name, 0) + 1
+    if _reached[name] == int(wanted.partition("#")[2] or 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# How often each crash point was reached in this process.
+_reached: dict[str, int] = {}
 
 
 def fsync_path(path: Path) -> None:

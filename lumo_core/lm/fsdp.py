@@ -20,10 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import torch
+from typing import Any
 
 _FULL = {"full_state_dict": True, "cpu_offload": True}
 
@@ -32,7 +29,7 @@ def _hf_model(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def shard(model: Any, device: torch.device, bf16: bool) -> Any:
+def shard(model: Any, bf16: bool) -> Any:
     """Shard `model` in place over the default process group (FSDP2) and return it."""
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -105,8 +102,8 @@ def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any]) -> N
 
 
 def trainable_digest(model: Any) -> str:
-    """sha256 over the full trainable tensors in name order (lumo_core.lm.model's, gathering the
-    shards first when sharded). Every rank calls this."""
+    """sha256 over the trainable tensors in name order, gathering the shards first when sharded
+    (equal on every rank when the ranks are in sync). Every rank calls this."""
     import hashlib
 
     from torch.distributed.tensor import DTensor

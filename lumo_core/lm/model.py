@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -186,15 +185,6 @@ def parameter_counts(model: Any) -> dict[str, int]:
         "trainable": sum(p.numel() for _, p in trainable_parameters(model)),
         "total": sum(p.numel() for p in model.parameters()),
     }
-
-
-def trainable_digest(model: Any) -> str:
-    """sha256 over the trainable tensors in name order (equal on every DDP rank when in sync)."""
-    digest = hashlib.sha256()
-    for name, param in sorted(trainable_parameters(model), key=lambda item: item[0]):
-        digest.update(name.encode())
-        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def full_model(model: Any) -> Any:

@@ -19,6 +19,7 @@ from lumo_core.fileio import canonical_json_bytes, sha256_hex
 from lumo_core.lm import checkpoints
 from lumo_core.lm.checkpoints import FINAL
 from lumo_core.lm.data import RESUME_MAY_CHANGE, check_global_batch, data_source_sha256
+from lumo_core.lm.pruning import prune_runs_aside
 
 if TYPE_CHECKING:
     from lumo_core.lm.distributed import Distributed
@@ -125,7 +126,7 @@ def resume_point(
             previous_run = checkpoints.kept_run_name(out_dir, state)
             checkpoints.set_run_aside(out_dir, previous_run)
             reporter.log(f"the previous run in {out_dir} is kept whole as {previous_run}; starting a new run")
-            for pruned in checkpoints.prune_runs_aside(out_dir, train.keep_runs_aside):
+            for pruned in prune_runs_aside(out_dir, train.keep_runs_aside):
                 reporter.log(
                     f"deleted {pruned}, the oldest run set aside beyond train.keep_runs_aside {train.keep_runs_aside}"
                 )

@@ -1,17 +1,15 @@
 """Training state as data: a JSON file plus a safetensors file, read back without unpickling.
 
-A checkpoint's optimizer, schedule and rank states (data stream positions, RNG states) hold
-tensors, numpy arrays, tuples, integer-keyed dicts and a few Lumo dataclasses. `save_state` writes
-the structure to `<stem>.json` with every tensor and array replaced by a reference into
-`<stem>.safetensors`; `load_state` rebuilds it. Only the tags below are understood, and only the
-dataclasses named in `_dataclasses()` are rebuilt (by calling their constructors with the stored
-fields), so a planted file can at worst be refused: there is no pickle, and nothing in the files
-names code to run. Any file that does not parse is refused with its path.
+A checkpoint's optimizer, schedule and rank states (token counts, RNG states) hold tensors, numpy
+arrays, tuples and integer-keyed dicts. `save_state` writes the structure to `<stem>.json` with
+every tensor and array replaced by a reference into `<stem>.safetensors`; `load_state` rebuilds it.
+Only the tags below are understood and nothing else is built from the files, so a planted file can
+at worst be refused: there is no pickle, and nothing in the files names code to run. Any file that
+does not parse is refused with its path. (The data plan's state is plain JSON in trainer_state.json.)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -19,21 +17,7 @@ from typing import Any
 from lumo_core.errors import LumoError
 from lumo_core.fileio import atomic_write_bytes
 
-TENSOR, NDARRAY, TUPLE, FROZENSET, ITEMS, DATACLASS = (
-    "__tensor__",
-    "__ndarray__",
-    "__tuple__",
-    "__frozenset__",
-    "__items__",
-    "__dataclass__",
-)
-
-
-def _dataclasses() -> dict[str, type]:
-    """The dataclasses a rank state may hold (the data stream's), by name."""
-    from lumo_core.lm.data import TokenSample
-
-    return {cls.__name__: cls for cls in (TokenSample,)}
+TENSOR, NDARRAY, TUPLE, FROZENSET, ITEMS = ("__tensor__", "__ndarray__", "__tuple__", "__frozenset__", "__items__")
 
 
 def read_json(path: Path) -> Any:
@@ -84,14 +68,6 @@ def save_state(stem: Path, state: Any) -> list[Path]:
             return {NDARRAY: key}
         if isinstance(value, np.generic):
             return value.item()
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            name = type(value).__name__
-            if name not in _dataclasses():
-                raise TypeError(f"training state holds a {name}, which state_files does not know")
-            return {
-                DATACLASS: name,
-                "fields": {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)},
-            }
         if isinstance(value, dict):
             if all(isinstance(k, str) for k in value) and not any(k.startswith("__") for k in value):
                 return {k: encode(v) for k, v in value.items()}
@@ -120,7 +96,6 @@ def load_state(stem: Path) -> Any:
     json_path, tensor_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
     structure = read_json(json_path)
     tensors = read_safetensors(tensor_path)
-    known = _dataclasses()
 
     def decode(value: Any) -> Any:
         if isinstance(value, list):
@@ -138,12 +113,10 @@ def load_state(stem: Path) -> Any:
             return frozenset(decode(v) for v in value[FROZENSET])
         if ITEMS in value:
             return {_hashable(decode(k)): decode(v) for k, v in value[ITEMS]}
-        if DATACLASS in value:
-            cls = known.get(value[DATACLASS])
-            if cls is None:
-                raise LumoError(f"refused {json_path}: unknown state type {value[DATACLASS]!r}")
-            fields = {k: decode(v) for k, v in value["fields"].items()}
-            return cls(**fields)
+        # save_state stores a dict with `__` keys as ITEMS: such a key here is not Lumo's.
+        unknown = sorted(k for k in value if k.startswith("__"))
+        if unknown:
+            raise LumoError(f"refused {json_path}: unknown state tag {unknown[0]!r}")
         return {k: decode(v) for k, v in value.items()}
 
     try:

@@ -1,4 +1,4 @@
-"""The token LM training loop: plain PyTorch, one process or many (torchrun, DDP).
+"""The token LM training loop: plain PyTorch, one process or many (torchrun: DDP, or FSDP2).
 
 A step takes `grad_accum_steps` micro-batches; the loss is the mean over every supervised token
 of the step on every rank (sums, then one division by the global count), so accumulation and
@@ -51,6 +51,8 @@ from lumo_core.lm import checkpoints, fsdp
 from lumo_core.lm.checkpoints import FINAL, TRAIN_LOG
 from lumo_core.lm.data import global_batch, sample_ids_line
 from lumo_core.lm.distributed import Distributed, resolve_device
+from lumo_core.lm.loss import token_loss_sum
+from lumo_core.lm.pruning import prune_earlier_finals
 from lumo_core.lm.run_state import resume_point, run_identity, run_recipe
 from lumo_core.lm.train_config import TrainConfig, load_train_config
 from lumo_core.lm.trainer import Trainer, build_trainer, unsharded_copy
@@ -59,23 +61,6 @@ from lumo_core.uti.token_space import TokenSpace
 
 if TYPE_CHECKING:
     from lumo_core.lm.data import BatchPlan, MicroBatch, SplitShards
-
-
-def token_loss_sum(logits: Any, labels: Any, head_index: Any = None) -> Any:
-    """Summed next-token cross-entropy over the supervised positions (labels are unshifted).
-    With modality heads (`head_index`, see lumo_core.lm.heads) each target's softmax runs
-    over its own head's ids only."""
-    import torch.nn.functional as F
-
-    from lumo_core.lm.heads import restrict_to_target_heads
-    from lumo_core.uti.sequences import IGNORE_INDEX
-
-    # Shifting the labels left (not the logits right) avoids copying the logits.
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    logits = restrict_to_target_heads(logits.float(), targets, head_index)
-    return F.cross_entropy(
-        logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
 
 
 @dataclass
@@ -194,7 +179,7 @@ class TrainingRun:
             kept = None
             if dist.is_main and start_step == continued_from:
                 kept = checkpoints.keep_final(self.out_dir, start_step)
-                checkpoints.prune_earlier_finals(self.out_dir, config.train.keep_earlier_finals)
+                prune_earlier_finals(self.out_dir, config.train.keep_earlier_finals)
             dist.barrier()
             self._log(
                 f"continuing {checkpoint} (step {start_step}, trained to max_steps {continued_from}) to max_steps {config.train.max_steps}: "

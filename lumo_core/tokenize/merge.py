@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from lumo_core.errors import DamagedFileError, LumoError, rebuild_hint
 from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, exclusive_lock, sha256_hex
 from lumo_core.tokenize.dataset_card import CARD_NAME, dataset_card, write_dataset_card
-from lumo_core.tokenize.pipeline import PIPELINE_VERSION
 from lumo_core.tokenize.energon_meta import refresh_energon_meta
+from lumo_core.tokenize.pipeline import PIPELINE_VERSION
 from lumo_core.tokenize.sample_index import write_sample_indexes
 from lumo_core.tokenize.sample_layout import SPLITS
 from lumo_core.tokenize.shard_index import INDEX_FORMAT_VERSION, write_index

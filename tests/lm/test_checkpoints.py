@@ -104,7 +104,7 @@ def test_resume_state_restores_optimizer_scheduler_and_rng(tmp_path):
     optimizer = torch.optim.SGD(model.layer.parameters(), lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     checkpoints.verify_checkpoint(tmp_path / "checkpoint-1")
-    rank_state = checkpoints.load_training_state(tmp_path / "checkpoint-1", 0, model, optimizer, scheduler)
+    rank_state = checkpoints.load_training_state(tmp_path / "checkpoint-1", 0, 1, model, optimizer, scheduler)
     assert rank_state["tokens"] == 11 and rank_state["slot_states"] == {} and "rng" in rank_state
     assert optimizer.param_groups[0]["lr"] == 0.1
     again = (random.random(), torch.rand(3))
@@ -216,3 +216,32 @@ def test_the_torchrun_entry_point_is_lumo_train_and_only_rank_0_opens_pipes_and_
 
     assert main(["--set", "nokeyvalue"]) == 2
     assert "lumo train: error: --set 'nokeyvalue': expected key=value" in capsys.readouterr().err
+
+
+def test_training_state_round_trips_as_json_and_safetensors_and_refuses_what_it_did_not_write(tmp_path):
+    import numpy as np
+
+    from lumo_core.lm.state_files import load_state, save_state
+
+    state = {
+        "python": (3, tuple(range(5)), None),
+        "numpy": ("MT19937", np.arange(4, dtype=np.uint32), 2, 0, 0.0),
+        "torch": torch.arange(6, dtype=torch.uint8),
+        "slots": {0: {"tasks": frozenset({"t2i", "a2t"})}, 1: None},
+        "__odd": float("inf"),
+    }
+    paths = save_state(tmp_path / "rank-00000", state)
+    assert [p.name for p in paths] == ["rank-00000.json", "rank-00000.safetensors"]
+    back = load_state(tmp_path / "rank-00000")
+    assert back["python"] == state["python"] and back["slots"] == state["slots"] and back["__odd"] == float("inf")
+    assert back["numpy"][1].dtype == np.uint32 and np.array_equal(back["numpy"][1], state["numpy"][1])
+    assert torch.equal(back["torch"], state["torch"])
+
+    (tmp_path / "rank-00000.json").write_text('{"x": {"__dataclass__": "os.system", "fields": {}}}')
+    with pytest.raises(LumoError, match="unknown state tag '__dataclass__'"):
+        load_state(tmp_path / "rank-00000")
+    (tmp_path / "rank-00000.json").write_text('{"x": {"__tensor__": "t99"}}')
+    with pytest.raises(LumoError, match="does not hold"):
+        load_state(tmp_path / "rank-00000")
+    with pytest.raises(TypeError, match="cannot store"):
+        save_state(tmp_path / "other", {"x": object()})

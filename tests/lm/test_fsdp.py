@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lumo_core.lm.checkpoints import load_weights
 from lumo_core.uti.token_space import TokenSpace
 from tests.lm.test_training import torchrun_train, train_log
-from tests.lm_fixtures import lm_outputs
+from tests.lm_fixtures import lm_outputs, write_train_config
 
 STEPS = {"max_steps": 4, "save_every": 2, "keep_checkpoints": 2}
 
@@ -65,6 +65,14 @@ def test_fsdp_matches_ddp_resumes_and_reloads(tmp_path, tokenized_sample):
     for name in fsdp_final:
         torch.testing.assert_close(again[name], fsdp_final[name], rtol=1e-5, atol=1e-6)
     assert [e["loss"] for e in train_log(fsdp)] == pytest.approx(fsdp_losses, rel=1e-5)
+
+    # The parallelism is not part of a run's identity: the DDP run resumes under FSDP.
+    interrupt_after(ddp.layout.lm_checkpoint, 2, 4)
+    write_train_config(ddp.train_config, {"train": {**STEPS, "parallelism": "fsdp"}})
+    assert torchrun_train(ddp)["resumed_from_step"] == 2
+    switched = load_file(ddp.layout.lm_checkpoint / "final" / "model.safetensors")
+    for name in ddp_final:
+        torch.testing.assert_close(switched[name], ddp_final[name], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from tests.lm.test_training import torchrun_train, train_log
 from tests.lm_fixtures import RecordingReporter, lm_outputs
 
 PER_TASK = 1
-STEPS = 40
+STEPS = 60
 
 
 def few_samples(outputs: Path, target: Path) -> Path:
