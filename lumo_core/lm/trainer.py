@@ -137,7 +137,9 @@ def build_trainer(
     )
     rank_state: dict[str, Any] = {"tokens": 0, "pad_tokens": 0}
     if checkpoint is not None:
-        rank_state = checkpoints.load_training_state(checkpoint, dist.rank, dist.world_size, model, optimizer, scheduler)
+        rank_state = checkpoints.load_training_state(
+            checkpoint, dist.rank, dist.world_size, model, optimizer, scheduler
+        )
         # The optimizer holds the rate its last step set; take it from this run's schedule,
         # which differs when max_steps changed (the same value otherwise).
         for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
