@@ -28,6 +28,7 @@ from lumo_core.audit.tokenizer_checks import (
 )
 from lumo_core.config import Settings, load_uti_config
 from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, sha256_hex
+from lumo_core.reporting import Reporter
 from lumo_core.tokenize.shard_index import read_index
 from lumo_core.tokenize.staging import committed_build
 from lumo_core.uti.token_space import (
@@ -38,7 +39,7 @@ from lumo_core.uti.token_space import (
 )
 
 
-def audit_shards(settings: Settings, reporter: Any) -> dict[str, Any]:
+def audit_shards(settings: Settings, reporter: Reporter) -> dict[str, Any]:
     """All shard checks plus decode spot-checks; writes tokenized_audit/report.json."""
     from lumo_core.uti.unified import UnifiedTokenizer
 
@@ -87,7 +88,7 @@ def audit_shards(settings: Settings, reporter: Any) -> dict[str, Any]:
     return summary
 
 
-def audit_uti(settings: Settings, reporter: Any) -> dict[str, Any]:
+def audit_uti(settings: Settings, reporter: Reporter) -> dict[str, Any]:
     """Determinism, runtime sizes, an encode/decode smoke test (recon.png, recon.wav) and audio
     idempotence (reported, not required); writes uti_audit/report.json, and the probes' token
     hashes as image_tokens.sha256 and audio_tokens.sha256.

@@ -28,6 +28,7 @@ from lumo_core.audit.tokenizer_checks import (
     check_tokenizers_deterministic,
 )
 from lumo_core.config import Settings, UTIConfig, load_uti_config
+from lumo_core.reporting import Reporter
 from lumo_core.tokenize.staging import committed_build
 from lumo_core.uti.token_space import TokenSpace
 
@@ -127,7 +128,7 @@ def compute_check(name: str, settings: Settings) -> CheckOutcome:
     return CHECKS[name].compute(settings, load_uti_config(settings.uti_config))
 
 
-def run_check(name: str, settings: Settings, reporter: Any) -> dict[str, Any]:
+def run_check(name: str, settings: Settings, reporter: Reporter) -> dict[str, Any]:
     """Compute one named check and report it (to Dagster when run through Pipes)."""
     spec = CHECKS[name]
     outcome = compute_check(name, settings)

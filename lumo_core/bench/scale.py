@@ -38,6 +38,7 @@ from lumo_core.config import (
     embedded_path,
     load_uti_config,
 )
+from lumo_core.reporting import Reporter
 
 # The dummy adapters (tests/tokenize/test_tokenization.py's DUMMY_CONFIG): the config of the memory
 # measurement only (it audits and assigns units; it loads no models).
@@ -172,7 +173,6 @@ def timed_build(
     output_dir: Path, manifest: Path, config_path: Path, tokenizer: Any, workers: int
 ) -> tuple[float, dict[str, Any]]:
     """Wall seconds of `tokenize` alone, into a fresh output folder (token space written first)."""
-    from lumo_core.reporting import Reporter
     from lumo_core.tokenize.run import tokenize
 
     settings = Settings(output_dir=output_dir, manifest=manifest, uti_config=config_path, train_config=None)
@@ -230,7 +230,7 @@ def cli_build(output_dir: Path, manifest: Path, config_path: Path, workers: int)
     return run_cli(["tokenize", "--workers", str(workers)], output_dir, manifest, config_path)
 
 
-def measure_scaling(tmp: Path, n_rows: int, reporter: Any) -> dict[str, Any]:
+def measure_scaling(tmp: Path, n_rows: int, reporter: Reporter) -> dict[str, Any]:
     rows = UniqueRows(tmp / "scaling")
     manifest = rows.write("manifest.jsonl", rows.lines(0, n_rows))
     config = default_config()
@@ -269,7 +269,7 @@ def measure_scaling(tmp: Path, n_rows: int, reporter: Any) -> dict[str, Any]:
     }
 
 
-def measure_incremental(tmp: Path, n_rows: int, reporter: Any) -> dict[str, Any]:
+def measure_incremental(tmp: Path, n_rows: int, reporter: Reporter) -> dict[str, Any]:
     from lumo_core.uti.unified import UnifiedTokenizer
 
     rows = UniqueRows(tmp / "incremental")
@@ -351,7 +351,7 @@ def audit_peak_memory(tmp: Path, n_rows: int) -> dict[str, Any]:
 
 
 def run_bench_scale(
-    settings: Settings, reporter: Any, rows: int, incremental_rows: int, memory_rows: int
+    settings: Settings, reporter: Reporter, rows: int, incremental_rows: int, memory_rows: int
 ) -> dict[str, Any]:
     for flag, value in (("--rows", rows), ("--incremental-rows", incremental_rows), ("--memory-rows", memory_rows)):
         if value < 1:

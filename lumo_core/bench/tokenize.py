@@ -26,6 +26,7 @@ from typing import Any
 
 from lumo_core.config import Settings, device_kind, embedded_path, load_uti_config
 from lumo_core.errors import ConfigError
+from lumo_core.reporting import Reporter
 
 
 def preset_path(preset: str) -> Path:
@@ -64,7 +65,6 @@ def _pipeline(
     output_dir: Path, manifest: Path, config_path: Path, tokenizer: Any
 ) -> tuple[float, dict[str, Any], dict[str, Any]]:
     """A fresh build, as `lumo tokenize` runs it in one process: (seconds, summary, stages)."""
-    from lumo_core.reporting import Reporter
     from lumo_core.tokenize.build import start_run
     from lumo_core.tokenize.merge import merge_units
     from lumo_core.tokenize.unit_processes import tokenize_units
@@ -177,7 +177,7 @@ def peak_memory_mb(n_rows: int, config_path: Path | None) -> float:
 
 
 def run_bench_tokenize(
-    settings: Settings, reporter: Any, samples: int, preset: str, memory_rows: int
+    settings: Settings, reporter: Reporter, samples: int, preset: str, memory_rows: int
 ) -> dict[str, Any]:
     from lumo_core.tokenize.model_calls import calls_at_once
     from lumo_core.uti.unified import UnifiedTokenizer

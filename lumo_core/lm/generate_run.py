@@ -33,6 +33,7 @@ from lumo_core.errors import (
 )
 from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, file_sha256, sha256_hex
 from lumo_core.lm.train_config import SamplingConfig, load_train_config
+from lumo_core.reporting import Reporter
 from lumo_core.uti.token_space import (
     AUDIO,
     IMAGE,
@@ -189,7 +190,7 @@ def _sampling(settings: Settings, overrides: dict[str, Any]) -> tuple[SamplingCo
 
 def run_generate(
     settings: Settings,
-    reporter: Any,
+    reporter: Reporter,
     task: str,
     *,
     text: str | None = None,

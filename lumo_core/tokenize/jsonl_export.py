@@ -30,6 +30,7 @@ import numpy as np
 from lumo_core.config import Settings
 from lumo_core.errors import LumoError
 from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, sha256_hex
+from lumo_core.reporting import Reporter
 from lumo_core.tokenize.sample_layout import SPLITS, json_text, npy_load
 from lumo_core.tokenize.shard_index import iter_shard_samples, read_index
 from lumo_core.tokenize.staging import builds_root, committed_build
@@ -177,7 +178,7 @@ def read_export_index(folder: Path) -> dict[str, Any]:
     return index
 
 
-def run_export_jsonl(settings: Settings, reporter: Any, out_dir: Path | None = None) -> dict[str, Any]:
+def run_export_jsonl(settings: Settings, reporter: Reporter, out_dir: Path | None = None) -> dict[str, Any]:
     """`lumo export-jsonl`: the tokenized shards of the settings as JSONL."""
     shards_dir = settings.layout.tokenized_shards
     out_dir = Path(out_dir) if out_dir is not None else settings.layout.tokenized_jsonl
