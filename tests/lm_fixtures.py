@@ -50,7 +50,6 @@ TINY_TRAIN_CONFIG: dict[str, Any] = {
         "block_size": 256,
         "micro_batch_size": 4,
         "pack_buffer": 16,
-        "shuffle_buffer": 8,
         "curriculum": [
             {"name": "text_to_x", "until_step": 3, "task_weights": {"t2i": 3, "t2a": 3, "i2t": 1, "a2t": 1}},
             {"name": "balanced", "task_weights": {"t2i": 1, "t2a": 1, "i2t": 1, "a2t": 1}},

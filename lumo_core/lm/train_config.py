@@ -114,7 +114,9 @@ class DataConfig(StrictModel):
     # Samples kept on hand to choose a best fit from when packing.
     pack_buffer: int = Field(default=32, gt=0)
     pad_to_multiple_of: int = Field(default=8, gt=0)
-    shuffle_buffer: int = Field(default=64, gt=0)
+    # Accepted so that older configs still load; the read-once plan shuffles each task's whole
+    # epoch (lumo_core.lm.plan), so no buffer is used.
+    shuffle_buffer: int | None = Field(default=None, gt=0, deprecated="unused since the read-once loader; remove it")
     num_workers: int = Field(default=0, ge=0)
     # Tokenized JSONL to train from instead of the shards: a `lumo export-jsonl` folder (its
     # train.jsonl) or a .jsonl file (lumo_core.tokenize.jsonl_export); None reads tokenized_shards.

@@ -36,7 +36,7 @@ DEMO_TRAIN_CONFIG = {
             "max_position_embeddings": 1024,
         }
     },
-    "data": {"block_size": 1024, "micro_batch_size": 2, "pack_buffer": 8, "shuffle_buffer": 8},
+    "data": {"block_size": 1024, "micro_batch_size": 2, "pack_buffer": 8},
     "train": {"max_steps": 3, "device": "cpu", "save_every": 0, "torch_threads": 1},
     "sampling": {"max_new_tokens": 96, "max_audio_frames": 8, "seed": 0},
 }

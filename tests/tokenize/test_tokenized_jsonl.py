@@ -83,7 +83,7 @@ def test_export_is_byte_deterministic_and_round_trips_every_sample(exported, tmp
 
 def test_the_export_streams_the_same_micro_batches_and_resumes_the_same(exported):
     space = TokenSpace.read(exported.layout.token_space)
-    config = load_train_config(exported.train_config, {"data.shuffle_buffer": 4})
+    config = load_train_config(exported.train_config)
     pad = space.special_id("<|pad_mm|>")
     for rank, world_size in ((0, 1), (1, 2)):
         shards_plan = BatchPlan.from_config(
