@@ -207,6 +207,9 @@ def test_a_uti_config_change_requests_a_run(manifest, tmp_path):
     first = _evaluate(manifest, instance, cursor=None, uti_config=config)
     _launch(instance, first, status=DagsterRunStatus.SUCCESS)
     assert _evaluate(manifest, instance, cursor=first.cursor, uti_config=config).run_requests == []
+    # A comment and another layout of the same content: no change, no run.
+    config.write_text("# the split of the demo\nsplit:\n  eval_fraction: 0.1\n")
+    assert _evaluate(manifest, instance, cursor=first.cursor, uti_config=config).run_requests == []
     config.write_text("split: {eval_fraction: 0.3}\n")
     changed = _evaluate(manifest, instance, cursor=first.cursor, uti_config=config)
     [request] = changed.run_requests
