@@ -174,13 +174,15 @@ def require_upstream(context: AssetExecutionContext | OpExecutionContext, settin
 LUMO_REFUSED_EXIT_CODE = 2
 # Where the Pipes clients put the exit status in their error (PipesSubprocessClient: "...failed
 # with code N"; dagster_docker.PipesDockerClient: "...non-zero status code: {'StatusCode': N, ...}").
+# Should an upgrade reword them, the status reads as unknown and the step keeps its retries.
 _EXIT_CODE = re.compile(r"failed with code (-?\d+)|'StatusCode': (-?\d+)")
 
 
 def lumo_exit_code(exc: BaseException) -> int | None:
-    """The exit status of the `lumo` process behind a Pipes error, or None when it says none."""
-    match = _EXIT_CODE.search(str(exc))
-    return None if match is None else int(match.group(1) or match.group(2))
+    """The exit status of the `lumo` process behind a Pipes error, or None when it says none.
+    The last match: the Pipes client's words come after `lumo`'s own reason (LumoCommandError)."""
+    matches = _EXIT_CODE.findall(str(exc))
+    return int(matches[-1][0] or matches[-1][1]) if matches else None
 
 
 def lumo_step_failure(description: str, exc: BaseException, metadata: dict[str, object]) -> Failure:

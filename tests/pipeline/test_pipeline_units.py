@@ -163,6 +163,9 @@ def test_the_exit_status_is_read_from_either_pipes_client():
     assert lumo_exit_code(DagsterPipesExecutionError(docker)) == 2
     assert lumo_exit_code(LumoCommandError("bad config", "External execution process failed with code 1")) == 1
     assert lumo_exit_code(DagsterPipesExecutionError("no exit status here")) is None
+    # A reason that quotes another status does not count: the client's own words come last.
+    quoting = LumoCommandError("step x failed with code 2 earlier", "External execution process failed with code 1")
+    assert lumo_exit_code(quoting) == 1
 
 
 def test_units_already_complete_for_this_build_are_not_run_again(upstream, tmp_path):
