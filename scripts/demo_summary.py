@@ -32,6 +32,8 @@ FOLLOWED = {
     DagsterEventType.ASSET_CHECK_EVALUATION,
 }
 POLL_S = 1.0
+# Lines of the log shown when the launch fails before its run begins.
+TAIL_LINES = 15
 
 
 def shown_path(path: Path) -> str:
@@ -76,20 +78,22 @@ def progress_line(record: EventLogRecord, check_steps: set[str]) -> str | None:
     return f"  {verdict:7} {step_label(step):48} {reason}"
 
 
-def new_run_id(instance: DagsterInstance, known: set[str]) -> str | None:
+def latest_run_id(instance: DagsterInstance) -> str | None:
     runs = instance.get_runs(limit=1)
-    return runs[0].run_id if runs and runs[0].run_id not in known else None
+    return runs[0].run_id if runs else None
 
 
 def follow(instance: DagsterInstance, process: subprocess.Popen[bytes]) -> str | None:
-    """Print the progress of the run `process` launches until it exits; the run's id."""
-    known = set(instance.get_run_ids())
+    """Print the progress of the run `process` launches until it exits; the run's id (None when
+    it launched none)."""
+    before = latest_run_id(instance)
     run_id: str | None = None
     cursor: str | None = None
     check_steps: set[str] = set()
     while True:
         exited = process.poll() is not None
-        run_id = run_id or new_run_id(instance, known)
+        if run_id is None and (latest := latest_run_id(instance)) != before:
+            run_id = latest
         if run_id is not None:
             while True:
                 page = instance.get_records_for_run(run_id, cursor=cursor, of_type=FOLLOWED, limit=100)
@@ -164,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
     seconds = time.monotonic() - started
     if process.returncode != 0:
-        print(
-            f"Failed after {seconds:.0f} s (exit {process.returncode}); the reason is above, the details in {shown_path(args.log)}"
-        )
+        if run_id is None:
+            # It failed before the run began (the code location did not load, say): its own words.
+            print(*args.log.read_text(errors="replace").splitlines()[-TAIL_LINES:], sep="\n")
+        print(f"Failed after {seconds:.0f} s (exit {process.returncode}); details in {shown_path(args.log)}")
         return process.returncode
     print(f"Done in {seconds:.0f} s (Dagster run {run_id}).")
     for line in [*result_lines(settings), *where_to_look(settings, args.log, home)]:

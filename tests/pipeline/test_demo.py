@@ -58,18 +58,15 @@ def test_one_progress_line_per_step_and_per_check_from_the_run_events():
     assert module.step_label("tokenized_shards.merge_units") == "tokenized_shards: merge"
 
 
-@pytest.mark.slow
-def test_the_demo_launch_prints_progress_and_keeps_dagsters_debug_stream_in_the_log(tmp_path):
+def run_demo_summary(tmp_path: Path, *launch: str) -> subprocess.CompletedProcess:
+    """scripts/demo_summary.py in a subprocess, on a fresh quickstart instance under tmp_path."""
     home = tmp_path / "dagster_home"
-    home.mkdir()
+    home.mkdir(exist_ok=True)
     shutil.copy(QUICKSTART_YAML, home / "dagster.yaml")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LUMO_", "DAGSTER_"))}
     env |= {"DAGSTER_HOME": str(home), "LUMO_OUTPUT_DIR": str(tmp_path / "outputs")}
-    log = home / "demo.log"
-    dg = str(Path(sys.executable).parent / "dg")
-    launch = [dg, "launch", "-m", "lumo_pipeline", "--assets", "manifest_audit"]
-    completed = subprocess.run(
-        [sys.executable, str(DEMO_SUMMARY), "--log", str(log), "--", *launch],
+    return subprocess.run(
+        [sys.executable, str(DEMO_SUMMARY), "--log", str(home / "demo.log"), "--", *launch],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -77,6 +74,19 @@ def test_the_demo_launch_prints_progress_and_keeps_dagsters_debug_stream_in_the_
         timeout=600,
         check=False,
     )
+
+
+def test_a_launch_that_fails_before_its_run_shows_its_own_last_lines_and_exit_status(tmp_path):
+    completed = run_demo_summary(tmp_path, "sh", "-c", "echo 'cannot load lumo_pipeline'; exit 3")
+    assert completed.returncode == 3
+    assert "cannot load lumo_pipeline" in completed.stdout and "(exit 3)" in completed.stdout, completed.stdout
+
+
+@pytest.mark.slow
+def test_the_demo_launch_prints_progress_and_keeps_dagsters_debug_stream_in_the_log(tmp_path):
+    dg = str(Path(sys.executable).parent / "dg")
+    completed = run_demo_summary(tmp_path, dg, "launch", "-m", "lumo_pipeline", "--assets", "manifest_audit")
+    log = tmp_path / "dagster_home" / "demo.log"
     assert completed.returncode == 0, completed.stdout + completed.stderr
     out = completed.stdout
     assert "done    manifest_audit" in out and "Where to look:" in out, out
