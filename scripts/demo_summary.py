@@ -127,8 +127,9 @@ def result_lines(settings: Settings) -> list[str]:
     ]
 
 
-def where_to_look(settings: Settings, log: Path, home: Path) -> list[str]:
-    """The outputs this run left (those that exist), the full log and the UI."""
+def where_to_look(settings: Settings, log: Path, home: Path, dg: Path) -> list[str]:
+    """The outputs this run left (those that exist), the full log and the UI (`dg dev`, with the
+    `dg` of the launch: the virtual environment need not be active)."""
     layout = settings.layout
     outputs = [
         ("shards and their card", layout.tokenized_shards, "/ (README.md, index.json, train/, eval/)"),
@@ -139,7 +140,7 @@ def where_to_look(settings: Settings, log: Path, home: Path) -> list[str]:
     rows = [(name, shown_path(path) + note) for name, path, note in outputs if path.exists()]
     rows += [
         ("the run, in full", shown_path(log)),
-        ("the UI", f"DAGSTER_HOME={shown_path(home)} dg dev   (then http://localhost:3000)"),
+        ("the UI", f"DAGSTER_HOME={shown_path(home)} {shown_path(dg)} dev   (then http://localhost:3000)"),
     ]
     return ["Where to look:", *(f"  {name:22} {where}" for name, where in rows)]
 
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Failed after {seconds:.0f} s (exit {process.returncode}); details in {shown_path(args.log)}")
         return process.returncode
     print(f"Done in {seconds:.0f} s (Dagster run {run_id}).")
-    for line in [*result_lines(settings), *where_to_look(settings, args.log, home)]:
+    dg = Path(command[0]).with_name("dg")
+    for line in [*result_lines(settings), *where_to_look(settings, args.log, home, dg)]:
         print(line)
     return 0
 

@@ -92,6 +92,7 @@ def test_the_demo_launch_prints_progress_and_keeps_dagsters_debug_stream_in_the_
     assert "done    manifest_audit" in out and "Where to look:" in out, out
     # Where to look: what this run built, and the log (relative to the folder make runs in).
     assert "manifest_audit/report.json" in out and "tokenized_shards" not in out and "dagster_home/demo.log" in out
+    assert f"DAGSTER_HOME=dagster_home {dg} dev" in out, out
     assert " - DEBUG - " not in out + completed.stderr and "Warning" not in out + completed.stderr
     assert len(out.splitlines()) < 15, out
     assert " - DEBUG - " in log.read_text() and "STEP_SUCCESS" in log.read_text()
