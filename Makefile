@@ -20,9 +20,15 @@ $(BIN)/lumo: pyproject.toml $(CONSTRAINTS)
 
 setup: $(BIN)/lumo
 
+# The instance gets the quickstart's dagster.yaml (no UI pop-up, no telemetry notice) unless it has
+# its own. `dg launch` (Dagster's recommended command; `dagster asset materialize -m lumo_pipeline
+# --select +tokenized_shards` does the same) writes its DEBUG stream to $DAGSTER_HOME/demo.log; the
+# terminal shows one line per step and check, the result and where to look (scripts/demo_summary.py).
 demo: setup
-	$(DEMO_ENV) sh -c 'mkdir -p "$$DAGSTER_HOME" && $(BIN)/dagster asset materialize -m lumo_pipeline --select +tokenized_shards && \
-	  echo "Outputs in $$LUMO_OUTPUT_DIR; run history in $$DAGSTER_HOME. Browse them with: DAGSTER_HOME=$$DAGSTER_HOME $(BIN)/dagster dev"'
+	@$(DEMO_ENV) sh -c 'mkdir -p "$$DAGSTER_HOME" && \
+	  { test -f "$$DAGSTER_HOME/dagster.yaml" || cp scripts/quickstart/dagster.yaml "$$DAGSTER_HOME/"; } && \
+	  $(BIN)/python scripts/demo_summary.py --log "$$DAGSTER_HOME/demo.log" -- \
+	    $(BIN)/dg launch -m lumo_pipeline --assets "+tokenized_shards"'
 
 # Tests build their own instances and output folders: settings of the caller's shell must not leak in.
 test: setup

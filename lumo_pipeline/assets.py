@@ -20,6 +20,7 @@ merge_units runs `lumo tokenize --merge` and reports the asset's materialization
 partitions: `dagster asset materialize --select tokenized_shards` builds every unit and the index.
 """
 
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -167,6 +168,39 @@ def require_upstream(context: AssetExecutionContext | OpExecutionContext, settin
     )
 
 
+# `lumo` exits 2 when it refuses to go on and says why (lumo_core.cli: a LumoError, or a usage
+# error). The same command on the same inputs refuses again, so a retry only costs the model
+# loading again; any other exit (a crash, a kill, an OOM) may pass on retry.
+LUMO_REFUSED_EXIT_CODE = 2
+# Where the Pipes clients put the exit status in their error (PipesSubprocessClient: "...failed
+# with code N"; dagster_docker.PipesDockerClient: "...non-zero status code: {'StatusCode': N, ...}").
+# Should an upgrade reword them, the status reads as unknown and the step keeps its retries.
+_EXIT_CODE = re.compile(r"failed with code (-?\d+)|'StatusCode': (-?\d+)")
+
+
+def lumo_exit_code(exc: BaseException) -> int | None:
+    """The exit status of the `lumo` process behind a Pipes error, or None when it says none.
+    The last match: the Pipes client's words come after `lumo`'s own reason (LumoCommandError)."""
+    matches = _EXIT_CODE.findall(str(exc))
+    return int(matches[-1][0] or matches[-1][1]) if matches else None
+
+
+def lumo_step_failure(description: str, exc: BaseException, metadata: dict[str, object]) -> Failure:
+    """The step's Failure for a `lumo` process that exited non-zero: a refusal (exit 2) fails at
+    once, past the step's retry policy; anything else keeps its retries."""
+    exit_code = lumo_exit_code(exc)
+    retryable = exit_code != LUMO_REFUSED_EXIT_CODE
+    return Failure(
+        description=description,
+        metadata={
+            **metadata,
+            "exit_code": "unknown" if exit_code is None else str(exit_code),
+            "retry": "by the retry policy, if any" if retryable else "none: `lumo` refused, and would refuse again",
+        },
+        allow_retries=retryable,
+    )
+
+
 def run_step(context: AssetExecutionContext, lumo: LumoSettings, runner: LumoRunner, step: Step) -> MaterializeResult:
     settings = lumo.resolve()
     require_upstream(context, settings, step)
@@ -191,8 +225,8 @@ def run_committing_command(
     try:
         invocation = runner.run(context, subcommand, settings, gpu=gpu)
     except (DagsterPipesError, DagsterPipesExecutionError) as exc:
-        raise Failure(
-            description=f"`{command}` failed: {failure_reason(exc)}", metadata={"command": command, "error": str(exc)}
+        raise lumo_step_failure(
+            f"`{command}` failed: {failure_reason(exc)}", exc, {"command": command, "error": str(exc)}
         ) from exc
     try:
         reported = invocation.get_materialize_result(implicit_materialization=False)
@@ -304,10 +338,10 @@ def plan_units(context: OpExecutionContext, config: RebuildConfig, lumo: LumoSet
     out=Out(int, io_manager_key=UNIT_IO_MANAGER_KEY),
     pool=GPU_POOL,
     tags=GPU_OP_TAGS,
-    # A retry can help here: a unit process killed (preempted pod, OOM kill, SIGKILL) or stopped
-    # by a transient I/O error is rerun on its own and its spool resumes where it stopped; a
-    # unit refused because another run holds its lock may find it free. Bad rows never fail a
-    # unit (they are rejects), so a retry never repeats a data error.
+    # A retry can help here: a unit process killed (preempted pod, OOM kill, SIGKILL) or crashed
+    # is rerun on its own and its spool resumes where it stopped. Bad rows never fail a unit
+    # (they are rejects). What `lumo` itself refuses (exit 2: a config or token-space mismatch,
+    # a lock another run holds, a full disk) fails at once: lumo_step_failure.
     retry_policy=RetryPolicy(max_retries=2),
     description="`lumo tokenize --unit K`: one work unit's rows through the models into its own spool (no materialization).",
 )
@@ -323,10 +357,11 @@ def tokenize_unit(
         # A unit reports no materialization: success is the process's exit status.
         runner.run(context, subcommand, settings, gpu=SHARDS.gpu)
     except (DagsterPipesError, DagsterPipesExecutionError) as exc:
-        raise Failure(
-            description=f"work unit {unit} failed (`lumo {' '.join(subcommand)}`): {failure_reason(exc)}. "
+        raise lumo_step_failure(
+            f"work unit {unit} failed (`lumo {' '.join(subcommand)}`): {failure_reason(exc)}. "
             "Completed units are kept: a retry or a new run tokenizes only the units not complete.",
-            metadata={"unit": unit, "command": f"lumo {' '.join(subcommand)}"},
+            exc,
+            {"unit": unit, "command": f"lumo {' '.join(subcommand)}"},
         ) from exc
     # An Output, not a bare value: an op that ran a Pipes client inside an asset must return its
     # results as events (Dagster's typed event stream).

@@ -9,6 +9,14 @@
   (Dagster silently drops a RunRequest whose run key was used before, which would skip a manifest
   put back to earlier content), and follows the run it launched: a failed run is requested again,
   up to MAX_ATTEMPTS attempts with exponential backoff, and then the sensor says it gave up.
+
+Why a sensor, not declarative automation (`AutomationCondition.eager()` on the chain, with run
+retries). Tried on this graph with Dagster 1.13.27 (tests/pipeline/test_pipeline_jobs.py): it
+requests the chain for a changed manifest and for one put back, and nothing for a comment-only
+config edit (the version does not change). But a change observed while the chain's run is in
+flight is never requested: the run's materializations count as handling it. Run retries
+(`dagster/max_retries`) start again at once, with no backoff, and only on an instance with
+`run_retries` enabled. And over an instance that never built the chain it requests nothing.
 """
 
 import json

@@ -1,7 +1,8 @@
-"""What an operator meets in Dagster (issue 16, items 1, 2, 5, 6), through Dagster's own API with
-the real local runner: a failed `lumo` step shows its one-line reason as the step's error; a
-damaged shard is rebuilt, byte-identical, and the checks pass again; a re-audit of a project with
-no checkpoint succeeds with the checkpoint's check skipped, not failed."""
+"""What an operator meets in Dagster (issue 16, items 1, 2, 5, 6; issue 23), through Dagster's own
+API with the real local runner: a failed `lumo` step shows its one-line reason as the step's error;
+a work unit on a token space that no longer matches the tokenizers fails after one attempt, not
+three; a damaged shard is rebuilt, byte-identical, and the checks pass again; a re-audit of a
+project with no checkpoint succeeds with the checkpoint's check skipped, not failed."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from dagster import AssetKey, AssetMaterialization, DagsterInstance, materialize
 from lumo_core.reporting import Reporter
 from lumo_core.tokenize.build import start_run
 from lumo_core.tokenize.run import tokenize
+from lumo_core.uti.token_space import TokenSpace
 from lumo_pipeline.assets import LUMO_ASSETS
 from lumo_pipeline.checks import LUMO_CHECKS
 from lumo_pipeline.definitions import build_definitions, pipeline_resources
 from lumo_pipeline.resources import LumoSettings
 from lumo_pipeline.runner import LumoRunner
-from tests.lm_fixtures import lm_outputs
+from tests.lm_fixtures import DUMMY_UTI_CONFIG, lm_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +88,37 @@ def test_a_failed_lumo_step_shows_its_one_line_reason_as_the_step_error(tmp_path
     # At ERROR level in the run's log, as `lumo` printed it.
     errors = [e.user_message for e in instance.all_logs(result.run_id) if e.level >= 40]
     assert any(f"lumo audit-manifest: error: {reason}" in message for message in errors), errors
+
+
+def test_a_unit_on_a_mismatched_token_space_fails_after_one_attempt_with_its_reason(project, tmp_path):
+    lumo, instance = project
+    # One work unit, so one `lumo tokenize --unit` process loads the (dummy) models.
+    config = tmp_path / "uti_one_unit.yaml"
+    config.write_text(
+        DUMMY_UTI_CONFIG.replace("pipeline: {num_workers: 0}", "pipeline: {num_workers: 0, work_units: 1}")
+    )
+    lumo = lumo.model_copy(update={"uti_config": str(config)})
+    # A token space recorded for other tokenizers: the plan (no models) cannot tell, the unit can.
+    TokenSpace.build(
+        text={"tokenizer": "t", "vocab_size": 100},
+        image={"tokenizer": "i", "codebook_size": 16, "tokens_per_image": 4},
+        audio={"codec": "a", "codebook_size": 8, "n_codebooks": 2},
+        special_tokens=["<|pad_mm|>", "<|soi|>", "<|eoi|>", "<|soa|>", "<|eoa|>"],
+    ).write(lumo.resolve().layout.token_space)
+    result = materialize(
+        LUMO_ASSETS,
+        selection=["tokenized_shards"],
+        instance=instance,
+        resources=pipeline_resources(lumo, LumoRunner()),
+        raise_on_error=False,
+    )
+    unit_step = "tokenized_shards.tokenize_unit[unit_00000]"
+    events = [e.event_type_value for e in result.all_events if e.step_key == unit_step]
+    # One attempt: the RetryPolicy (max_retries=2) is bypassed for what `lumo` refuses (exit 2).
+    assert events.count("STEP_START") == 1 and not {"STEP_UP_FOR_RETRY", "STEP_RESTARTED"} & set(events), events
+    failure = step_failures(result)[unit_step].splitlines()[0]
+    assert "work unit 0 failed (`lumo tokenize --unit 0`): the token space of" in failure, failure
+    assert "token_space/token_space.json" in failure and "differs from" in failure, failure
 
 
 def test_a_damaged_shard_is_rebuilt_byte_identical_by_lumo_tokenize_and_by_dagster(project):

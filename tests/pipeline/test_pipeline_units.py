@@ -1,7 +1,8 @@
 """The tokenized_shards fan-out without models: the real plan_units / tokenize_unit / merge_units
 steps, with a stand-in runner that records each `lumo` command instead of running it. How many
 unit steps the config asks for, units already complete kept, a failed unit retried on its own and
-then failing with a description that names it, and the IO managers that store nothing."""
+then failing with a description that names it, a unit `lumo` refuses (exit 2) failing at once, and
+the IO managers that store nothing."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pydantic import Field
 from lumo_core.config import Settings, embedded_path
 from lumo_core.tokenize.build import start_run
 from lumo_core.uti.token_space import TokenSpace
-from lumo_pipeline.assets import LUMO_ASSETS
+from lumo_pipeline.assets import LUMO_ASSETS, lumo_exit_code
 from lumo_pipeline.dagster_compat import DagsterPipesExecutionError
 from lumo_pipeline.definitions import pipeline_resources
 from lumo_pipeline.io_managers import (
@@ -35,7 +36,7 @@ from lumo_pipeline.io_managers import (
     unit_of_mapping_key,
 )
 from lumo_pipeline.resources import LumoSettings
-from lumo_pipeline.runner import LumoRunner
+from lumo_pipeline.runner import LumoCommandError, LumoRunner
 
 
 class RecordingRunner(LumoRunner):
@@ -44,12 +45,16 @@ class RecordingRunner(LumoRunner):
 
     record: str
     failing_units: list[int] = Field(default_factory=list)
+    # Units whose `lumo` refuses (exits 2, as on a token-space mismatch), with the reason it gives.
+    refusing_units: list[int] = Field(default_factory=list)
 
     def run(self, context: Any, subcommand: Any, settings: Settings, gpu: bool) -> None:
         with open(self.record, "a") as handle:
             handle.write(json.dumps({"command": list(subcommand), "gpu": gpu}) + "\n")
         if subcommand[:2] == ("tokenize", "--unit") and int(subcommand[2]) in self.failing_units:
             raise DagsterPipesExecutionError(f"External execution process failed with code 1 (unit {subcommand[2]})")
+        if subcommand[:2] == ("tokenize", "--unit") and int(subcommand[2]) in self.refusing_units:
+            raise LumoCommandError("the token space differs", "External execution process failed with code 2")
         if tuple(subcommand) == ("tokenize", "--merge"):
             raise DagsterPipesExecutionError(
                 "External execution process failed with code 2 (merge stopped by the test)"
@@ -135,6 +140,32 @@ def test_one_unit_step_per_configured_unit_each_on_the_gpu_and_a_failed_unit_is_
     assert set(failures) == {unit_steps[1]}
     assert "work unit 1 failed" in failures[unit_steps[1]] and "Completed units are kept" in failures[unit_steps[1]]
     assert instance.get_latest_materialization_event(AssetKey("tokenized_shards")) is None
+
+
+def test_a_unit_that_lumo_refuses_fails_at_once_with_its_reason_while_a_crashed_one_is_retried(upstream, tmp_path):
+    lumo, instance = upstream
+    runner = RecordingRunner(record=str(tmp_path / "commands.jsonl"), failing_units=[0], refusing_units=[2])
+    result = materialize_shards(lumo, instance, runner)
+    units_run = [int(c["command"][2]) for c in recorded(runner) if c["command"][:2] == ["tokenize", "--unit"]]
+    # The crash (exit 1) keeps its two retries; the refusal (exit 2) runs once.
+    assert sorted(units_run) == [0, 0, 0, 1, 2]
+    retried = [e.step_key for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert retried == ["tokenized_shards.tokenize_unit[unit_00000]"] * 2
+    refused = step_failures(result)["tokenized_shards.tokenize_unit[unit_00002]"]
+    # The reason on the step error's first line, what the run page shows first.
+    assert "work unit 2 failed (`lumo tokenize --unit 2`): the token space differs." in refused.splitlines()[0], refused
+
+
+def test_the_exit_status_is_read_from_either_pipes_client():
+    assert lumo_exit_code(DagsterPipesExecutionError("External execution process failed with code 2")) == 2
+    assert lumo_exit_code(DagsterPipesExecutionError("External execution process failed with code -9")) == -9
+    docker = "Container exited with non-zero status code: {'Error': None, 'StatusCode': 2}"
+    assert lumo_exit_code(DagsterPipesExecutionError(docker)) == 2
+    assert lumo_exit_code(LumoCommandError("bad config", "External execution process failed with code 1")) == 1
+    assert lumo_exit_code(DagsterPipesExecutionError("no exit status here")) is None
+    # A reason that quotes another status does not count: the client's own words come last.
+    quoting = LumoCommandError("step x failed with code 2 earlier", "External execution process failed with code 1")
+    assert lumo_exit_code(quoting) == 1
 
 
 def test_units_already_complete_for_this_build_are_not_run_again(upstream, tmp_path):
