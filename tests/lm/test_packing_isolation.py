@@ -32,7 +32,7 @@ def test_a_packed_samples_logits_equal_its_logits_alone(tokenized_sample, attn, 
     by_id = {sample.id: sample for sample in iter_split(split)}
     plan = BatchPlan.from_config(config, split, space.special_id("<|pad_mm|>"))
     assert plan.packing
-    batch = next(iter_micro_batches(plan, rank=0, world_size=1, slot=0, n_slots=1))
+    batch = next(iter_micro_batches(plan, rank=0))
     torch.manual_seed(0)
     model = build_model(config, space).eval()
 

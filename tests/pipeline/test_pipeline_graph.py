@@ -28,6 +28,7 @@ from dagster import (
 from lumo_core.config import load_uti_config
 from lumo_core.fileio import sha256_hex
 from lumo_core.layout import OutputLayout
+from lumo_core.tokenize.staging import committed_build
 from lumo_pipeline.assets import LUMO_ASSETS, STEPS
 from lumo_pipeline.checks import LUMO_CHECKS
 from lumo_pipeline.definitions import build_definitions, pipeline_resources
@@ -182,9 +183,10 @@ def test_tokenized_shards_ran_one_step_per_unit_and_match_a_plain_lumo_tokenize(
     assert shard_names
     for name in ["index.json", "rejects.jsonl", "stats.json", *shard_names]:
         assert (graph_shards / name).read_bytes() == (plain_shards / name).read_bytes(), name
-    assert sorted(p.relative_to(plain_shards) for p in plain_shards.rglob("*.tar")) == sorted(
-        p.relative_to(graph_shards) for p in graph_shards.rglob("*.tar")
-    )
+    # The committed builds hold the same tars (and no others).
+    plain_build, graph_build = committed_build(plain_shards), committed_build(graph_shards)
+    plain_tars = sorted(p.relative_to(plain_build) for p in plain_build.rglob("*.tar"))
+    assert plain_tars and plain_tars == sorted(p.relative_to(graph_build) for p in graph_build.rglob("*.tar"))
 
 
 # ------------------------------------------------------------------ planted damage

@@ -24,6 +24,7 @@ from dagster_graphql.test.utils import (
 )
 
 from lumo_core.sample_data import ensure_sample_manifest
+from lumo_core.tokenize.staging import committed_build
 from lumo_pipeline.assets import LUMO_ASSETS, build_command_hint
 from lumo_pipeline.definitions import pipeline_resources
 from lumo_pipeline.inputs import INPUT_ASSETS, inputs_observed
@@ -159,11 +160,13 @@ def test_force_rebuilds_every_unit_from_the_media_byte_identical(project):
     lumo, instance, _ = project
     shards_dir = Path(lumo.output_dir) / "tokenized_shards"
 
-    # Every file of the shard set; run.json records how the build went (rows from the cache).
+    # Every file of the committed build (a rebuild commits a new build folder); run.json records
+    # how the build went (rows from the cache).
     def shard_set() -> dict[Path, bytes]:
+        build = committed_build(shards_dir)
         return {
-            path.relative_to(shards_dir): path.read_bytes()
-            for path in sorted(shards_dir.rglob("*"))
+            path.relative_to(build): path.read_bytes()
+            for path in sorted(build.rglob("*"))
             if path.is_file() and path.name != "run.json"
         }
 
