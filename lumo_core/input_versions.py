@@ -17,7 +17,11 @@ function of it, and reading a version must not build it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel
 
 from lumo_core.config import Settings, UTIConfig, load_uti_config
 from lumo_core.errors import ConfigError, LumoError
@@ -28,6 +32,7 @@ from lumo_core.uti.embedded import is_builtin, model_identity
 from lumo_core.uti.weights import weights_identity
 
 MISSING = "missing"
+T = TypeVar("T", bound=BaseModel)
 
 
 def manifest_version(settings: Settings) -> str:
@@ -39,11 +44,10 @@ def manifest_version(settings: Settings) -> str:
 
 
 def uti_config_version(settings: Settings) -> str:
-    version = _config_version(settings.uti_config, load_uti_config)
-    if version == MISSING or version.startswith("invalid"):
+    version, config = _config_version(settings.uti_config, load_uti_config)
+    if config is None:
         return version
-    weights = tokenizer_weights(load_uti_config(settings.uti_config))
-    return sha256_hex(canonical_json_bytes({"config": version, "weights": weights}))
+    return sha256_hex(canonical_json_bytes({"config": version, "weights": tokenizer_weights(config)}))
 
 
 def tokenizer_weights(config: UTIConfig) -> dict[str, str]:
@@ -68,20 +72,20 @@ def tokenizer_weights(config: UTIConfig) -> dict[str, str]:
 
 
 def train_config_version(settings: Settings) -> str:
-    return _config_version(settings.train_config, load_train_config)
+    return _config_version(settings.train_config, load_train_config)[0]
 
 
-def _config_version(path: Path | None, load) -> str:
-    """sha256 of the validated config in canonical JSON. A config that fails validation gets
-    the sha256 of its bytes, marked invalid: it still changes the version, and the step that
-    reads it reports the error with the field."""
+def _config_version(path: Path | None, load: Callable[[Path | None], T]) -> tuple[str, T | None]:
+    """sha256 of the validated config in canonical JSON, and the config. A config that fails
+    validation gets the sha256 of its bytes, marked invalid (and no config): it still changes the
+    version, and the step that reads it reports the error with the field."""
     if path is not None and not Path(path).is_file():
-        return MISSING
+        return MISSING, None
     try:
         config = load(path)
     except ConfigError:
-        return f"invalid-{file_sha256(path)}" if path is not None else "invalid"
-    return sha256_hex(canonical_json_bytes(config.model_dump(mode="json")))
+        return (f"invalid-{file_sha256(path)}" if path is not None else "invalid"), None
+    return sha256_hex(canonical_json_bytes(config.model_dump(mode="json"))), config
 
 
 def input_versions(settings: Settings) -> dict[str, str]:

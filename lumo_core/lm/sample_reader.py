@@ -25,7 +25,7 @@ import numpy as np
 
 from lumo_core.config import TASKS
 from lumo_core.errors import LumoError
-from lumo_core.lm.sample_source import SplitShards, TokenSample, decode_sample
+from lumo_core.lm.sample_source import SplitShards, TokenSample, decode_sample, iter_part_lines
 from lumo_core.tokenize.sample_index import read_sample_index
 
 # File descriptors a reader keeps open (least recently used closed first).
@@ -59,28 +59,17 @@ def _task_code(task: object, where: str) -> int:
 def _jsonl_part_rows(split: SplitShards, part: int) -> list[tuple[int, int, int, int]]:
     """(task code, n_tokens, offset, length) of every line of a JSONL part."""
     entry = split.shards[part]
-    assert entry.byte_range is not None
-    start, size = entry.byte_range
     rows = []
-    with open(entry.path, "rb") as handle:
-        handle.seek(start)
-        position, line_number = 0, 0
-        while position < size:
-            line = handle.readline()
-            if not line:
-                raise LumoError(f"{entry.url}: the file ends before the part does: export again")
-            where = f"{entry.url}: line {line_number + 1} of the part"
-            if line.strip():
-                try:
-                    meta = json.loads(line)
-                    task, ids = meta["task"], meta["input_ids"]
-                except (ValueError, RecursionError, KeyError, TypeError) as exc:
-                    raise LumoError(f"{where}: not a tokenized sample line ({type(exc).__name__}: {exc})") from None
-                if not isinstance(ids, list):
-                    raise LumoError(f"{where}: input_ids is not a list of integers")
-                rows.append((_task_code(task, where), len(ids), start + position, len(line)))
-            position += len(line)
-            line_number += 1
+    for line_number, offset, line in iter_part_lines(entry):
+        where = f"{entry.url}: line {line_number} of the part"
+        try:
+            meta = json.loads(line)
+            task, ids = meta["task"], meta["input_ids"]
+        except (ValueError, RecursionError, KeyError, TypeError) as exc:
+            raise LumoError(f"{where}: not a tokenized sample line ({type(exc).__name__}: {exc})") from None
+        if not isinstance(ids, list):
+            raise LumoError(f"{where}: input_ids is not a list of integers")
+        rows.append((_task_code(task, where), len(ids), offset, len(line)))
     if len(rows) != entry.n_samples:
         raise LumoError(f"{entry.url}: holds {len(rows)} samples, its index lists {entry.n_samples}: export again")
     return rows

@@ -167,22 +167,29 @@ def data_source_sha256(config: TrainConfig, shards_dir: Path) -> str:
     return file_sha256(source / INDEX if source.is_dir() else source)
 
 
+def iter_part_lines(entry: ShardEntry) -> Iterator[tuple[int, int, bytes]]:
+    """(line number in the part, byte offset in the file, line) of every non-blank line of a
+    JSONL part, streamed; refuses a file that ends before the part does."""
+    assert entry.byte_range is not None
+    offset, length = entry.byte_range
+    with open(entry.path, "rb") as handle:
+        handle.seek(offset)
+        position, line_number = 0, 0
+        while position < length:
+            line = handle.readline()
+            if not line:
+                raise LumoError(f"{entry.url}: the file ends before the part does: export again")
+            line_number += 1
+            if line.strip():
+                yield line_number, offset + position, line
+            position += len(line)
+
+
 def _jsonl_samples(entries: list[ShardEntry]) -> Iterator[dict[str, Any]]:
     """The lines of JSONL parts, streamed, in the shape tar samples have (`__url__`, `__key__`)."""
     for entry in entries:
-        assert entry.byte_range is not None
-        offset, length = entry.byte_range
-        with open(entry.path, "rb") as handle:
-            handle.seek(offset)
-            position, line_number = 0, 0
-            while position < length:
-                line = handle.readline()
-                if not line:
-                    raise LumoError(f"{entry.url}: the file ends before the part does: export again")
-                position += len(line)
-                line_number += 1
-                if line.strip():
-                    yield {"__url__": entry.url, "__key__": f"line {line_number} of the part", "jsonl": line}
+        for line_number, _, line in iter_part_lines(entry):
+            yield {"__url__": entry.url, "__key__": f"line {line_number} of the part", "jsonl": line}
 
 
 def _source(split: SplitShards, entries: list[ShardEntry]) -> list[Any]:

@@ -129,12 +129,10 @@ def read_sample_index(path: Path, sha256: str | None, n_samples: int) -> np.ndar
             f"format): tokenize again: {hint}"
         )
     if not path.is_file():
-        raise MissingUpstreamError(
-            f"{path}: listed in index.json but missing: rebuild the shards (`lumo tokenize --force`)"
-        )
+        raise MissingUpstreamError(f"{path}: listed in index.json but missing: tokenize again: {hint}")
     payload = path.read_bytes()
     if sha256_hex(payload) != sha256:
-        raise LumoError(f"{path}: does not match its sha256 in index.json: tokenize again (`lumo tokenize --force`)")
+        raise LumoError(f"{path}: does not match its sha256 in index.json: tokenize again: {hint}")
     try:
         rows = np.load(io.BytesIO(payload), allow_pickle=False)
     except ValueError as exc:

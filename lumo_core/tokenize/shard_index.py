@@ -14,6 +14,7 @@ from typing import Any
 from lumo_core.errors import DamagedFileError, MissingUpstreamError, rebuild_hint
 from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, file_sha256, sha256_hex
 from lumo_core.tokenize.dataset_card import CARD_NAME
+from lumo_core.tokenize.sample_index import index_name
 
 # 2: index.json lists the dataset card (`card`); samples have one member set and one JSON schema.
 # 3: every shard entry also records its file `size` in bytes (TokenizeRun.up_to_date checks it).
@@ -45,7 +46,10 @@ def check_index_names(index: object, where: Path) -> None:
         if not isinstance(shards, list) or not all(isinstance(entry, dict) for entry in shards):
             raise DamagedFileError(where, f"split {split!r} has no list of shard entries")
         for entry in shards:
-            check_shard_name(entry.get("name"), where)
+            name = check_shard_name(entry.get("name"), where)
+            listed = entry.get("sample_index")
+            if listed is not None and (not isinstance(listed, dict) or listed.get("name") != index_name(name)):
+                raise DamagedFileError(where, f"sample index entry {listed!r} of {name} is not {index_name(name)}")
     card = index.get("card")
     if card is not None and (not isinstance(card, dict) or card.get("name") != CARD_NAME):
         raise DamagedFileError(where, f"card entry {card!r} does not name {CARD_NAME}")

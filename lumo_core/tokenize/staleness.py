@@ -41,7 +41,7 @@ def stale_reason(out_dir: Path, run_key: str) -> str | None:
     """Why the shards in `out_dir` are not the build of `run_key` (None: they are). Beyond the
     run key, the files are verified against index.json: every shard's size always, and every
     shard's sha256 (and the dataset card's) while the shards total at most FULL_HASH_MAX_BYTES;
-    above that, the sha256 of a spread sample of HASH_SAMPLE_SHARDS shards."""
+    above that, the sha256 of a spread sample of HASH_SAMPLE_SHARDS shards; every sample index."""
     run_file = out_dir / "run.json"
     index_file = out_dir / "index.json"
     if not index_file.is_file() or not run_file.is_file():
@@ -78,6 +78,13 @@ def stale_reason(out_dir: Path, run_key: str) -> str | None:
     for entry in to_hash:
         if file_sha256(out_dir / entry["name"]) != entry["sha256"]:
             return f"shard {entry['name']} does not match its sha256 in index.json"
+    # The sample indexes are small (a few dozen bytes a sample): all are hashed.
+    for entry in entries:
+        listed = entry.get("sample_index")
+        if listed is not None and (
+            not (out_dir / listed["name"]).is_file() or file_sha256(out_dir / listed["name"]) != listed["sha256"]
+        ):
+            return f"the sample index of shard {entry['name']} is missing or does not match its sha256 in index.json"
     card = index.get("card")
     if card is not None and (
         not (out_dir / card["name"]).is_file() or file_sha256(out_dir / card["name"]) != card["sha256"]

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dagster import DagsterInstance, build_sensor_context, materialize
@@ -46,15 +49,10 @@ STALE_QUERY = """
 """
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory):
-    """A project on a copy of the embedded sample (so its manifest can change), the tokenizing
-    chain materialized once through Dagster, and a GraphQL context on a code server of it."""
-    root = tmp_path_factory.mktemp("staleness")
-    sample = ensure_sample_manifest(root / "sample")
-    config = root / "uti.yaml"
-    config.write_text(DUMMY_UTI_CONFIG)
-    lumo = LumoSettings(output_dir=str(root / "outputs"), manifest=str(sample), uti_config=str(config))
+@contextmanager
+def materialized_project(root: Path, lumo: LumoSettings) -> Iterator[tuple[DagsterInstance, Any]]:
+    """The tokenizing chain of `lumo` materialized through Dagster in a persistent instance under
+    `root`, and a GraphQL workspace on a code server of the same definitions (another process)."""
     definitions = root / "definitions.py"
     definitions.write_text(
         textwrap.dedent(f"""
@@ -65,7 +63,6 @@ def project(tmp_path_factory: pytest.TempPathFactory):
         defs = build_definitions(LumoSettings(output_dir={lumo.output_dir!r}, manifest={lumo.manifest!r}, uti_config={lumo.uti_config!r}), LumoRunner())
     """)
     )
-    # A persistent instance: the code server is another process.
     (root / "dagster_home").mkdir()
     with DagsterInstance.local_temp(str(root / "dagster_home")) as instance:
         result = materialize(
@@ -76,7 +73,20 @@ def project(tmp_path_factory: pytest.TempPathFactory):
         )
         assert result.success
         with define_out_of_process_workspace(str(definitions), "defs", instance) as workspace:
-            yield lumo, instance, workspace
+            yield instance, workspace
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory):
+    """A project on a copy of the embedded sample (so its manifest can change), the tokenizing
+    chain materialized once through Dagster, and a GraphQL context on a code server of it."""
+    root = tmp_path_factory.mktemp("staleness")
+    sample = ensure_sample_manifest(root / "sample")
+    config = root / "uti.yaml"
+    config.write_text(DUMMY_UTI_CONFIG)
+    lumo = LumoSettings(output_dir=str(root / "outputs"), manifest=str(sample), uti_config=str(config))
+    with materialized_project(root, lumo) as (instance, workspace):
+        yield lumo, instance, workspace
 
 
 def stale_status(workspace) -> dict[str, tuple[str, list[str]]]:

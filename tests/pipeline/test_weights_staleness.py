@@ -6,20 +6,13 @@ schema, as the UI reads it."""
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, materialize
-from dagster_graphql.test.utils import define_out_of_process_workspace
 
 from lumo_core.sample_data import ensure_sample_manifest
-from lumo_pipeline.assets import LUMO_ASSETS
-from lumo_pipeline.definitions import pipeline_resources
-from lumo_pipeline.inputs import INPUT_ASSETS
 from lumo_pipeline.resources import LumoSettings
-from lumo_pipeline.runner import LumoRunner
-from tests.pipeline.test_pipeline_staleness import CHAIN, observe_inputs, stale_status
+from tests.pipeline.test_pipeline_staleness import CHAIN, materialized_project, observe_inputs, stale_status
 from tests.uti.test_weights import LOCAL_VQ_CONFIG, permute_codebook
 
 pytestmark = pytest.mark.slow
@@ -39,33 +32,14 @@ def test_vq_weights_changed_in_place_make_the_token_space_and_its_descendants_un
     config = tmp_path / "uti.yaml"
     config.write_text(LOCAL_VQ_CONFIG.format(path=vq))
     lumo = LumoSettings(output_dir=str(tmp_path / "outputs"), manifest=str(manifest), uti_config=str(config))
-    definitions = tmp_path / "definitions.py"
-    definitions.write_text(
-        textwrap.dedent(f"""
-        from lumo_pipeline.definitions import build_definitions
-        from lumo_pipeline.resources import LumoSettings
-        from lumo_pipeline.runner import LumoRunner
+    with materialized_project(tmp_path, lumo) as (instance, workspace):
+        observed, cursor = observe_inputs(lumo, instance, None)
+        assert "uti_config" not in observed
+        assert {name: stale_status(workspace)[name][0] for name in CHAIN} == dict.fromkeys(CHAIN, "FRESH")
 
-        defs = build_definitions(LumoSettings(output_dir={lumo.output_dir!r}, manifest={lumo.manifest!r}, uti_config={lumo.uti_config!r}), LumoRunner())
-    """)
-    )
-    (tmp_path / "dagster_home").mkdir()
-    with DagsterInstance.local_temp(str(tmp_path / "dagster_home")) as instance:
-        result = materialize(
-            [*INPUT_ASSETS, *LUMO_ASSETS],
-            selection=CHAIN,
-            instance=instance,
-            resources=pipeline_resources(lumo, LumoRunner()),
-        )
-        assert result.success
-        with define_out_of_process_workspace(str(definitions), "defs", instance) as workspace:
-            observed, cursor = observe_inputs(lumo, instance, None)
-            assert "uti_config" not in observed
-            assert {name: stale_status(workspace)[name][0] for name in CHAIN} == dict.fromkeys(CHAIN, "FRESH")
-
-            permute_codebook(vq)
-            observed, cursor = observe_inputs(lumo, instance, cursor)
-            assert observed == ["uti_config"]
-            status = stale_status(workspace)
-            assert {name: status[name][0] for name in CHAIN} == dict.fromkeys(CHAIN, "STALE")
-            assert status["token_space"] == ("STALE", ["uti_config"])
+        permute_codebook(vq)
+        observed, cursor = observe_inputs(lumo, instance, cursor)
+        assert observed == ["uti_config"]
+        status = stale_status(workspace)
+        assert {name: status[name][0] for name in CHAIN} == dict.fromkeys(CHAIN, "STALE")
+        assert status["token_space"] == ("STALE", ["uti_config"])

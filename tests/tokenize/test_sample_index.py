@@ -79,3 +79,28 @@ def test_a_missing_damaged_or_absent_index_is_refused(tokenized_sample, tmp_path
     entry.path.write_bytes(bytes(512) + shard[:-512])
     with pytest.raises(LumoError, match=f"{entry.path}.*tokenize again"):
         SampleReader(split, catalog).read(0)
+
+
+def test_a_missing_or_damaged_sample_index_makes_the_build_stale_and_a_bad_name_damages_the_index(
+    tokenized_sample, tmp_path
+):
+    from lumo_core.errors import DamagedFileError
+    from lumo_core.tokenize.shard_index import check_index_names
+    from lumo_core.tokenize.staging import committed_build
+    from lumo_core.tokenize.staleness import stale_reason
+
+    shards_dir = tmp_path / "tokenized_shards"
+    shutil.copytree(committed_build(tokenized_sample / "tokenized_shards"), shards_dir)
+    run_key = json.loads((shards_dir / "run.json").read_bytes())["run_key"]
+    assert stale_reason(shards_dir, run_key) is None
+    index = json.loads((shards_dir / "index.json").read_bytes())
+    listed = shards_dir / index["splits"]["train"]["shards"][0]["sample_index"]["name"]
+    payload = listed.read_bytes()
+    listed.write_bytes(payload[:-8] + bytes(8))
+    assert "sample index of shard train/shard-000000.tar" in stale_reason(shards_dir, run_key)
+    listed.unlink()
+    assert "sample index of shard train/shard-000000.tar" in stale_reason(shards_dir, run_key)
+
+    index["splits"]["train"]["shards"][0]["sample_index"]["name"] = "../../outside.npy"
+    with pytest.raises(DamagedFileError, match="sample index entry"):
+        check_index_names(index, shards_dir / "index.json")
