@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lumo_core.errors import LumoError
-from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes
-from lumo_core.lm.durable import crash_point, fsync_path, fsync_tree, remove_dir, replace_dir
+from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, fsync_path
+from lumo_core.lm.durable import crash_point, fsync_tree, remove_dir, replace_dir
 from lumo_core.lm.state_files import check_safetensors, load_state, read_json, save_state
 
 if TYPE_CHECKING:

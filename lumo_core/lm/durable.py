@@ -17,6 +17,8 @@ import shutil
 import signal
 from pathlib import Path
 
+from lumo_core.fileio import fsync_path
+
 CRASH_ENV = "LUMO_TEST_CRASH_AT"
 
 
@@ -33,14 +35,6 @@ def crash_point(name: str) -> None:
 
 # How often each crash point was reached in this process.
 _reached: dict[str, int] = {}
-
-
-def fsync_path(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def fsync_tree(folder: Path) -> None:

@@ -34,7 +34,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, raise_if_out_of_space
+from lumo_core.fileio import atomic_write_bytes, canonical_json_bytes, fsync_path, raise_if_out_of_space
 from lumo_core.layout import INDEX_FILE
 from lumo_core.tokenize.dataset_card import CARD_NAME
 from lumo_core.tokenize.sample_index import INDEX_DIR as SAMPLE_INDEX_DIR
@@ -130,13 +130,13 @@ def switch_to(out_dir: Path, build: Path) -> None:
     root = builds_root(out_dir)
     # Durable before it is named: the files were fsynced as written, their folders are now.
     for folder in [*(build / split for split in SPLITS if (build / split).is_dir()), build]:
-        _fsync_dir(folder)
+        fsync_path(folder)
     fault_point("before_switch")
     old = os.readlink(root / CURRENT) if (root / CURRENT).is_symlink() else None
     if old is not None and old != build.name:
         _point(root, PREVIOUS, old)
     _point(root, CURRENT, build.name)
-    _fsync_dir(root)
+    fsync_path(root)
     fault_point("switched")
     _link_members(out_dir, root)
     fault_point("linked")
@@ -193,12 +193,4 @@ def _link_members(out_dir: Path, root: Path) -> None:
         tmp.unlink(missing_ok=True)
         os.symlink(target, tmp)
         os.replace(tmp, path)
-    _fsync_dir(out_dir)
-
-
-def _fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_path(out_dir)
